@@ -1,0 +1,734 @@
+//! The reconcile loop: read → plan (pure) → act (STS, Secret writes) → status.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, future::join_all};
+use jiff::Timestamp;
+use k8s_openapi::{
+    api::core::v1::{Namespace, Secret, ServiceAccount},
+    apimachinery::pkg::apis::meta::v1::Time,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
+    core::PartialObjectMeta,
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector,
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
+};
+use serde_json::json;
+
+use crate::{
+    Error, Result,
+    conditions::{self, DEGRADED, READY, Reason, SubjectOutcome},
+    crd::{AWSRoleBinding, AWSRoleBindingStatus, AWSRoleGrant, SubjectStatus},
+    grants::{GrantRequest, GrantVerdict, grant_allows},
+    metrics::{Metrics, SubjectLabels},
+    plan::{self, BindingPlan, IssueSettings, Resolved, SubjectPlan},
+    render::{self, BINDING_LABEL, Credentials, MANAGED_BY, MANAGED_BY_LABEL, SERVICE_ACCOUNT_LABEL},
+    sts::{Issuer, StsError, access_denied_hint},
+    timing,
+};
+
+pub const FIELD_MANAGER: &str = "kube-sts";
+
+/// How the operator runs (from the command line).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub namespace: Option<String>,
+    pub require_grants: bool,
+    pub issue: IssueSettings,
+    pub concurrency: u16,
+}
+
+/// Caches the reconciler reads from: only labelled Secrets, metadata of ServiceAccounts
+/// and Namespaces, and the grants.
+#[derive(Clone)]
+pub struct Stores {
+    pub secrets: Store<Secret>,
+    pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    pub grants: Store<AWSRoleGrant>,
+}
+
+impl Stores {
+    async fn wait_ready(&self) {
+        let _ = futures::join!(
+            self.secrets.wait_until_ready(),
+            self.service_accounts.wait_until_ready(),
+            self.namespaces.wait_until_ready(),
+            self.grants.wait_until_ready(),
+        );
+    }
+}
+
+type SubjectKey = (String, String, String);
+
+/// What the operator remembers about one subject between reconciles.
+#[derive(Debug, Default, Clone)]
+struct SubjectState {
+    /// The last credentials this process issued or adopted (to restore an edited Secret).
+    creds: Option<(String, Credentials)>,
+    failures: u32,
+    retry_at: Option<Timestamp>,
+    last_error: Option<(Reason, String)>,
+}
+
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub issuer: Arc<dyn Issuer>,
+    pub settings: Settings,
+    pub stores: Stores,
+    subjects: Mutex<HashMap<SubjectKey, SubjectState>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        issuer: Arc<dyn Issuer>,
+        settings: Settings,
+        stores: Stores,
+        instance: Option<String>,
+    ) -> Self {
+        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            issuer,
+            settings,
+            stores,
+            subjects: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn state(&self, key: &SubjectKey) -> SubjectState {
+        self.subjects.lock().expect("state lock").get(key).cloned().unwrap_or_default()
+    }
+
+    fn set_state(&self, key: SubjectKey, state: SubjectState) {
+        self.subjects.lock().expect("state lock").insert(key, state);
+    }
+
+    fn forget(&self, key: &SubjectKey) {
+        self.subjects.lock().expect("state lock").remove(key);
+    }
+
+    async fn publish(&self, binding: &AWSRoleBinding, type_: EventType, reason: &str, note: String) {
+        let event = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+        if let Err(e) = self.recorder.publish(&event, &binding.object_ref(&())).await {
+            tracing::warn!(error = %e, "publishing event failed");
+        }
+    }
+}
+
+fn managed_selector() -> String {
+    format!("{MANAGED_BY_LABEL}={MANAGED_BY}")
+}
+
+fn is_owned_by(secret: &Secret, uid: &str) -> bool {
+    secret.owner_references().iter().any(|o| o.controller == Some(true) && o.uid == uid)
+}
+
+fn annotation_time(secret: &Secret, key: &str) -> Option<Timestamp> {
+    secret.annotations().get(key)?.parse().ok()
+}
+
+/// When credentials should be refreshed (stable across restarts).
+fn refresh_time(plan: &SubjectPlan, binding: &AWSRoleBinding, creds: &Credentials) -> Timestamp {
+    let key = format!("{}/{}/{}/{}", plan.target.namespace, plan.target.binding, plan.service_account, creds.issued_at);
+    let lead = binding.spec.refresh_before_seconds.map(|s| jiff::SignedDuration::from_secs(i64::from(s)));
+    timing::refresh_at(creds.issued_at, creds.expiration, lead, timing::stable_jitter_fraction(&key))
+}
+
+/// What one subject ended up as, plus when to look at it again.
+struct SubjectResult {
+    outcome: SubjectOutcome,
+    status: SubjectStatus,
+    wake_at: Option<Timestamp>,
+}
+
+async fn reconcile(binding: Arc<AWSRoleBinding>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    ctx.stores.wait_ready().await;
+    let result = reconcile_binding(&binding, &ctx).await;
+    ctx.metrics.reconciled(started.elapsed());
+    result
+}
+
+async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -> Result<Action> {
+    let namespace = binding.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let uid = binding.uid().ok_or(Error::MissingField("metadata.uid"))?;
+    if binding.metadata.deletion_timestamp.is_some() {
+        // The garbage collector removes the Secrets through their owner references.
+        return Ok(Action::await_change());
+    }
+    let now = Timestamp::now();
+
+    let resolved = match resolve_references(binding, &namespace, ctx).await? {
+        Ok(resolved) => resolved,
+        Err(message) => return binding_problem(binding, ctx, Reason::InvalidSpec, message, false, now).await,
+    };
+    let plan = match plan::plan_binding(binding, &resolved, &ctx.settings.issue) {
+        Ok(plan) => plan,
+        Err(e) => return binding_problem(binding, ctx, Reason::InvalidSpec, e.0, false, now).await,
+    };
+
+    if ctx.settings.require_grants {
+        let labels = ctx
+            .stores
+            .namespaces
+            .get(&ObjectRef::new(&namespace))
+            .map(|ns| ns.labels().clone())
+            .unwrap_or_default();
+        let request = GrantRequest::for_binding(&binding.spec, &namespace, &labels);
+        let grants = ctx.stores.grants.state();
+        let verdict = grant_allows(grants.iter().map(|g| (g.metadata.name.as_deref().unwrap_or(""), &g.spec)), &request);
+        if let GrantVerdict::Denied { message } = verdict {
+            return binding_problem(binding, ctx, Reason::RoleNotGranted, message, true, now).await;
+        }
+    }
+
+    let results = join_all(plan.subjects.iter().map(|sp| reconcile_subject(binding, &plan, sp, ctx, now))).await;
+    let mut results = results.into_iter().collect::<Result<Vec<_>>>()?;
+    delete_stale_secrets(binding, &uid, &plan, ctx).await?;
+
+    let status = build_status(binding, &plan, &mut results, None, now);
+    write_status(binding, status, ctx).await?;
+
+    let wake = results.iter().filter_map(|r| r.wake_at).min();
+    Ok(match wake {
+        Some(at) => Action::requeue(Duration::try_from(at.duration_since(Timestamp::now())).unwrap_or_default().max(Duration::from_secs(1))),
+        None => Action::await_change(),
+    })
+}
+
+/// Reads what the binding references in other objects; `Ok(Err(msg))` is an InvalidSpec.
+async fn resolve_references(
+    binding: &AWSRoleBinding,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<std::result::Result<Resolved, String>> {
+    let mut resolved = Resolved::default();
+    if let Some(reference) = &binding.spec.external_id_secret_ref {
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+        let Some(secret) = api.get_opt(&reference.name).await.map_err(Error::Kube)? else {
+            return Ok(Err(format!("externalIdSecretRef: Secret {} not found", reference.name)));
+        };
+        let value = secret.data.as_ref().and_then(|d| d.get(&reference.key)).map(|v| String::from_utf8_lossy(&v.0).trim().to_string());
+        let Some(value) = value else {
+            return Ok(Err(format!("externalIdSecretRef: Secret {} has no key {}", reference.name, reference.key)));
+        };
+        let valid = (2..=1224).contains(&value.len())
+            && value.chars().all(|c| c.is_ascii_alphanumeric() || "_+=,.@:/-".contains(c));
+        if !valid {
+            return Ok(Err(format!(
+                "externalIdSecretRef: key {} of Secret {} is not a valid external ID (2..1224 characters of [\\w+=,.@:/-])",
+                reference.key, reference.name
+            )));
+        }
+        resolved.external_id = Some(value);
+    }
+    Ok(Ok(resolved))
+}
+
+/// The whole binding cannot proceed (invalid spec or not granted). Not granted revokes:
+/// the binding's Secrets are deleted. An invalid spec keeps the Secrets it has.
+async fn binding_problem(
+    binding: &AWSRoleBinding,
+    ctx: &Context,
+    reason: Reason,
+    message: String,
+    revoke: bool,
+    now: Timestamp,
+) -> Result<Action> {
+    let namespace = binding.namespace().unwrap_or_default();
+    let uid = binding.uid().unwrap_or_default();
+    let changed_reason = binding
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY))
+        .is_none_or(|c| c.reason != reason.as_str() || c.message != message);
+    if revoke {
+        for secret in owned_secrets(ctx, &namespace, &binding.name_any(), &uid) {
+            delete_secret(ctx, &secret).await?;
+            ctx.forget(&(namespace.clone(), binding.name_any(), sa_label(&secret)));
+        }
+    }
+    let mut status = binding.status.clone().unwrap_or_default();
+    if revoke {
+        status.subjects.clear();
+        status.expiration = None;
+        status.next_refresh_time = None;
+    }
+    let verdict = conditions::binding_verdict(Some((reason, message.clone())), &[], None);
+    apply_verdict(&mut status, binding, &verdict, now);
+    write_status(binding, status, ctx).await?;
+    if changed_reason {
+        tracing::info!(binding = %binding.name_any(), namespace, reason = reason.as_str(), %message, "binding cannot proceed");
+        ctx.publish(binding, EventType::Warning, reason.as_str(), message).await;
+    }
+    Ok(Action::await_change())
+}
+
+fn sa_label(secret: &Secret) -> String {
+    secret.labels().get(SERVICE_ACCOUNT_LABEL).cloned().unwrap_or_default()
+}
+
+fn owned_secrets(ctx: &Context, namespace: &str, binding: &str, uid: &str) -> Vec<Arc<Secret>> {
+    ctx.stores.secrets.state_filter(|s| {
+        s.namespace().as_deref() == Some(namespace)
+            && s.labels().get(BINDING_LABEL).map(String::as_str) == Some(binding)
+            && is_owned_by(s, uid)
+    })
+}
+
+async fn delete_secret(ctx: &Context, secret: &Secret) -> Result<()> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &secret.namespace().unwrap_or_default());
+    let params = DeleteParams {
+        preconditions: Some(Preconditions { uid: secret.uid(), resource_version: None }),
+        ..Default::default()
+    };
+    match api.delete(&secret.name_any(), &params).await {
+        Ok(_) => {
+            ctx.metrics.api_write("secrets", "delete");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+/// Deletes Secrets of subjects no longer in the binding.
+async fn delete_stale_secrets(binding: &AWSRoleBinding, uid: &str, plan: &BindingPlan, ctx: &Context) -> Result<()> {
+    let namespace = binding.namespace().unwrap_or_default();
+    let wanted = plan::secret_names(plan);
+    for secret in owned_secrets(ctx, &namespace, &binding.name_any(), uid) {
+        let sa = sa_label(&secret);
+        if wanted.get(sa.as_str()) != Some(&secret.name_any().as_str()) {
+            tracing::info!(secret = %secret.name_any(), namespace, "deleting Secret of a removed subject");
+            delete_secret(ctx, &secret).await?;
+            let key = (namespace.clone(), binding.name_any(), sa.clone());
+            if !wanted.contains_key(sa.as_str()) {
+                ctx.forget(&key);
+                ctx.metrics.forget_subject(&SubjectLabels {
+                    namespace: namespace.clone(),
+                    binding: binding.name_any(),
+                    service_account: sa,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The Secret of a subject as it is now: from the cache, or (when the cache has none) from
+/// the API, since a Secret someone else created carries none of our labels.
+async fn current_secret(ctx: &Context, target: &render::SecretTarget) -> Result<Option<Arc<Secret>>> {
+    if let Some(secret) = ctx.stores.secrets.get(&ObjectRef::new(&target.name).within(&target.namespace)) {
+        return Ok(Some(secret));
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &target.namespace);
+    Ok(api.get_opt(&target.name).await.map_err(Error::Kube)?.map(Arc::new))
+}
+
+async fn write_secret(ctx: &Context, desired: &Secret, exists: bool) -> Result<std::result::Result<(), String>> {
+    let namespace = desired.namespace().unwrap_or_default();
+    let name = desired.name_any();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    if exists {
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(desired))
+            .await
+            .map_err(Error::Kube)?;
+        ctx.metrics.api_write("secrets", "apply");
+        return Ok(Ok(()));
+    }
+    let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+    match api.create(&params, desired).await {
+        Ok(_) => {
+            ctx.metrics.api_write("secrets", "create");
+            Ok(Ok(()))
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Err(format!(
+            "Secret {name} was created by someone else meanwhile; it is left untouched"
+        ))),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+async fn reconcile_subject(
+    binding: &AWSRoleBinding,
+    plan: &BindingPlan,
+    sp: &SubjectPlan,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<SubjectResult> {
+    let target = &sp.target;
+    let uid = target.binding_uid.as_str();
+    let key: SubjectKey = (target.namespace.clone(), target.binding.clone(), sp.service_account.clone());
+    let labels = SubjectLabels {
+        namespace: target.namespace.clone(),
+        binding: target.binding.clone(),
+        service_account: sp.service_account.clone(),
+    };
+    let mut status = SubjectStatus { name: sp.service_account.clone(), secret_name: Some(target.name.clone()), ..Default::default() };
+    let not_ready = |reason: Reason, message: String| SubjectOutcome {
+        name: sp.service_account.clone(),
+        ready: false,
+        has_valid_credentials: false,
+        problem: Some((reason, message)),
+    };
+
+    let sa_exists = ctx
+        .stores
+        .service_accounts
+        .get(&ObjectRef::new(&sp.service_account).within(&target.namespace))
+        .is_some();
+    let existing = current_secret(ctx, target).await?;
+
+    if let Some(secret) = &existing
+        && !is_owned_by(secret, uid)
+    {
+        let message = format!("Secret {} exists and is not owned by this binding; it is left untouched", target.name);
+        if binding_ready_reason(binding) != Some(Reason::SecretConflict.as_str()) {
+            ctx.publish(binding, EventType::Warning, Reason::SecretConflict.as_str(), message.clone()).await;
+        }
+        status.message = message.clone();
+        return Ok(SubjectResult { outcome: not_ready(Reason::SecretConflict, message), status, wake_at: None });
+    }
+
+    if !sa_exists {
+        if let Some(secret) = &existing {
+            delete_secret(ctx, secret).await?;
+        }
+        ctx.forget(&key);
+        ctx.metrics.forget_subject(&labels);
+        let message = format!("ServiceAccount {} not found in namespace {}", sp.service_account, target.namespace);
+        status.message = message.clone();
+        return Ok(SubjectResult { outcome: not_ready(Reason::ServiceAccountNotFound, message), status, wake_at: None });
+    }
+
+    let mut state = ctx.state(&key);
+    let expired_marker = existing.as_ref().is_some_and(|s| s.annotations().contains_key(render::EXPIRED_ANNOTATION));
+    let stored = existing.as_deref().and_then(|s| render::read_credentials(s, target));
+    let stored_hash = existing.as_ref().and_then(|s| s.annotations().get(render::SPEC_HASH_ANNOTATION).cloned());
+    let secret_expiration =
+        existing.as_deref().filter(|_| !expired_marker).and_then(|s| annotation_time(s, render::EXPIRATION_ANNOTATION));
+
+    // Credentials good for the current spec: what the Secret holds, else what we remember.
+    let current = match (&stored, &state.creds) {
+        (Some(c), _) if stored_hash.as_deref() == Some(plan.spec_hash.as_str()) => Some(c.clone()),
+        (_, Some((hash, c))) if hash == &plan.spec_hash => Some(c.clone()),
+        _ => None,
+    };
+    if let Some(creds) = current.filter(|c| now < refresh_time(sp, binding, c)) {
+        let desired = render::render_secret(&creds, target);
+        let intact = existing.as_deref().is_some_and(|s| render::secret_matches(s, &desired));
+        if !intact {
+            // Deleted or edited by someone: put back what we issued, no STS call.
+            if let Err(message) = write_secret(ctx, &desired, existing.is_some()).await? {
+                status.message = message.clone();
+                return Ok(SubjectResult { outcome: not_ready(Reason::SecretConflict, message), status, wake_at: None });
+            }
+            tracing::info!(secret = %target.name, namespace = %target.namespace, "restored managed Secret");
+        }
+        state.creds = Some((plan.spec_hash.clone(), creds.clone()));
+        ctx.set_state(key, state.clone());
+        return Ok(ready_result(sp, binding, &creds, status, &state, ctx, &labels, now));
+    }
+
+    // Issuance is due (new, refresh, spec change, or lost credentials) unless backing off.
+    if let Some(retry_at) = state.retry_at.filter(|at| *at > now) {
+        return Ok(failed_result(sp, &state, status, secret_expiration, stored_hash.as_deref() == Some(&plan.spec_hash), retry_at, now, ctx, &labels));
+    }
+    match ctx.issuer.issue(&sp.request).await {
+        Ok(creds) => {
+            let desired = render::render_secret(&creds, target);
+            if let Err(message) = write_secret(ctx, &desired, existing.is_some()).await? {
+                status.message = message.clone();
+                return Ok(SubjectResult { outcome: not_ready(Reason::SecretConflict, message), status, wake_at: None });
+            }
+            let refreshed = existing.is_some() && !expired_marker;
+            let note = format!(
+                "{} credentials for ServiceAccount {} into Secret {} (access key {}, expires {})",
+                if refreshed { "refreshed" } else { "issued" },
+                sp.service_account,
+                target.name,
+                creds.access_key_id,
+                render::rfc3339(creds.expiration)
+            );
+            tracing::info!(namespace = %target.namespace, binding = %target.binding, service_account = %sp.service_account, access_key_id = %creds.access_key_id, expiration = %render::rfc3339(creds.expiration), refreshed, "credentials written");
+            ctx.publish(binding, EventType::Normal, if refreshed { "CredentialsRefreshed" } else { "CredentialsIssued" }, note).await;
+            let state = SubjectState { creds: Some((plan.spec_hash.clone(), creds.clone())), ..Default::default() };
+            ctx.set_state(key, state.clone());
+            Ok(ready_result(sp, binding, &creds, status, &state, ctx, &labels, now))
+        }
+        Err(err) => {
+            let err = describe_failure(sp, err);
+            state.failures += 1;
+            let delay = timing::backoff_delay(state.failures, rand::random::<f64>(), now, secret_expiration);
+            let retry_at = now + jiff::SignedDuration::try_from(delay).unwrap_or_default();
+            state.retry_at = Some(retry_at);
+            state.last_error = Some((err.reason, err.message.clone()));
+            tracing::warn!(namespace = %target.namespace, binding = %target.binding, service_account = %sp.service_account, reason = err.reason.as_str(), code = %err.code, error = %err.message, failures = state.failures, retry_in_s = delay.as_secs(), "issuing credentials failed");
+            ctx.publish(binding, EventType::Warning, "IssueFailed", format!("{} for ServiceAccount {}: {}", err.reason.as_str(), sp.service_account, err.message)).await;
+            // Credentials that have run out are never left looking valid.
+            if let (Some(secret), None) = (&existing, secret_expiration.filter(|e| *e > now)) {
+                if !expired_marker {
+                    let expired_at = secret_expiration.unwrap_or(now);
+                    write_secret(ctx, &render::render_expired_secret(target, expired_at), true).await?.ok();
+                    tracing::warn!(secret = %secret.name_any(), namespace = %target.namespace, "credentials expired and could not be refreshed; removed them from the Secret");
+                }
+                state.creds = None;
+            }
+            ctx.set_state(key, state.clone());
+            Ok(failed_result(sp, &state, status, secret_expiration, stored_hash.as_deref() == Some(&plan.spec_hash), retry_at, now, ctx, &labels))
+        }
+    }
+}
+
+fn binding_ready_reason(binding: &AWSRoleBinding) -> Option<&str> {
+    binding.status.as_ref()?.conditions.iter().find(|c| c.type_ == READY).map(|c| c.reason.as_str())
+}
+
+fn describe_failure(sp: &SubjectPlan, mut err: StsError) -> StsError {
+    if err.reason == Reason::AccessDenied {
+        err.message = access_denied_hint(&sp.request, &err.message);
+    }
+    err
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ready_result(
+    sp: &SubjectPlan,
+    binding: &AWSRoleBinding,
+    creds: &Credentials,
+    mut status: SubjectStatus,
+    state: &SubjectState,
+    ctx: &Context,
+    labels: &SubjectLabels,
+    now: Timestamp,
+) -> SubjectResult {
+    let refresh = refresh_time(sp, binding, creds);
+    status.arn = creds.arn.clone();
+    status.access_key_id = Some(creds.access_key_id.clone());
+    status.issued_at = Some(Time(creds.issued_at));
+    status.expiration = Some(Time(creds.expiration));
+    status.next_refresh_time = Some(Time(refresh));
+    ctx.metrics.subject(labels, Some(creds.expiration.duration_since(now).as_secs()), state.failures);
+    SubjectResult {
+        outcome: SubjectOutcome { name: sp.service_account.clone(), ready: true, has_valid_credentials: true, problem: None },
+        status,
+        wake_at: Some(refresh),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn failed_result(
+    sp: &SubjectPlan,
+    state: &SubjectState,
+    mut status: SubjectStatus,
+    secret_expiration: Option<Timestamp>,
+    current_spec: bool,
+    retry_at: Timestamp,
+    now: Timestamp,
+    ctx: &Context,
+    labels: &SubjectLabels,
+) -> SubjectResult {
+    let valid_until = secret_expiration.filter(|e| *e > now);
+    let (reason, message) = state.last_error.clone().unwrap_or((Reason::Pending, "waiting to retry".into()));
+    let problem = match (valid_until, secret_expiration) {
+        (None, Some(_)) => (Reason::CredentialsExpired, format!("credentials expired and refreshing failed: {message}")),
+        _ => (reason, message.clone()),
+    };
+    status.consecutive_failures = state.failures;
+    status.message = message;
+    status.expiration = valid_until.map(Time);
+    status.next_refresh_time = Some(Time(retry_at));
+    if let Some((_, creds)) = state.creds.as_ref().filter(|_| valid_until.is_some()) {
+        status.access_key_id = Some(creds.access_key_id.clone());
+        status.arn = creds.arn.clone();
+        status.issued_at = Some(Time(creds.issued_at));
+    }
+    ctx.metrics.subject(labels, valid_until.map(|e| e.duration_since(now).as_secs()), state.failures);
+    // Wake for the retry, or earlier when the current credentials run out.
+    let wake_at = match valid_until {
+        Some(expiry) => retry_at.min(expiry),
+        None => retry_at,
+    };
+    SubjectResult {
+        outcome: SubjectOutcome {
+            name: sp.service_account.clone(),
+            ready: valid_until.is_some() && current_spec,
+            has_valid_credentials: valid_until.is_some(),
+            problem: Some(problem),
+        },
+        status,
+        wake_at: Some(wake_at),
+    }
+}
+
+fn apply_verdict(status: &mut AWSRoleBindingStatus, binding: &AWSRoleBinding, verdict: &conditions::Verdict, now: Timestamp) {
+    let generation = binding.metadata.generation;
+    status.observed_generation = generation;
+    let (ready, reason, message) = &verdict.ready;
+    conditions::set_condition(&mut status.conditions, READY, *ready, *reason, message, generation, now);
+    let (degraded, reason, message) = &verdict.degraded;
+    conditions::set_condition(&mut status.conditions, DEGRADED, *degraded, *reason, message, generation, now);
+}
+
+fn build_status(
+    binding: &AWSRoleBinding,
+    plan: &BindingPlan,
+    results: &mut [SubjectResult],
+    problem: Option<(Reason, String)>,
+    now: Timestamp,
+) -> AWSRoleBindingStatus {
+    let mut status = binding.status.clone().unwrap_or_default();
+    let outcomes: Vec<SubjectOutcome> = results.iter().map(|r| r.outcome.clone()).collect();
+    let verdict = conditions::binding_verdict(problem, &outcomes, plan.note.as_deref());
+    apply_verdict(&mut status, binding, &verdict, now);
+    status.subjects = results.iter().map(|r| r.status.clone()).collect();
+    status.expiration = status.subjects.iter().filter_map(|s| s.expiration.clone()).min_by_key(|t| t.0);
+    status.next_refresh_time = status.subjects.iter().filter_map(|s| s.next_refresh_time.clone()).min_by_key(|t| t.0);
+    status
+}
+
+/// Writes status with server-side apply, only when it differs from what is there.
+async fn write_status(binding: &AWSRoleBinding, status: AWSRoleBindingStatus, ctx: &Context) -> Result<()> {
+    if binding.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let api: Api<AWSRoleBinding> = Api::namespaced(ctx.client.clone(), &binding.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": "kube-sts.io/v1alpha1",
+        "kind": "AWSRoleBinding",
+        "status": status,
+    });
+    match api.patch_status(&binding.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await {
+        Ok(_) => {
+            ctx.metrics.api_write("awsrolebindings/status", "apply");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+fn error_policy(_binding: Arc<AWSRoleBinding>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, "reconcile failed; retrying");
+    ctx.metrics.reconcile_error(error.metric_label());
+    Action::requeue(Duration::from_secs(5))
+}
+
+fn api_for<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the controller until a shutdown signal.
+pub async fn run(client: Client, issuer: Arc<dyn Issuer>, metrics: Arc<Metrics>, settings: Settings, instance: Option<String>) {
+    let ns = settings.namespace.clone();
+    let bindings: Api<AWSRoleBinding> = api_for(&client, ns.as_deref());
+
+    let (secrets, secrets_writer) = reflector::store();
+    let secret_stream = reflector(
+        secrets_writer,
+        watcher(api_for::<Secret>(&client, ns.as_deref()), watcher::Config::default().labels(&managed_selector())),
+    )
+    .default_backoff()
+    .touched_objects();
+
+    let (service_accounts, sa_writer) = reflector::store();
+    let sa_api: Api<PartialObjectMeta<ServiceAccount>> = match ns.as_deref() {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let sa_stream = reflector(sa_writer, watcher(sa_api, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+
+    let (namespaces, ns_writer) = reflector::store();
+    let ns_config = match &ns {
+        Some(name) => watcher::Config::default().fields(&format!("metadata.name={name}")),
+        None => watcher::Config::default(),
+    };
+    let ns_stream = reflector(ns_writer, watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), ns_config))
+        .default_backoff()
+        .touched_objects();
+
+    let (grants, grants_writer) = reflector::store();
+    let grant_stream = reflector(grants_writer, watcher(Api::<AWSRoleGrant>::all(client.clone()), watcher::Config::default()))
+        .default_backoff()
+        .touched_objects()
+        .filter_map(|r| async move { r.ok().map(|_| ()) });
+
+    let stores = Stores { secrets, service_accounts, namespaces, grants };
+    {
+        let stores = stores.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            stores.wait_ready().await;
+            metrics.set_ready(true);
+            tracing::info!("caches synced");
+        });
+    }
+
+    let controller = Controller::new(bindings, watcher::Config::default()).with_config(
+        kube::runtime::controller::Config::default().concurrency(settings.concurrency),
+    );
+    let binding_store = controller.store();
+    let by_sa = binding_store.clone();
+    let by_ns = binding_store;
+    let ctx = Arc::new(Context::new(client, metrics, issuer, settings, stores, instance));
+
+    controller
+        .owns_stream(secret_stream)
+        .watches_stream(sa_stream, move |sa: PartialObjectMeta<ServiceAccount>| {
+            let namespace = sa.namespace().unwrap_or_default();
+            let name = sa.name_any();
+            by_sa
+                .state()
+                .into_iter()
+                .filter(|b| b.namespace().as_deref() == Some(namespace.as_str()) && b.spec.subjects.iter().any(|s| s.name == name))
+                .map(|b| ObjectRef::from(b.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches_stream(ns_stream, move |namespace: PartialObjectMeta<Namespace>| {
+            let name = namespace.name_any();
+            by_ns
+                .state()
+                .into_iter()
+                .filter(|b| b.namespace().as_deref() == Some(name.as_str()))
+                .map(|b| ObjectRef::from(b.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .reconcile_all_on(grant_stream)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
+        .await;
+    tracing::info!("controller stopped");
+}
+

@@ -1,0 +1,155 @@
+use std::{net::SocketAddr, num::NonZeroU32, sync::Arc};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kube_sts::{
+    controller::{self, Settings},
+    crd,
+    metrics::{self, Metrics},
+    plan::IssueSettings,
+    sts::StsClient,
+};
+
+#[derive(Parser)]
+#[command(name = "kube-sts", about = "Kubernetes operator that keeps short-lived AWS STS credentials in Secrets")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the operator.
+    Run(RunArgs),
+    /// Print both CRDs as YAML.
+    Crd,
+    /// Print the version.
+    Version,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum SessionTags {
+    Auto,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "KUBE_STS_NAMESPACE")]
+    namespace: Option<String>,
+    /// Cluster name sent as the kubernetes-cluster session tag.
+    #[arg(long, env = "KUBE_STS_CLUSTER_NAME", default_value = "kubernetes")]
+    cluster_name: String,
+    /// Require an AWSRoleGrant for every binding.
+    #[arg(long, env = "KUBE_STS_REQUIRE_GRANTS", default_value_t = true, action = clap::ArgAction::Set)]
+    require_grants: bool,
+    /// Add kubernetes-* session tags to AssumeRole (auto) or not (off).
+    #[arg(long, env = "KUBE_STS_SESSION_TAGS", value_enum, default_value_t = SessionTags::Auto)]
+    session_tags: SessionTags,
+    /// Default STS region (otherwise the SDK's own region chain).
+    #[arg(long, env = "KUBE_STS_REGION")]
+    region: Option<String>,
+    /// STS endpoint URL (otherwise AWS_ENDPOINT_URL_STS / AWS_ENDPOINT_URL apply).
+    #[arg(long, env = "KUBE_STS_STS_ENDPOINT")]
+    sts_endpoint: Option<String>,
+    /// Process-wide STS calls per second.
+    #[arg(long, env = "KUBE_STS_STS_QPS", default_value = "10")]
+    sts_qps: NonZeroU32,
+    /// Burst above --sts-qps.
+    #[arg(long, env = "KUBE_STS_STS_BURST", default_value = "20")]
+    sts_burst: NonZeroU32,
+    /// Bindings reconciled at the same time.
+    #[arg(long, env = "KUBE_STS_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "KUBE_STS_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Elect a leader through a coordination.k8s.io Lease before reconciling.
+    #[arg(long, env = "KUBE_STS_LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    leader_election: bool,
+    #[arg(long, env = "KUBE_STS_LEASE_NAME", default_value = "kube-sts")]
+    lease_name: String,
+    /// Namespace of the Lease (default: the pod's namespace).
+    #[arg(long, env = "KUBE_STS_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    #[arg(long, env = "KUBE_STS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter, e.g. `info` or `kube_sts=debug,info`.
+    #[arg(long, env = "KUBE_STS_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+fn init_logging(format: LogFormat, level: &str) -> RunResult {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| format!("--log-level {level:?}: {e}"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}
+
+/// `run` fails with a message for the user.
+type RunResult = Result<(), String>;
+
+async fn run(args: RunArgs) -> RunResult {
+    init_logging(args.log_format, &args.log_level)?;
+    if args.leader_election {
+        return Err("--leader-election is not implemented in this version of kube-sts; run a single replica".into());
+    }
+    let client = kube::Client::try_default().await.map_err(|e| format!("cannot build a Kubernetes client: {e}"))?;
+    let metrics = Arc::new(Metrics::default());
+    let sts = StsClient::new(args.region.clone(), args.sts_endpoint.clone(), args.sts_qps, args.sts_burst, metrics.clone()).await;
+    let settings = Settings {
+        namespace: args.namespace.clone(),
+        require_grants: args.require_grants,
+        issue: IssueSettings {
+            cluster_name: args.cluster_name.clone(),
+            session_tags: args.session_tags == SessionTags::Auto,
+            default_region: sts.default_region(),
+        },
+        concurrency: args.concurrency,
+    };
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        namespace = args.namespace.as_deref().unwrap_or("<all>"),
+        require_grants = args.require_grants,
+        region = settings.issue.default_region.as_deref().unwrap_or("<sdk default>"),
+        "starting kube-sts"
+    );
+    let server = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
+    let instance = std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok());
+    tokio::select! {
+        _ = controller::run(client, Arc::new(sts), metrics, settings, instance) => Ok(()),
+        res = server => match res {
+            Ok(Err(e)) => Err(format!("metrics server on {}: {e}", args.metrics_addr)),
+            _ => Err("metrics server stopped".into()),
+        },
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Crd => {
+            print!("{}", crd::crds_yaml());
+            Ok(())
+        }
+        Command::Version => {
+            println!("kube-sts {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Run(args) => run(args).await,
+    };
+    if let Err(message) = result {
+        eprintln!("kube-sts: {message}");
+        std::process::exit(1);
+    }
+}

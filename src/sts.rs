@@ -1,0 +1,366 @@
+//! The STS edge: one request type for every way in, a client that sends it through the
+//! process-wide rate limit, and the mapping from STS errors to condition reasons.
+
+use std::{
+    collections::HashMap,
+    num::NonZeroU32,
+    sync::{Arc, Mutex},
+};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_sts::{
+    Client,
+    error::{ProvideErrorMetadata, SdkError},
+    types::{PolicyDescriptorType, Tag},
+};
+use futures::future::BoxFuture;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use jiff::Timestamp;
+
+use crate::{conditions::Reason, crd::Method, metrics::Metrics, render::Credentials};
+
+/// Everything one STS issuance needs, already validated and resolved (no Secret refs left).
+#[derive(Clone, PartialEq, Eq)]
+pub struct IssueRequest {
+    pub method: Method,
+    pub role_arn: Option<String>,
+    /// Roles assumed before `role_arn`, each with its external ID.
+    pub chain: Vec<(String, Option<String>)>,
+    pub session_name: String,
+    pub duration_seconds: Option<i32>,
+    pub external_id: Option<String>,
+    pub session_policy: Option<String>,
+    pub policy_arns: Vec<String>,
+    pub tags: Vec<(String, String)>,
+    pub transitive_tag_keys: Vec<String>,
+    pub source_identity: Option<String>,
+    pub region: Option<String>,
+}
+
+impl std::fmt::Debug for IssueRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // External IDs are shared secrets of a kind: keep them out of logs.
+        f.debug_struct("IssueRequest")
+            .field("method", &self.method)
+            .field("role_arn", &self.role_arn)
+            .field("chain", &self.chain.iter().map(|(r, _)| r).collect::<Vec<_>>())
+            .field("session_name", &self.session_name)
+            .field("duration_seconds", &self.duration_seconds)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An STS failure, classified.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{operation} failed ({code}): {message}")]
+pub struct StsError {
+    pub reason: Reason,
+    pub operation: &'static str,
+    pub code: String,
+    pub message: String,
+}
+
+/// Maps an STS error code (or a transport failure, `code = None`) to a condition reason.
+pub fn classify(code: Option<&str>) -> Reason {
+    match code {
+        None => Reason::StsUnavailable,
+        Some(
+            "AccessDenied" | "AccessDeniedException" | "InvalidClientTokenId" | "SignatureDoesNotMatch"
+            | "ExpiredToken" | "ExpiredTokenException" | "RegionDisabledException" | "InvalidIdentityToken"
+            | "IDPRejectedClaim" | "UnrecognizedClientException",
+        ) => Reason::AccessDenied,
+        Some("Throttling" | "ThrottlingException" | "RequestLimitExceeded" | "TooManyRequestsException") => {
+            Reason::Throttled
+        }
+        Some(
+            "ValidationError" | "MalformedPolicyDocument" | "PackedPolicyTooLarge" | "InvalidParameterValue"
+            | "InvalidParameterCombination",
+        ) => Reason::InvalidSpec,
+        Some(_) => Reason::StsUnavailable,
+    }
+}
+
+/// Adds what a user needs to fix an AccessDenied to STS's own message.
+pub fn access_denied_hint(req: &IssueRequest, message: &str) -> String {
+    let mut hints = Vec::new();
+    if message.contains("sts:TagSession") || (!req.tags.is_empty() && message.contains("TagSession")) {
+        hints.push(
+            "the role's trust policy must also allow sts:TagSession, because session tags are sent (or start the operator with --session-tags=off)",
+        );
+    } else if req.method == Method::AssumeRole {
+        if req.external_id.is_some() {
+            hints.push("check that externalId matches the sts:ExternalId condition of the role's trust policy");
+        } else {
+            hints.push("check that the role's trust policy allows sts:AssumeRole for the operator's identity (and whether it requires an external ID)");
+        }
+        if !req.tags.is_empty() {
+            hints.push("with session tags the trust policy must allow sts:TagSession too");
+        }
+    }
+    if hints.is_empty() { message.to_string() } else { format!("{message} (hint: {})", hints.join("; ")) }
+}
+
+/// Something that issues credentials. The real one is [`StsClient`].
+pub trait Issuer: Send + Sync {
+    fn issue<'a>(&'a self, req: &'a IssueRequest) -> BoxFuture<'a, Result<Credentials, StsError>>;
+}
+
+/// Talks to AWS STS with the operator's own identity (the standard SDK chain), through one
+/// process-wide token bucket.
+pub struct StsClient {
+    base: SdkConfig,
+    endpoint: Option<String>,
+    clients: Mutex<HashMap<Option<String>, Client>>,
+    limiter: DefaultDirectRateLimiter,
+    metrics: Arc<Metrics>,
+}
+
+impl StsClient {
+    pub async fn new(
+        region: Option<String>,
+        endpoint: Option<String>,
+        qps: NonZeroU32,
+        burst: NonZeroU32,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(region) = region {
+            loader = loader.region(Region::new(region));
+        }
+        let base = loader.load().await;
+        StsClient {
+            base,
+            endpoint,
+            clients: Mutex::new(HashMap::new()),
+            limiter: RateLimiter::direct(Quota::per_second(qps).allow_burst(burst)),
+            metrics,
+        }
+    }
+
+    pub fn default_region(&self) -> Option<String> {
+        self.base.region().map(|r| r.to_string())
+    }
+
+    fn config_builder(&self, region: Option<&str>) -> aws_sdk_sts::config::Builder {
+        let mut builder = aws_sdk_sts::config::Builder::from(&self.base);
+        if let Some(region) = region {
+            builder = builder.region(Region::new(region.to_string()));
+        }
+        if let Some(endpoint) = &self.endpoint {
+            builder = builder.endpoint_url(endpoint);
+        }
+        builder
+    }
+
+    /// A client with the operator's own identity for `region` (cached).
+    fn client(&self, region: Option<&str>) -> Client {
+        let mut clients = self.clients.lock().expect("client cache lock");
+        clients
+            .entry(region.map(str::to_string))
+            .or_insert_with(|| Client::from_conf(self.config_builder(region).build()))
+            .clone()
+    }
+
+    /// A client acting as `creds` (for the next hop of a role chain).
+    fn client_as(&self, region: Option<&str>, creds: &Credentials) -> Client {
+        let provider = aws_credential_types::Credentials::new(
+            &creds.access_key_id,
+            &creds.secret_access_key,
+            Some(creds.session_token.clone()),
+            None,
+            "kube-sts-chain",
+        );
+        Client::from_conf(self.config_builder(region).credentials_provider(provider).build())
+    }
+
+    async fn call<T, E>(
+        &self,
+        operation: &'static str,
+        fut: impl std::future::Future<Output = Result<T, SdkError<E>>>,
+    ) -> Result<T, StsError>
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        self.limiter.until_ready().await;
+        let result = fut.await;
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(e) => classify(e.code()).as_str(),
+        };
+        self.metrics.sts_call(operation, outcome);
+        result.map_err(|e| sdk_error(operation, e))
+    }
+
+    async fn assume_role(
+        &self,
+        client: &Client,
+        role_arn: &str,
+        external_id: Option<&str>,
+        req: &IssueRequest,
+        last_hop: bool,
+    ) -> Result<Credentials, StsError> {
+        let mut call = client
+            .assume_role()
+            .role_arn(role_arn)
+            .role_session_name(&req.session_name)
+            .set_external_id(external_id.map(str::to_string))
+            .set_duration_seconds(req.duration_seconds);
+        if last_hop {
+            call = call
+                .set_policy(req.session_policy.clone())
+                .set_policy_arns(policy_arns(&req.policy_arns))
+                .set_tags(tags(&req.tags))
+                .set_transitive_tag_keys((!req.transitive_tag_keys.is_empty()).then(|| req.transitive_tag_keys.clone()))
+                .set_source_identity(req.source_identity.clone());
+        }
+        let out = self.call("AssumeRole", call.send()).await?;
+        let arn = out.assumed_role_user().map(|u| u.arn().to_string());
+        to_credentials("AssumeRole", out.credentials(), arn)
+    }
+
+    async fn issue_inner(&self, req: &IssueRequest) -> Result<Credentials, StsError> {
+        let region = req.region.as_deref();
+        match req.method {
+            Method::AssumeRole => {
+                let role_arn = req.role_arn.as_deref().ok_or_else(|| invalid("AssumeRole", "roleArn is required"))?;
+                let mut client = self.client(region);
+                for (hop, external_id) in &req.chain {
+                    let creds = self.assume_role(&client, hop, external_id.as_deref(), req, false).await?;
+                    client = self.client_as(region, &creds);
+                }
+                self.assume_role(&client, role_arn, req.external_id.as_deref(), req, true).await
+            }
+            other => Err(invalid(other.as_str(), &format!("method {other} is not supported by this version of kube-sts"))),
+        }
+    }
+}
+
+impl Issuer for StsClient {
+    fn issue<'a>(&'a self, req: &'a IssueRequest) -> BoxFuture<'a, Result<Credentials, StsError>> {
+        Box::pin(self.issue_inner(req))
+    }
+}
+
+fn invalid(operation: &'static str, message: &str) -> StsError {
+    StsError { reason: Reason::InvalidSpec, operation, code: "InvalidSpec".into(), message: message.into() }
+}
+
+fn policy_arns(arns: &[String]) -> Option<Vec<PolicyDescriptorType>> {
+    (!arns.is_empty()).then(|| arns.iter().map(|a| PolicyDescriptorType::builder().arn(a).build()).collect())
+}
+
+fn tags(tags: &[(String, String)]) -> Option<Vec<Tag>> {
+    (!tags.is_empty()).then(|| {
+        tags.iter()
+            .map(|(k, v)| Tag::builder().key(k).value(v).build().expect("tag key and value are set"))
+            .collect()
+    })
+}
+
+fn sdk_error<E>(operation: &'static str, err: SdkError<E>) -> StsError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let code = err.code().map(str::to_string);
+    let message = match (&err, err.message()) {
+        (_, Some(m)) => m.to_string(),
+        (SdkError::DispatchFailure(_), _) => "cannot reach STS (connection failed)".to_string(),
+        (SdkError::TimeoutError(_), _) => "STS did not answer in time".to_string(),
+        (SdkError::ResponseError(_), _) => "STS sent an unreadable response".to_string(),
+        _ => err.to_string(),
+    };
+    StsError {
+        reason: classify(code.as_deref()),
+        operation,
+        code: code.unwrap_or_else(|| "Unavailable".into()),
+        message,
+    }
+}
+
+fn to_credentials(
+    operation: &'static str,
+    creds: Option<&aws_sdk_sts::types::Credentials>,
+    arn: Option<String>,
+) -> Result<Credentials, StsError> {
+    let creds = creds.ok_or_else(|| StsError {
+        reason: Reason::StsUnavailable,
+        operation,
+        code: "NoCredentials".into(),
+        message: "STS answered without credentials".into(),
+    })?;
+    let expiration = Timestamp::from_second(creds.expiration().secs()).map_err(|_| StsError {
+        reason: Reason::StsUnavailable,
+        operation,
+        code: "BadExpiration".into(),
+        message: "STS answered with an unusable expiration".into(),
+    })?;
+    Ok(Credentials {
+        access_key_id: creds.access_key_id().to_string(),
+        secret_access_key: creds.secret_access_key().to_string(),
+        session_token: creds.session_token().to_string(),
+        // STS does not say when it issued; the answer's arrival is the best clock we have.
+        // Whole seconds, as written into the Secret's annotations.
+        issued_at: Timestamp::from_second(Timestamp::now().as_second()).expect("now is a valid timestamp"),
+        expiration,
+        arn,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> IssueRequest {
+        IssueRequest {
+            method: Method::AssumeRole,
+            role_arn: Some("arn:aws:iam::123456789012:role/r".into()),
+            chain: vec![],
+            session_name: "ns.sa".into(),
+            duration_seconds: None,
+            external_id: None,
+            session_policy: None,
+            policy_arns: vec![],
+            tags: vec![],
+            transitive_tag_keys: vec![],
+            source_identity: None,
+            region: None,
+        }
+    }
+
+    #[test]
+    fn error_codes_map_to_reasons() {
+        assert_eq!(classify(Some("AccessDenied")), Reason::AccessDenied);
+        assert_eq!(classify(Some("InvalidClientTokenId")), Reason::AccessDenied);
+        assert_eq!(classify(Some("Throttling")), Reason::Throttled);
+        assert_eq!(classify(Some("MalformedPolicyDocument")), Reason::InvalidSpec);
+        assert_eq!(classify(Some("InternalFailure")), Reason::StsUnavailable);
+        assert_eq!(classify(None), Reason::StsUnavailable);
+    }
+
+    #[test]
+    fn hint_names_tag_session_when_sts_says_so() {
+        let mut r = req();
+        r.tags = vec![("kubernetes-namespace".into(), "ns".into())];
+        let msg = access_denied_hint(&r, "User: x is not authorized to perform: sts:TagSession on resource: y");
+        assert!(msg.contains("must also allow sts:TagSession"), "{msg}");
+    }
+
+    #[test]
+    fn hint_names_external_id_when_one_was_sent() {
+        let mut r = req();
+        r.external_id = Some("abc".into());
+        let msg = access_denied_hint(&r, "not authorized to perform: sts:AssumeRole");
+        assert!(msg.contains("externalId"), "{msg}");
+        let msg = access_denied_hint(&req(), "not authorized to perform: sts:AssumeRole");
+        assert!(msg.contains("trust policy allows sts:AssumeRole"), "{msg}");
+    }
+
+    #[test]
+    fn debug_hides_external_id() {
+        let mut r = req();
+        r.external_id = Some("very-secret-external".into());
+        r.chain = vec![("arn:aws:iam::1:role/hub".into(), Some("hop-secret".into()))];
+        let shown = format!("{r:?}");
+        assert!(!shown.contains("very-secret-external") && !shown.contains("hop-secret"), "{shown}");
+    }
+}
