@@ -78,18 +78,26 @@ pub struct Verdict {
 
 /// A problem for the whole binding (invalid spec, not granted) overrides every subject.
 pub fn binding_verdict(problem: Option<(Reason, String)>, subjects: &[SubjectOutcome], note: Option<&str>) -> Verdict {
-    let failing_with_valid: Vec<&SubjectOutcome> =
-        subjects.iter().filter(|s| s.has_valid_credentials && s.problem.is_some()).collect();
+    let failing_with_valid: Vec<&SubjectOutcome> = subjects
+        .iter()
+        .filter(|s| s.has_valid_credentials && s.problem.is_some())
+        .collect();
     let degraded = match failing_with_valid.first().and_then(|s| s.problem.clone()) {
         Some((reason, msg)) => (
             true,
             reason,
-            format!("refresh failed for {}; current credentials stay valid until they expire: {msg}", subjects_named(&failing_with_valid)),
+            format!(
+                "refresh failed for {}; current credentials stay valid until they expire: {msg}",
+                subjects_named(&failing_with_valid)
+            ),
         ),
         None => (false, Reason::AsExpected, String::new()),
     };
     if let Some((reason, msg)) = problem {
-        return Verdict { ready: (false, reason, msg), degraded };
+        return Verdict {
+            ready: (false, reason, msg),
+            degraded,
+        };
     }
     let not_ready: Vec<&SubjectOutcome> = subjects.iter().filter(|s| !s.ready).collect();
     let ready = if not_ready.is_empty() {
@@ -106,7 +114,11 @@ pub fn binding_verdict(problem: Option<(Reason, String)>, subjects: &[SubjectOut
             .max_by_key(|(r, _, _)| r.severity());
         match worst {
             Some((reason, msg, name)) => (false, reason, format!("{name}: {msg}")),
-            None => (false, Reason::Pending, format!("waiting for credentials for {}", subjects_named(&not_ready))),
+            None => (
+                false,
+                Reason::Pending,
+                format!("waiting for credentials for {}", subjects_named(&not_ready)),
+            ),
         }
     };
     Verdict { ready, degraded }
@@ -151,13 +163,18 @@ mod tests {
     use super::*;
 
     fn ok(name: &str) -> SubjectOutcome {
-        SubjectOutcome { name: name.into(), ready: true, has_valid_credentials: true, problem: None }
+        SubjectOutcome {
+            name: name.into(),
+            ready: true,
+            has_valid_credentials: true,
+            problem: None,
+        }
     }
 
     #[test]
     fn all_ready_is_ready_and_not_degraded() {
         let v = binding_verdict(None, &[ok("a"), ok("b")], None);
-        assert_eq!(v.ready.0, true);
+        assert!(v.ready.0);
         assert_eq!(v.ready.1, Reason::CredentialsIssued);
         assert_eq!(v.degraded, (false, Reason::AsExpected, String::new()));
     }
@@ -200,7 +217,12 @@ mod tests {
 
     #[test]
     fn not_ready_without_problem_is_pending() {
-        let waiting = SubjectOutcome { name: "a".into(), ready: false, has_valid_credentials: false, problem: None };
+        let waiting = SubjectOutcome {
+            name: "a".into(),
+            ready: false,
+            has_valid_credentials: false,
+            problem: None,
+        };
         assert_eq!(binding_verdict(None, &[waiting], None).ready.1, Reason::Pending);
     }
 

@@ -102,7 +102,10 @@ impl Context {
         stores: Stores,
         instance: Option<String>,
     ) -> Self {
-        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance };
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance,
+        };
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -115,7 +118,12 @@ impl Context {
     }
 
     fn state(&self, key: &SubjectKey) -> SubjectState {
-        self.subjects.lock().expect("state lock").get(key).cloned().unwrap_or_default()
+        self.subjects
+            .lock()
+            .expect("state lock")
+            .get(key)
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn set_state(&self, key: SubjectKey, state: SubjectState) {
@@ -127,7 +135,13 @@ impl Context {
     }
 
     async fn publish(&self, binding: &AWSRoleBinding, type_: EventType, reason: &str, note: String) {
-        let event = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
         if let Err(e) = self.recorder.publish(&event, &binding.object_ref(&())).await {
             tracing::warn!(error = %e, "publishing event failed");
         }
@@ -139,7 +153,10 @@ fn managed_selector() -> String {
 }
 
 fn is_owned_by(secret: &Secret, uid: &str) -> bool {
-    secret.owner_references().iter().any(|o| o.controller == Some(true) && o.uid == uid)
+    secret
+        .owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && o.uid == uid)
 }
 
 fn annotation_time(secret: &Secret, key: &str) -> Option<Timestamp> {
@@ -148,9 +165,20 @@ fn annotation_time(secret: &Secret, key: &str) -> Option<Timestamp> {
 
 /// When credentials should be refreshed (stable across restarts).
 fn refresh_time(plan: &SubjectPlan, binding: &AWSRoleBinding, creds: &Credentials) -> Timestamp {
-    let key = format!("{}/{}/{}/{}", plan.target.namespace, plan.target.binding, plan.service_account, creds.issued_at);
-    let lead = binding.spec.refresh_before_seconds.map(|s| jiff::SignedDuration::from_secs(i64::from(s)));
-    timing::refresh_at(creds.issued_at, creds.expiration, lead, timing::stable_jitter_fraction(&key))
+    let key = format!(
+        "{}/{}/{}/{}",
+        plan.target.namespace, plan.target.binding, plan.service_account, creds.issued_at
+    );
+    let lead = binding
+        .spec
+        .refresh_before_seconds
+        .map(|s| jiff::SignedDuration::from_secs(i64::from(s)));
+    timing::refresh_at(
+        creds.issued_at,
+        creds.expiration,
+        lead,
+        timing::stable_jitter_fraction(&key),
+    )
 }
 
 /// What one subject ended up as, plus when to look at it again.
@@ -195,13 +223,23 @@ async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -> Result<Ac
             .unwrap_or_default();
         let request = GrantRequest::for_binding(&binding.spec, &namespace, &labels);
         let grants = ctx.stores.grants.state();
-        let verdict = grant_allows(grants.iter().map(|g| (g.metadata.name.as_deref().unwrap_or(""), &g.spec)), &request);
+        let verdict = grant_allows(
+            grants
+                .iter()
+                .map(|g| (g.metadata.name.as_deref().unwrap_or(""), &g.spec)),
+            &request,
+        );
         if let GrantVerdict::Denied { message } = verdict {
             return binding_problem(binding, ctx, Reason::RoleNotGranted, message, true, now).await;
         }
     }
 
-    let results = join_all(plan.subjects.iter().map(|sp| reconcile_subject(binding, &plan, sp, ctx, now))).await;
+    let results = join_all(
+        plan.subjects
+            .iter()
+            .map(|sp| reconcile_subject(binding, &plan, sp, ctx, now)),
+    )
+    .await;
     let mut results = results.into_iter().collect::<Result<Vec<_>>>()?;
     delete_stale_secrets(binding, &uid, &plan, ctx).await?;
 
@@ -210,7 +248,11 @@ async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -> Result<Ac
 
     let wake = results.iter().filter_map(|r| r.wake_at).min();
     Ok(match wake {
-        Some(at) => Action::requeue(Duration::try_from(at.duration_since(Timestamp::now())).unwrap_or_default().max(Duration::from_secs(1))),
+        Some(at) => Action::requeue(
+            Duration::try_from(at.duration_since(Timestamp::now()))
+                .unwrap_or_default()
+                .max(Duration::from_secs(1)),
+        ),
         None => Action::await_change(),
     })
 }
@@ -227,12 +269,21 @@ async fn resolve_references(
         let Some(secret) = api.get_opt(&reference.name).await.map_err(Error::Kube)? else {
             return Ok(Err(format!("externalIdSecretRef: Secret {} not found", reference.name)));
         };
-        let value = secret.data.as_ref().and_then(|d| d.get(&reference.key)).map(|v| String::from_utf8_lossy(&v.0).trim().to_string());
+        let value = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&reference.key))
+            .map(|v| String::from_utf8_lossy(&v.0).trim().to_string());
         let Some(value) = value else {
-            return Ok(Err(format!("externalIdSecretRef: Secret {} has no key {}", reference.name, reference.key)));
+            return Ok(Err(format!(
+                "externalIdSecretRef: Secret {} has no key {}",
+                reference.name, reference.key
+            )));
         };
         let valid = (2..=1224).contains(&value.len())
-            && value.chars().all(|c| c.is_ascii_alphanumeric() || "_+=,.@:/-".contains(c));
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_+=,.@:/-".contains(c));
         if !valid {
             return Ok(Err(format!(
                 "externalIdSecretRef: key {} of Secret {} is not a valid external ID (2..1224 characters of [\\w+=,.@:/-])",
@@ -298,7 +349,10 @@ fn owned_secrets(ctx: &Context, namespace: &str, binding: &str, uid: &str) -> Ve
 async fn delete_secret(ctx: &Context, secret: &Secret) -> Result<()> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &secret.namespace().unwrap_or_default());
     let params = DeleteParams {
-        preconditions: Some(Preconditions { uid: secret.uid(), resource_version: None }),
+        preconditions: Some(Preconditions {
+            uid: secret.uid(),
+            resource_version: None,
+        }),
         ..Default::default()
     };
     match api.delete(&secret.name_any(), &params).await {
@@ -337,7 +391,11 @@ async fn delete_stale_secrets(binding: &AWSRoleBinding, uid: &str, plan: &Bindin
 /// The Secret of a subject as it is now: from the cache, or (when the cache has none) from
 /// the API, since a Secret someone else created carries none of our labels.
 async fn current_secret(ctx: &Context, target: &render::SecretTarget) -> Result<Option<Arc<Secret>>> {
-    if let Some(secret) = ctx.stores.secrets.get(&ObjectRef::new(&target.name).within(&target.namespace)) {
+    if let Some(secret) = ctx
+        .stores
+        .secrets
+        .get(&ObjectRef::new(&target.name).within(&target.namespace))
+    {
         return Ok(Some(secret));
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &target.namespace);
@@ -349,13 +407,20 @@ async fn write_secret(ctx: &Context, desired: &Secret, exists: bool) -> Result<s
     let name = desired.name_any();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     if exists {
-        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(desired))
-            .await
-            .map_err(Error::Kube)?;
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(desired),
+        )
+        .await
+        .map_err(Error::Kube)?;
         ctx.metrics.api_write("secrets", "apply");
         return Ok(Ok(()));
     }
-    let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
     match api.create(&params, desired).await {
         Ok(_) => {
             ctx.metrics.api_write("secrets", "create");
@@ -377,13 +442,21 @@ async fn reconcile_subject(
 ) -> Result<SubjectResult> {
     let target = &sp.target;
     let uid = target.binding_uid.as_str();
-    let key: SubjectKey = (target.namespace.clone(), target.binding.clone(), sp.service_account.clone());
+    let key: SubjectKey = (
+        target.namespace.clone(),
+        target.binding.clone(),
+        sp.service_account.clone(),
+    );
     let labels = SubjectLabels {
         namespace: target.namespace.clone(),
         binding: target.binding.clone(),
         service_account: sp.service_account.clone(),
     };
-    let mut status = SubjectStatus { name: sp.service_account.clone(), secret_name: Some(target.name.clone()), ..Default::default() };
+    let mut status = SubjectStatus {
+        name: sp.service_account.clone(),
+        secret_name: Some(target.name.clone()),
+        ..Default::default()
+    };
     let not_ready = |reason: Reason, message: String| SubjectOutcome {
         name: sp.service_account.clone(),
         ready: false,
@@ -401,12 +474,25 @@ async fn reconcile_subject(
     if let Some(secret) = &existing
         && !is_owned_by(secret, uid)
     {
-        let message = format!("Secret {} exists and is not owned by this binding; it is left untouched", target.name);
+        let message = format!(
+            "Secret {} exists and is not owned by this binding; it is left untouched",
+            target.name
+        );
         if binding_ready_reason(binding) != Some(Reason::SecretConflict.as_str()) {
-            ctx.publish(binding, EventType::Warning, Reason::SecretConflict.as_str(), message.clone()).await;
+            ctx.publish(
+                binding,
+                EventType::Warning,
+                Reason::SecretConflict.as_str(),
+                message.clone(),
+            )
+            .await;
         }
         status.message = message.clone();
-        return Ok(SubjectResult { outcome: not_ready(Reason::SecretConflict, message), status, wake_at: None });
+        return Ok(SubjectResult {
+            outcome: not_ready(Reason::SecretConflict, message),
+            status,
+            wake_at: None,
+        });
     }
 
     if !sa_exists {
@@ -415,17 +501,30 @@ async fn reconcile_subject(
         }
         ctx.forget(&key);
         ctx.metrics.forget_subject(&labels);
-        let message = format!("ServiceAccount {} not found in namespace {}", sp.service_account, target.namespace);
+        let message = format!(
+            "ServiceAccount {} not found in namespace {}",
+            sp.service_account, target.namespace
+        );
         status.message = message.clone();
-        return Ok(SubjectResult { outcome: not_ready(Reason::ServiceAccountNotFound, message), status, wake_at: None });
+        return Ok(SubjectResult {
+            outcome: not_ready(Reason::ServiceAccountNotFound, message),
+            status,
+            wake_at: None,
+        });
     }
 
     let mut state = ctx.state(&key);
-    let expired_marker = existing.as_ref().is_some_and(|s| s.annotations().contains_key(render::EXPIRED_ANNOTATION));
+    let expired_marker = existing
+        .as_ref()
+        .is_some_and(|s| s.annotations().contains_key(render::EXPIRED_ANNOTATION));
     let stored = existing.as_deref().and_then(|s| render::read_credentials(s, target));
-    let stored_hash = existing.as_ref().and_then(|s| s.annotations().get(render::SPEC_HASH_ANNOTATION).cloned());
-    let secret_expiration =
-        existing.as_deref().filter(|_| !expired_marker).and_then(|s| annotation_time(s, render::EXPIRATION_ANNOTATION));
+    let stored_hash = existing
+        .as_ref()
+        .and_then(|s| s.annotations().get(render::SPEC_HASH_ANNOTATION).cloned());
+    let secret_expiration = existing
+        .as_deref()
+        .filter(|_| !expired_marker)
+        .and_then(|s| annotation_time(s, render::EXPIRATION_ANNOTATION));
 
     // Credentials good for the current spec: what the Secret holds, else what we remember.
     let current = match (&stored, &state.creds) {
@@ -440,7 +539,11 @@ async fn reconcile_subject(
             // Deleted or edited by someone: put back what we issued, no STS call.
             if let Err(message) = write_secret(ctx, &desired, existing.is_some()).await? {
                 status.message = message.clone();
-                return Ok(SubjectResult { outcome: not_ready(Reason::SecretConflict, message), status, wake_at: None });
+                return Ok(SubjectResult {
+                    outcome: not_ready(Reason::SecretConflict, message),
+                    status,
+                    wake_at: None,
+                });
             }
             tracing::info!(secret = %target.name, namespace = %target.namespace, "restored managed Secret");
         }
@@ -451,14 +554,28 @@ async fn reconcile_subject(
 
     // Issuance is due (new, refresh, spec change, or lost credentials) unless backing off.
     if let Some(retry_at) = state.retry_at.filter(|at| *at > now) {
-        return Ok(failed_result(sp, &state, status, secret_expiration, stored_hash.as_deref() == Some(&plan.spec_hash), retry_at, now, ctx, &labels));
+        return Ok(failed_result(
+            sp,
+            &state,
+            status,
+            secret_expiration,
+            stored_hash.as_deref() == Some(&plan.spec_hash),
+            retry_at,
+            now,
+            ctx,
+            &labels,
+        ));
     }
     match ctx.issuer.issue(&sp.request).await {
         Ok(creds) => {
             let desired = render::render_secret(&creds, target);
             if let Err(message) = write_secret(ctx, &desired, existing.is_some()).await? {
                 status.message = message.clone();
-                return Ok(SubjectResult { outcome: not_ready(Reason::SecretConflict, message), status, wake_at: None });
+                return Ok(SubjectResult {
+                    outcome: not_ready(Reason::SecretConflict, message),
+                    status,
+                    wake_at: None,
+                });
             }
             let refreshed = existing.is_some() && !expired_marker;
             let note = format!(
@@ -470,8 +587,21 @@ async fn reconcile_subject(
                 render::rfc3339(creds.expiration)
             );
             tracing::info!(namespace = %target.namespace, binding = %target.binding, service_account = %sp.service_account, access_key_id = %creds.access_key_id, expiration = %render::rfc3339(creds.expiration), refreshed, "credentials written");
-            ctx.publish(binding, EventType::Normal, if refreshed { "CredentialsRefreshed" } else { "CredentialsIssued" }, note).await;
-            let state = SubjectState { creds: Some((plan.spec_hash.clone(), creds.clone())), ..Default::default() };
+            ctx.publish(
+                binding,
+                EventType::Normal,
+                if refreshed {
+                    "CredentialsRefreshed"
+                } else {
+                    "CredentialsIssued"
+                },
+                note,
+            )
+            .await;
+            let state = SubjectState {
+                creds: Some((plan.spec_hash.clone(), creds.clone())),
+                ..Default::default()
+            };
             ctx.set_state(key, state.clone());
             Ok(ready_result(sp, binding, &creds, status, &state, ctx, &labels, now))
         }
@@ -483,24 +613,53 @@ async fn reconcile_subject(
             state.retry_at = Some(retry_at);
             state.last_error = Some((err.reason, err.message.clone()));
             tracing::warn!(namespace = %target.namespace, binding = %target.binding, service_account = %sp.service_account, reason = err.reason.as_str(), code = %err.code, error = %err.message, failures = state.failures, retry_in_s = delay.as_secs(), "issuing credentials failed");
-            ctx.publish(binding, EventType::Warning, "IssueFailed", format!("{} for ServiceAccount {}: {}", err.reason.as_str(), sp.service_account, err.message)).await;
+            ctx.publish(
+                binding,
+                EventType::Warning,
+                "IssueFailed",
+                format!(
+                    "{} for ServiceAccount {}: {}",
+                    err.reason.as_str(),
+                    sp.service_account,
+                    err.message
+                ),
+            )
+            .await;
             // Credentials that have run out are never left looking valid.
             if let (Some(secret), None) = (&existing, secret_expiration.filter(|e| *e > now)) {
                 if !expired_marker {
                     let expired_at = secret_expiration.unwrap_or(now);
-                    write_secret(ctx, &render::render_expired_secret(target, expired_at), true).await?.ok();
+                    write_secret(ctx, &render::render_expired_secret(target, expired_at), true)
+                        .await?
+                        .ok();
                     tracing::warn!(secret = %secret.name_any(), namespace = %target.namespace, "credentials expired and could not be refreshed; removed them from the Secret");
                 }
                 state.creds = None;
             }
             ctx.set_state(key, state.clone());
-            Ok(failed_result(sp, &state, status, secret_expiration, stored_hash.as_deref() == Some(&plan.spec_hash), retry_at, now, ctx, &labels))
+            Ok(failed_result(
+                sp,
+                &state,
+                status,
+                secret_expiration,
+                stored_hash.as_deref() == Some(&plan.spec_hash),
+                retry_at,
+                now,
+                ctx,
+                &labels,
+            ))
         }
     }
 }
 
 fn binding_ready_reason(binding: &AWSRoleBinding) -> Option<&str> {
-    binding.status.as_ref()?.conditions.iter().find(|c| c.type_ == READY).map(|c| c.reason.as_str())
+    binding
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == READY)
+        .map(|c| c.reason.as_str())
 }
 
 fn describe_failure(sp: &SubjectPlan, mut err: StsError) -> StsError {
@@ -527,9 +686,18 @@ fn ready_result(
     status.issued_at = Some(Time(creds.issued_at));
     status.expiration = Some(Time(creds.expiration));
     status.next_refresh_time = Some(Time(refresh));
-    ctx.metrics.subject(labels, Some(creds.expiration.duration_since(now).as_secs()), state.failures);
+    ctx.metrics.subject(
+        labels,
+        Some(creds.expiration.duration_since(now).as_secs()),
+        state.failures,
+    );
     SubjectResult {
-        outcome: SubjectOutcome { name: sp.service_account.clone(), ready: true, has_valid_credentials: true, problem: None },
+        outcome: SubjectOutcome {
+            name: sp.service_account.clone(),
+            ready: true,
+            has_valid_credentials: true,
+            problem: None,
+        },
         status,
         wake_at: Some(refresh),
     }
@@ -548,9 +716,15 @@ fn failed_result(
     labels: &SubjectLabels,
 ) -> SubjectResult {
     let valid_until = secret_expiration.filter(|e| *e > now);
-    let (reason, message) = state.last_error.clone().unwrap_or((Reason::Pending, "waiting to retry".into()));
+    let (reason, message) = state
+        .last_error
+        .clone()
+        .unwrap_or((Reason::Pending, "waiting to retry".into()));
     let problem = match (valid_until, secret_expiration) {
-        (None, Some(_)) => (Reason::CredentialsExpired, format!("credentials expired and refreshing failed: {message}")),
+        (None, Some(_)) => (
+            Reason::CredentialsExpired,
+            format!("credentials expired and refreshing failed: {message}"),
+        ),
         _ => (reason, message.clone()),
     };
     status.consecutive_failures = state.failures;
@@ -562,7 +736,11 @@ fn failed_result(
         status.arn = creds.arn.clone();
         status.issued_at = Some(Time(creds.issued_at));
     }
-    ctx.metrics.subject(labels, valid_until.map(|e| e.duration_since(now).as_secs()), state.failures);
+    ctx.metrics.subject(
+        labels,
+        valid_until.map(|e| e.duration_since(now).as_secs()),
+        state.failures,
+    );
     // Wake for the retry, or earlier when the current credentials run out.
     let wake_at = match valid_until {
         Some(expiry) => retry_at.min(expiry),
@@ -580,13 +758,26 @@ fn failed_result(
     }
 }
 
-fn apply_verdict(status: &mut AWSRoleBindingStatus, binding: &AWSRoleBinding, verdict: &conditions::Verdict, now: Timestamp) {
+fn apply_verdict(
+    status: &mut AWSRoleBindingStatus,
+    binding: &AWSRoleBinding,
+    verdict: &conditions::Verdict,
+    now: Timestamp,
+) {
     let generation = binding.metadata.generation;
     status.observed_generation = generation;
     let (ready, reason, message) = &verdict.ready;
     conditions::set_condition(&mut status.conditions, READY, *ready, *reason, message, generation, now);
     let (degraded, reason, message) = &verdict.degraded;
-    conditions::set_condition(&mut status.conditions, DEGRADED, *degraded, *reason, message, generation, now);
+    conditions::set_condition(
+        &mut status.conditions,
+        DEGRADED,
+        *degraded,
+        *reason,
+        message,
+        generation,
+        now,
+    );
 }
 
 fn build_status(
@@ -601,8 +792,16 @@ fn build_status(
     let verdict = conditions::binding_verdict(problem, &outcomes, plan.note.as_deref());
     apply_verdict(&mut status, binding, &verdict, now);
     status.subjects = results.iter().map(|r| r.status.clone()).collect();
-    status.expiration = status.subjects.iter().filter_map(|s| s.expiration.clone()).min_by_key(|t| t.0);
-    status.next_refresh_time = status.subjects.iter().filter_map(|s| s.next_refresh_time.clone()).min_by_key(|t| t.0);
+    status.expiration = status
+        .subjects
+        .iter()
+        .filter_map(|s| s.expiration.clone())
+        .min_by_key(|t| t.0);
+    status.next_refresh_time = status
+        .subjects
+        .iter()
+        .filter_map(|s| s.next_refresh_time.clone())
+        .min_by_key(|t| t.0);
     status
 }
 
@@ -617,7 +816,14 @@ async fn write_status(binding: &AWSRoleBinding, status: AWSRoleBindingStatus, ct
         "kind": "AWSRoleBinding",
         "status": status,
     });
-    match api.patch_status(&binding.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await {
+    match api
+        .patch_status(
+            &binding.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
         Ok(_) => {
             ctx.metrics.api_write("awsrolebindings/status", "apply");
             Ok(())
@@ -644,14 +850,23 @@ where
 }
 
 /// Runs the controller until a shutdown signal.
-pub async fn run(client: Client, issuer: Arc<dyn Issuer>, metrics: Arc<Metrics>, settings: Settings, instance: Option<String>) {
+pub async fn run(
+    client: Client,
+    issuer: Arc<dyn Issuer>,
+    metrics: Arc<Metrics>,
+    settings: Settings,
+    instance: Option<String>,
+) {
     let ns = settings.namespace.clone();
     let bindings: Api<AWSRoleBinding> = api_for(&client, ns.as_deref());
 
     let (secrets, secrets_writer) = reflector::store();
     let secret_stream = reflector(
         secrets_writer,
-        watcher(api_for::<Secret>(&client, ns.as_deref()), watcher::Config::default().labels(&managed_selector())),
+        watcher(
+            api_for::<Secret>(&client, ns.as_deref()),
+            watcher::Config::default().labels(&managed_selector()),
+        ),
     )
     .default_backoff()
     .touched_objects();
@@ -670,17 +885,28 @@ pub async fn run(client: Client, issuer: Arc<dyn Issuer>, metrics: Arc<Metrics>,
         Some(name) => watcher::Config::default().fields(&format!("metadata.name={name}")),
         None => watcher::Config::default(),
     };
-    let ns_stream = reflector(ns_writer, watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), ns_config))
-        .default_backoff()
-        .touched_objects();
+    let ns_stream = reflector(
+        ns_writer,
+        watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), ns_config),
+    )
+    .default_backoff()
+    .touched_objects();
 
     let (grants, grants_writer) = reflector::store();
-    let grant_stream = reflector(grants_writer, watcher(Api::<AWSRoleGrant>::all(client.clone()), watcher::Config::default()))
-        .default_backoff()
-        .touched_objects()
-        .filter_map(|r| async move { r.ok().map(|_| ()) });
+    let grant_stream = reflector(
+        grants_writer,
+        watcher(Api::<AWSRoleGrant>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .filter_map(|r| async move { r.ok().map(|_| ()) });
 
-    let stores = Stores { secrets, service_accounts, namespaces, grants };
+    let stores = Stores {
+        secrets,
+        service_accounts,
+        namespaces,
+        grants,
+    };
     {
         let stores = stores.clone();
         let metrics = metrics.clone();
@@ -691,9 +917,8 @@ pub async fn run(client: Client, issuer: Arc<dyn Issuer>, metrics: Arc<Metrics>,
         });
     }
 
-    let controller = Controller::new(bindings, watcher::Config::default()).with_config(
-        kube::runtime::controller::Config::default().concurrency(settings.concurrency),
-    );
+    let controller = Controller::new(bindings, watcher::Config::default())
+        .with_config(kube::runtime::controller::Config::default().concurrency(settings.concurrency));
     let binding_store = controller.store();
     let by_sa = binding_store.clone();
     let by_ns = binding_store;
@@ -707,7 +932,10 @@ pub async fn run(client: Client, issuer: Arc<dyn Issuer>, metrics: Arc<Metrics>,
             by_sa
                 .state()
                 .into_iter()
-                .filter(|b| b.namespace().as_deref() == Some(namespace.as_str()) && b.spec.subjects.iter().any(|s| s.name == name))
+                .filter(|b| {
+                    b.namespace().as_deref() == Some(namespace.as_str())
+                        && b.spec.subjects.iter().any(|s| s.name == name)
+                })
                 .map(|b| ObjectRef::from(b.as_ref()))
                 .collect::<Vec<_>>()
         })
@@ -731,4 +959,3 @@ pub async fn run(client: Client, issuer: Arc<dyn Issuer>, metrics: Arc<Metrics>,
         .await;
     tracing::info!("controller stopped");
 }
-

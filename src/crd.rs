@@ -172,6 +172,7 @@ pub struct Ecr {
 /// Binds one AWS IAM role to ServiceAccounts of this namespace. For every subject the
 /// operator obtains temporary credentials from AWS STS, writes them into a Secret and
 /// refreshes them before they expire.
+#[allow(clippy::duplicated_attributes)] // several printcolumn(...) entries
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "kube-sts.io",
@@ -187,7 +188,11 @@ pub struct Ecr {
     doc = "Binds one AWS IAM role to ServiceAccounts of its namespace; the operator keeps short-lived STS credentials for each in a Secret.",
     printcolumn(name = "Role", type_ = "string", json_path = ".spec.roleArn"),
     printcolumn(name = "Method", type_ = "string", json_path = ".spec.method"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiration"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -343,6 +348,7 @@ pub struct SubjectStatus {
 }
 
 /// Which namespaces may bind which roles with which methods.
+#[allow(clippy::duplicated_attributes)] // several printcolumn(...) entries
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "kube-sts.io",
@@ -407,4 +413,17 @@ pub fn crds_yaml() -> String {
         out.push_str(&serde_saphyr::to_string(&crd).expect("CRD serializes to YAML"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    /// `crds/` is generated from these types; regenerate with `make crds` when this fails.
+    #[test]
+    fn checked_in_crds_match_the_types() {
+        let checked_in = include_str!("../crds/kube-sts.yaml");
+        assert!(
+            checked_in == super::crds_yaml(),
+            "crds/kube-sts.yaml is stale: run `make crds`"
+        );
+    }
 }

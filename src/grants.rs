@@ -122,11 +122,17 @@ pub fn grant_allows<'g>(
     let mut closest: Option<GrantCheck> = None;
     for (name, grant) in grants {
         match failed_check(grant, req) {
-            None => return GrantVerdict::Allowed { grant: name.to_string() },
+            None => {
+                return GrantVerdict::Allowed {
+                    grant: name.to_string(),
+                };
+            }
             Some(check) => closest = closest.max(Some(check)),
         }
     }
-    GrantVerdict::Denied { message: denial_message(closest, req) }
+    GrantVerdict::Denied {
+        message: denial_message(closest, req),
+    }
 }
 
 fn denial_message(closest: Option<GrantCheck>, req: &GrantRequest) -> String {
@@ -134,7 +140,10 @@ fn denial_message(closest: Option<GrantCheck>, req: &GrantRequest) -> String {
     match closest {
         None | Some(GrantCheck::Namespace) => format!("no AWSRoleGrant covers namespace {ns}"),
         Some(GrantCheck::Role) => {
-            format!("no AWSRoleGrant for namespace {ns} allows role(s) {}", req.roles.join(", "))
+            format!(
+                "no AWSRoleGrant for namespace {ns} allows role(s) {}",
+                req.roles.join(", ")
+            )
         }
         Some(GrantCheck::Method) => format!(
             "no AWSRoleGrant for namespace {ns} and this role allows method {} (methods other than AssumeRole and AssumeRoleWithWebIdentity must be listed explicitly)",
@@ -187,13 +196,18 @@ mod tests {
     #[test]
     fn allows_matching_namespace_role_and_default_method() {
         let labels = BTreeMap::new();
-        assert_eq!(check(&grant(), &req("team-a", &labels)), GrantVerdict::Allowed { grant: "g".into() });
+        assert_eq!(
+            check(&grant(), &req("team-a", &labels)),
+            GrantVerdict::Allowed { grant: "g".into() }
+        );
     }
 
     #[test]
     fn other_namespace_is_denied_naming_the_namespace() {
         let labels = BTreeMap::new();
-        let GrantVerdict::Denied { message } = check(&grant(), &req("team-b", &labels)) else { panic!() };
+        let GrantVerdict::Denied { message } = check(&grant(), &req("team-b", &labels)) else {
+            panic!()
+        };
         assert!(message.contains("namespace team-b"), "{message}");
     }
 
@@ -216,8 +230,13 @@ mod tests {
         let labels = BTreeMap::new();
         let mut r = req("team-a", &labels);
         r.roles = vec!["arn:aws:iam::123456789012:role/team-b-reader"];
-        let GrantVerdict::Denied { message } = check(&grant(), &r) else { panic!() };
-        assert!(message.contains("role(s) arn:aws:iam::123456789012:role/team-b-reader"), "{message}");
+        let GrantVerdict::Denied { message } = check(&grant(), &r) else {
+            panic!()
+        };
+        assert!(
+            message.contains("role(s) arn:aws:iam::123456789012:role/team-b-reader"),
+            "{message}"
+        );
         // `*` crosses path separators; `?` is exactly one character.
         let mut g = grant();
         g.role_arns = vec!["arn:aws:iam::123456789012:role/*".into()];
@@ -251,7 +270,9 @@ mod tests {
         let mut r = req("team-a", &labels);
         r.method = Method::GetSessionToken;
         r.roles = vec![];
-        let GrantVerdict::Denied { message } = check(&grant(), &r) else { panic!() };
+        let GrantVerdict::Denied { message } = check(&grant(), &r) else {
+            panic!()
+        };
         assert!(message.contains("method GetSessionToken"), "{message}");
         let mut g = grant();
         g.methods = Some(vec![Method::GetSessionToken]);
@@ -263,18 +284,25 @@ mod tests {
         let labels = BTreeMap::new();
         let mut g = grant();
         g.service_accounts = Some(vec!["report-*".into()]);
-        let GrantVerdict::Denied { message } = check(&g, &req("team-a", &labels)) else { panic!() };
+        let GrantVerdict::Denied { message } = check(&g, &req("team-a", &labels)) else {
+            panic!()
+        };
         assert!(message.contains("service account(s) app"), "{message}");
         g.service_accounts = Some(vec!["*".into()]);
         g.max_duration_seconds = Some(1800);
-        let GrantVerdict::Denied { message } = check(&g, &req("team-a", &labels)) else { panic!() };
+        let GrantVerdict::Denied { message } = check(&g, &req("team-a", &labels)) else {
+            panic!()
+        };
         assert!(message.contains("maxDurationSeconds"), "{message}");
     }
 
     #[test]
     fn closest_grant_names_the_failure() {
         let labels = BTreeMap::new();
-        let other_ns = AWSRoleGrantSpec { namespaces: Some(vec!["zzz".into()]), ..grant() };
+        let other_ns = AWSRoleGrantSpec {
+            namespaces: Some(vec!["zzz".into()]),
+            ..grant()
+        };
         let mut wrong_method = grant();
         wrong_method.methods = Some(vec![Method::GetFederationToken]);
         let GrantVerdict::Denied { message } =
@@ -288,7 +316,9 @@ mod tests {
     #[test]
     fn no_grants_at_all() {
         let labels = BTreeMap::new();
-        let GrantVerdict::Denied { message } = grant_allows([], &req("team-a", &labels)) else { panic!() };
+        let GrantVerdict::Denied { message } = grant_allows([], &req("team-a", &labels)) else {
+            panic!()
+        };
         assert_eq!(message, "no AWSRoleGrant covers namespace team-a");
     }
 }

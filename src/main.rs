@@ -10,13 +10,17 @@ use kube_sts::{
 };
 
 #[derive(Parser)]
-#[command(name = "kube-sts", about = "Kubernetes operator that keeps short-lived AWS STS credentials in Secrets")]
+#[command(
+    name = "kube-sts",
+    about = "Kubernetes operator that keeps short-lived AWS STS credentials in Secrets"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start
 enum Command {
     /// Run the operator.
     Run(RunArgs),
@@ -87,7 +91,9 @@ struct RunArgs {
 
 fn init_logging(format: LogFormat, level: &str) -> RunResult {
     let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| format!("--log-level {level:?}: {e}"))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -103,9 +109,18 @@ async fn run(args: RunArgs) -> RunResult {
     if args.leader_election {
         return Err("--leader-election is not implemented in this version of kube-sts; run a single replica".into());
     }
-    let client = kube::Client::try_default().await.map_err(|e| format!("cannot build a Kubernetes client: {e}"))?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("cannot build a Kubernetes client: {e}"))?;
     let metrics = Arc::new(Metrics::default());
-    let sts = StsClient::new(args.region.clone(), args.sts_endpoint.clone(), args.sts_qps, args.sts_burst, metrics.clone()).await;
+    let sts = StsClient::new(
+        args.region.clone(),
+        args.sts_endpoint.clone(),
+        args.sts_qps,
+        args.sts_burst,
+        metrics.clone(),
+    )
+    .await;
     let settings = Settings {
         namespace: args.namespace.clone(),
         require_grants: args.require_grants,
@@ -124,7 +139,9 @@ async fn run(args: RunArgs) -> RunResult {
         "starting kube-sts"
     );
     let server = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
-    let instance = std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok());
+    let instance = std::env::var("POD_NAME")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok());
     tokio::select! {
         _ = controller::run(client, Arc::new(sts), metrics, settings, instance) => Ok(()),
         res = server => match res {

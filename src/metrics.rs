@@ -59,7 +59,11 @@ impl Default for Metrics {
         let sts_calls = Family::<StsCallLabels, Counter>::default();
         registry.register("sts_calls", "STS calls by operation and outcome", sts_calls.clone());
         let reconcile_duration = Histogram::new([0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
-        registry.register("reconcile_duration_seconds", "Duration of binding reconciles", reconcile_duration.clone());
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of binding reconciles",
+            reconcile_duration.clone(),
+        );
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         registry.register("reconcile_errors", "Reconcile errors by kind", reconcile_errors.clone());
         let seconds_until_expiry = Family::<SubjectLabels, Gauge>::default();
@@ -75,7 +79,11 @@ impl Default for Metrics {
             consecutive_failures.clone(),
         );
         let writes = Family::<WriteLabels, Counter>::default();
-        registry.register("api_writes", "Writes to the Kubernetes API by resource and verb", writes.clone());
+        registry.register(
+            "api_writes",
+            "Writes to the Kubernetes API by resource and verb",
+            writes.clone(),
+        );
         Metrics {
             registry,
             sts_calls,
@@ -91,7 +99,12 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn sts_call(&self, operation: &str, outcome: &str) {
-        self.sts_calls.get_or_create(&StsCallLabels { operation: operation.into(), outcome: outcome.into() }).inc();
+        self.sts_calls
+            .get_or_create(&StsCallLabels {
+                operation: operation.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
     }
 
     pub fn reconciled(&self, took: Duration) {
@@ -99,11 +112,18 @@ impl Metrics {
     }
 
     pub fn reconcile_error(&self, kind: &str) {
-        self.reconcile_errors.get_or_create(&ErrorLabels { kind: kind.into() }).inc();
+        self.reconcile_errors
+            .get_or_create(&ErrorLabels { kind: kind.into() })
+            .inc();
     }
 
     pub fn api_write(&self, resource: &str, verb: &str) {
-        self.writes.get_or_create(&WriteLabels { resource: resource.into(), verb: verb.into() }).inc();
+        self.writes
+            .get_or_create(&WriteLabels {
+                resource: resource.into(),
+                verb: verb.into(),
+            })
+            .inc();
     }
 
     pub fn subject(&self, labels: &SubjectLabels, seconds_until_expiry: Option<i64>, failures: u32) {
@@ -163,12 +183,18 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
                         "/readyz" if metrics.ready.load(Ordering::Relaxed) => {
                             respond(StatusCode::OK, "text/plain", "ok\n".into())
                         }
-                        "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "caches not synced\n".into()),
+                        "/readyz" => respond(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "text/plain",
+                            "caches not synced\n".into(),
+                        ),
                         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
                     })
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }

@@ -37,18 +37,30 @@ pub fn default_secret_name(binding: &str, service_account: &str) -> String {
 /// Replaces characters STS does not allow in session names (`[\w+=,.@-]`) with `-`.
 fn sanitize_sts_name(raw: &str) -> String {
     raw.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect()
 }
 
 /// Default RoleSessionName `<namespace>.<serviceaccount>` (at most 64 characters).
 pub fn default_session_name(namespace: &str, service_account: &str) -> String {
-    fit(&sanitize_sts_name(&format!("{namespace}.{service_account}")), MAX_SESSION_NAME)
+    fit(
+        &sanitize_sts_name(&format!("{namespace}.{service_account}")),
+        MAX_SESSION_NAME,
+    )
 }
 
 /// Default federated user name (2..32 characters) for GetFederationToken.
 pub fn default_federated_name(namespace: &str, service_account: &str) -> String {
-    fit(&sanitize_sts_name(&format!("{namespace}.{service_account}")), MAX_FEDERATED_NAME)
+    fit(
+        &sanitize_sts_name(&format!("{namespace}.{service_account}")),
+        MAX_FEDERATED_NAME,
+    )
 }
 
 #[cfg(test)]

@@ -66,7 +66,10 @@ pub fn spec_hash(spec: &AWSRoleBindingSpec, resolved: &Resolved, settings: &Issu
     if let Some(id) = &resolved.external_id {
         hasher.update(Sha256::digest(id.as_bytes()));
     }
-    hasher.update(format!("\0{}\0{}\0{:?}", settings.cluster_name, settings.session_tags, settings.default_region));
+    hasher.update(format!(
+        "\0{}\0{}\0{:?}",
+        settings.cluster_name, settings.session_tags, settings.default_region
+    ));
     hex::encode(hasher.finalize())[..16].to_string()
 }
 
@@ -95,10 +98,14 @@ pub fn plan_binding(
         )));
     }
     if spec.secret.as_ref().and_then(|s| s.type_) == Some(SecretType::DockerConfigJson) {
-        return Err(InvalidSpec("secret.type DockerConfigJson is not supported by this version of kube-sts yet".into()));
+        return Err(InvalidSpec(
+            "secret.type DockerConfigJson is not supported by this version of kube-sts yet".into(),
+        ));
     }
     if spec.mfa.is_some() {
-        return Err(InvalidSpec("mfa is not supported by this version of kube-sts yet".into()));
+        return Err(InvalidSpec(
+            "mfa is not supported by this version of kube-sts yet".into(),
+        ));
     }
     if let Some(policy) = &spec.session_policy {
         check_policy_json(policy)?;
@@ -115,8 +122,12 @@ pub fn plan_binding(
 
     let mut note = None;
     let mut duration = spec.duration_seconds;
-    let chain: Vec<(String, Option<String>)> =
-        spec.chain.iter().flatten().map(|h| (h.role_arn.clone(), h.external_id.clone())).collect();
+    let chain: Vec<(String, Option<String>)> = spec
+        .chain
+        .iter()
+        .flatten()
+        .map(|h| (h.role_arn.clone(), h.external_id.clone()))
+        .collect();
     if !chain.is_empty() && duration.unwrap_or(CHAINED_MAX_DURATION) > CHAINED_MAX_DURATION {
         note = Some(format!(
             "durationSeconds {} clamped to {CHAINED_MAX_DURATION}: AWS caps role-chained sessions at one hour",
@@ -143,7 +154,10 @@ pub fn plan_binding(
                 method: spec.method,
                 role_arn: spec.role_arn.clone(),
                 chain: chain.clone(),
-                session_name: spec.session_name.clone().unwrap_or_else(|| naming::default_session_name(&namespace, &sa)),
+                session_name: spec
+                    .session_name
+                    .clone()
+                    .unwrap_or_else(|| naming::default_session_name(&namespace, &sa)),
                 duration_seconds: duration,
                 external_id: external_id.clone(),
                 session_policy: spec.session_policy.clone(),
@@ -155,7 +169,10 @@ pub fn plan_binding(
             };
             let target = SecretTarget {
                 namespace: namespace.clone(),
-                name: template.name.clone().unwrap_or_else(|| naming::default_secret_name(&name, &sa)),
+                name: template
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| naming::default_secret_name(&name, &sa)),
                 binding: name.clone(),
                 binding_uid: uid.clone(),
                 service_account: sa.clone(),
@@ -168,15 +185,26 @@ pub fn plan_binding(
                 extra_labels: template.labels.clone(),
                 extra_annotations: template.annotations.clone(),
             };
-            SubjectPlan { service_account: sa, target, request }
+            SubjectPlan {
+                service_account: sa,
+                target,
+                request,
+            }
         })
         .collect();
-    Ok(BindingPlan { spec_hash: hash, subjects, note })
+    Ok(BindingPlan {
+        spec_hash: hash,
+        subjects,
+        note,
+    })
 }
 
 /// Names of the Secrets a binding's subjects use, by ServiceAccount.
 pub fn secret_names(plan: &BindingPlan) -> BTreeMap<&str, &str> {
-    plan.subjects.iter().map(|s| (s.service_account.as_str(), s.target.name.as_str())).collect()
+    plan.subjects
+        .iter()
+        .map(|s| (s.service_account.as_str(), s.target.name.as_str()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -193,7 +221,11 @@ pub(crate) mod tests {
     }
 
     fn settings() -> IssueSettings {
-        IssueSettings { cluster_name: "prod".into(), session_tags: true, default_region: Some("us-east-1".into()) }
+        IssueSettings {
+            cluster_name: "prod".into(),
+            session_tags: true,
+            default_region: Some("us-east-1".into()),
+        }
     }
 
     const BASIC: &str = "roleArn: arn:aws:iam::123456789012:role/r\nsubjects: [{name: app}, {name: job}]\n";
@@ -225,7 +257,10 @@ pub(crate) mod tests {
         let mut b = binding(BASIC);
         b.spec.session_tags = Some([("team".to_string(), "a".to_string())].into());
         let plan = plan_binding(&b, &Resolved::default(), &s).unwrap();
-        assert_eq!(plan.subjects[0].request.tags, vec![("team".to_string(), "a".to_string())]);
+        assert_eq!(
+            plan.subjects[0].request.tags,
+            vec![("team".to_string(), "a".to_string())]
+        );
     }
 
     #[test]
@@ -249,7 +284,10 @@ pub(crate) mod tests {
     fn chain_clamps_duration_and_says_so() {
         let mut b = binding(BASIC);
         b.spec.duration_seconds = Some(7200);
-        b.spec.chain = Some(vec![ChainHop { role_arn: "arn:aws:iam::111111111111:role/hub".into(), external_id: None }]);
+        b.spec.chain = Some(vec![ChainHop {
+            role_arn: "arn:aws:iam::111111111111:role/hub".into(),
+            external_id: None,
+        }]);
         let plan = plan_binding(&b, &Resolved::default(), &settings()).unwrap();
         assert_eq!(plan.subjects[0].request.duration_seconds, Some(3600));
         assert!(plan.note.unwrap().contains("clamped to 3600"));
@@ -258,8 +296,22 @@ pub(crate) mod tests {
     #[test]
     fn resolved_external_id_is_used_and_changes_the_hash() {
         let b = binding(BASIC);
-        let a = plan_binding(&b, &Resolved { external_id: Some("one".into()) }, &settings()).unwrap();
-        let c = plan_binding(&b, &Resolved { external_id: Some("two".into()) }, &settings()).unwrap();
+        let a = plan_binding(
+            &b,
+            &Resolved {
+                external_id: Some("one".into()),
+            },
+            &settings(),
+        )
+        .unwrap();
+        let c = plan_binding(
+            &b,
+            &Resolved {
+                external_id: Some("two".into()),
+            },
+            &settings(),
+        )
+        .unwrap();
         assert_eq!(a.subjects[0].request.external_id.as_deref(), Some("one"));
         assert_ne!(a.spec_hash, c.spec_hash);
         assert!(!a.spec_hash.contains("one"));
@@ -269,10 +321,18 @@ pub(crate) mod tests {
     fn hash_is_stable_and_follows_spec_changes() {
         let b = binding(BASIC);
         let h1 = plan_binding(&b, &Resolved::default(), &settings()).unwrap().spec_hash;
-        assert_eq!(h1, plan_binding(&b, &Resolved::default(), &settings()).unwrap().spec_hash);
+        assert_eq!(
+            h1,
+            plan_binding(&b, &Resolved::default(), &settings()).unwrap().spec_hash
+        );
         let mut changed = b.clone();
         changed.spec.duration_seconds = Some(1800);
-        assert_ne!(h1, plan_binding(&changed, &Resolved::default(), &settings()).unwrap().spec_hash);
+        assert_ne!(
+            h1,
+            plan_binding(&changed, &Resolved::default(), &settings())
+                .unwrap()
+                .spec_hash
+        );
     }
 
     #[test]
@@ -286,7 +346,16 @@ pub(crate) mod tests {
         });
         let plan = plan_binding(&b, &Resolved::default(), &settings()).unwrap();
         let t = &plan.subjects[0].target;
-        assert_eq!((t.name.as_str(), t.profile.as_str(), t.mount_path.as_str()), ("custom", "reports", "/aws"));
-        assert_eq!(b.spec.subjects[0], Subject { kind: SubjectKind::ServiceAccount, name: "app".into() });
+        assert_eq!(
+            (t.name.as_str(), t.profile.as_str(), t.mount_path.as_str()),
+            ("custom", "reports", "/aws")
+        );
+        assert_eq!(
+            b.spec.subjects[0],
+            Subject {
+                kind: SubjectKind::ServiceAccount,
+                name: "app".into()
+            }
+        );
     }
 }

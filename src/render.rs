@@ -137,7 +137,11 @@ pub fn credentials_file(creds: &Credentials, profile: &str) -> String {
 
 /// The config file: `credential_process` reading the mounted `credentials.json`.
 pub fn config_file(profile: &str, mount_path: &str, region: Option<&str>) -> String {
-    let section = if profile == DEFAULT_PROFILE { "default".to_string() } else { format!("profile {profile}") };
+    let section = if profile == DEFAULT_PROFILE {
+        "default".to_string()
+    } else {
+        format!("profile {profile}")
+    };
     let mut out = format!(
         "[{section}]\ncredential_process = cat {}/{KEY_CREDENTIALS_JSON}\n",
         mount_path.trim_end_matches('/')
@@ -156,10 +160,16 @@ pub fn credentials_data(creds: &Credentials, target: &SecretTarget) -> BTreeMap<
         (KEY_SESSION_TOKEN, creds.session_token.clone()),
         (KEY_EXPIRATION, rfc3339(creds.expiration)),
         (KEY_CREDENTIALS, credentials_file(creds, &target.profile)),
-        (KEY_CONFIG, config_file(&target.profile, &target.mount_path, target.region.as_deref())),
+        (
+            KEY_CONFIG,
+            config_file(&target.profile, &target.mount_path, target.region.as_deref()),
+        ),
         (KEY_CREDENTIALS_JSON, credential_process_json(creds)),
     ];
-    entries.into_iter().map(|(k, v)| (k.to_string(), ByteString(v.into_bytes()))).collect()
+    entries
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
+        .collect()
 }
 
 fn metadata(target: &SecretTarget, annotations: BTreeMap<String, String>) -> ObjectMeta {
@@ -233,7 +243,11 @@ pub fn read_credentials(secret: &Secret, target: &SecretTarget) -> Option<Creden
         session_token: data_str(secret, KEY_SESSION_TOKEN)?.to_string(),
         issued_at: annotation_time(secret, ISSUED_AT_ANNOTATION)?,
         expiration: annotation_time(secret, EXPIRATION_ANNOTATION)?,
-        arn: secret.metadata.annotations.as_ref().and_then(|a| a.get(ARN_ANNOTATION).cloned()),
+        arn: secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ARN_ANNOTATION).cloned()),
     };
     (secret.data.as_ref() == Some(&credentials_data(&creds, target))).then_some(creds)
 }
@@ -342,7 +356,10 @@ mod tests {
         assert_eq!(ann[ROLE_ARN_ANNOTATION], "arn:aws:iam::123456789012:role/r");
         assert_eq!(ann[SPEC_HASH_ANNOTATION], "abc");
         let owner = &s.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("AWSRoleBinding", "uid-1", Some(true)));
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("AWSRoleBinding", "uid-1", Some(true))
+        );
         assert_eq!(s.type_.as_deref(), Some("Opaque"));
     }
 
@@ -350,7 +367,10 @@ mod tests {
     fn user_labels_cannot_override_operator_labels() {
         let mut t = target();
         t.extra_labels.insert(MANAGED_BY_LABEL.into(), "someone-else".into());
-        assert_eq!(render_secret(&creds(), &t).metadata.labels.unwrap()[MANAGED_BY_LABEL], "kube-sts");
+        assert_eq!(
+            render_secret(&creds(), &t).metadata.labels.unwrap()[MANAGED_BY_LABEL],
+            "kube-sts"
+        );
     }
 
     #[test]
@@ -358,7 +378,11 @@ mod tests {
         let s = render_secret(&creds(), &target());
         assert_eq!(read_credentials(&s, &target()), Some(creds()));
         let mut edited = s.clone();
-        edited.data.as_mut().unwrap().insert(KEY_SECRET_ACCESS_KEY.into(), ByteString(b"x".to_vec()));
+        edited
+            .data
+            .as_mut()
+            .unwrap()
+            .insert(KEY_SECRET_ACCESS_KEY.into(), ByteString(b"x".to_vec()));
         assert_eq!(read_credentials(&edited, &target()), None);
         let mut other_profile = target();
         other_profile.profile = "p".into();
@@ -383,7 +407,12 @@ mod tests {
     fn secret_matches_ignores_foreign_extras() {
         let desired = render_secret(&creds(), &target());
         let mut actual = desired.clone();
-        actual.metadata.labels.as_mut().unwrap().insert("added-by".into(), "someone".into());
+        actual
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("added-by".into(), "someone".into());
         assert!(secret_matches(&actual, &desired));
         actual.data.as_mut().unwrap().remove(KEY_CONFIG);
         assert!(!secret_matches(&actual, &desired));

@@ -65,15 +65,25 @@ pub fn classify(code: Option<&str>) -> Reason {
     match code {
         None => Reason::StsUnavailable,
         Some(
-            "AccessDenied" | "AccessDeniedException" | "InvalidClientTokenId" | "SignatureDoesNotMatch"
-            | "ExpiredToken" | "ExpiredTokenException" | "RegionDisabledException" | "InvalidIdentityToken"
-            | "IDPRejectedClaim" | "UnrecognizedClientException",
+            "AccessDenied"
+            | "AccessDeniedException"
+            | "InvalidClientTokenId"
+            | "SignatureDoesNotMatch"
+            | "ExpiredToken"
+            | "ExpiredTokenException"
+            | "RegionDisabledException"
+            | "InvalidIdentityToken"
+            | "IDPRejectedClaim"
+            | "UnrecognizedClientException",
         ) => Reason::AccessDenied,
         Some("Throttling" | "ThrottlingException" | "RequestLimitExceeded" | "TooManyRequestsException") => {
             Reason::Throttled
         }
         Some(
-            "ValidationError" | "MalformedPolicyDocument" | "PackedPolicyTooLarge" | "InvalidParameterValue"
+            "ValidationError"
+            | "MalformedPolicyDocument"
+            | "PackedPolicyTooLarge"
+            | "InvalidParameterValue"
             | "InvalidParameterCombination",
         ) => Reason::InvalidSpec,
         Some(_) => Reason::StsUnavailable,
@@ -97,7 +107,11 @@ pub fn access_denied_hint(req: &IssueRequest, message: &str) -> String {
             hints.push("with session tags the trust policy must allow sts:TagSession too");
         }
     }
-    if hints.is_empty() { message.to_string() } else { format!("{message} (hint: {})", hints.join("; ")) }
+    if hints.is_empty() {
+        message.to_string()
+    } else {
+        format!("{message} (hint: {})", hints.join("; "))
+    }
 }
 
 /// Something that issues credentials. The real one is [`StsClient`].
@@ -222,15 +236,24 @@ impl StsClient {
         let region = req.region.as_deref();
         match req.method {
             Method::AssumeRole => {
-                let role_arn = req.role_arn.as_deref().ok_or_else(|| invalid("AssumeRole", "roleArn is required"))?;
+                let role_arn = req
+                    .role_arn
+                    .as_deref()
+                    .ok_or_else(|| invalid("AssumeRole", "roleArn is required"))?;
                 let mut client = self.client(region);
                 for (hop, external_id) in &req.chain {
-                    let creds = self.assume_role(&client, hop, external_id.as_deref(), req, false).await?;
+                    let creds = self
+                        .assume_role(&client, hop, external_id.as_deref(), req, false)
+                        .await?;
                     client = self.client_as(region, &creds);
                 }
-                self.assume_role(&client, role_arn, req.external_id.as_deref(), req, true).await
+                self.assume_role(&client, role_arn, req.external_id.as_deref(), req, true)
+                    .await
             }
-            other => Err(invalid(other.as_str(), &format!("method {other} is not supported by this version of kube-sts"))),
+            other => Err(invalid(
+                other.as_str(),
+                &format!("method {other} is not supported by this version of kube-sts"),
+            )),
         }
     }
 }
@@ -242,17 +265,32 @@ impl Issuer for StsClient {
 }
 
 fn invalid(operation: &'static str, message: &str) -> StsError {
-    StsError { reason: Reason::InvalidSpec, operation, code: "InvalidSpec".into(), message: message.into() }
+    StsError {
+        reason: Reason::InvalidSpec,
+        operation,
+        code: "InvalidSpec".into(),
+        message: message.into(),
+    }
 }
 
 fn policy_arns(arns: &[String]) -> Option<Vec<PolicyDescriptorType>> {
-    (!arns.is_empty()).then(|| arns.iter().map(|a| PolicyDescriptorType::builder().arn(a).build()).collect())
+    (!arns.is_empty()).then(|| {
+        arns.iter()
+            .map(|a| PolicyDescriptorType::builder().arn(a).build())
+            .collect()
+    })
 }
 
 fn tags(tags: &[(String, String)]) -> Option<Vec<Tag>> {
     (!tags.is_empty()).then(|| {
         tags.iter()
-            .map(|(k, v)| Tag::builder().key(k).value(v).build().expect("tag key and value are set"))
+            .map(|(k, v)| {
+                Tag::builder()
+                    .key(k)
+                    .value(v)
+                    .build()
+                    .expect("tag key and value are set")
+            })
             .collect()
     })
 }
@@ -341,7 +379,10 @@ mod tests {
     fn hint_names_tag_session_when_sts_says_so() {
         let mut r = req();
         r.tags = vec![("kubernetes-namespace".into(), "ns".into())];
-        let msg = access_denied_hint(&r, "User: x is not authorized to perform: sts:TagSession on resource: y");
+        let msg = access_denied_hint(
+            &r,
+            "User: x is not authorized to perform: sts:TagSession on resource: y",
+        );
         assert!(msg.contains("must also allow sts:TagSession"), "{msg}");
     }
 
@@ -361,6 +402,9 @@ mod tests {
         r.external_id = Some("very-secret-external".into());
         r.chain = vec![("arn:aws:iam::1:role/hub".into(), Some("hop-secret".into()))];
         let shown = format!("{r:?}");
-        assert!(!shown.contains("very-secret-external") && !shown.contains("hop-secret"), "{shown}");
+        assert!(
+            !shown.contains("very-secret-external") && !shown.contains("hop-secret"),
+            "{shown}"
+        );
     }
 }

@@ -88,14 +88,18 @@ mod tests {
     fn default_lead_table() {
         // (lifetime, expected lead)
         let table = [
-            (900, 450),      // 15 min: L/2 caps the 15-min SDK lead
-            (1800, 900),     // 30 min: 15 min = L/2
-            (3600, 1200),    // 1 h: L/3 = 20 min
-            (2700, 900),     // 45 min: L/3 = 15 min = SDK lead
-            (43200, 14400),  // 12 h: L/3 = 4 h
+            (900, 450),     // 15 min: L/2 caps the 15-min SDK lead
+            (1800, 900),    // 30 min: 15 min = L/2
+            (3600, 1200),   // 1 h: L/3 = 20 min
+            (2700, 900),    // 45 min: L/3 = 15 min = SDK lead
+            (43200, 14400), // 12 h: L/3 = 4 h
         ];
         for (lifetime, want) in table {
-            assert_eq!(refresh_lead(secs(lifetime), None).as_secs(), want, "lifetime {lifetime}");
+            assert_eq!(
+                refresh_lead(secs(lifetime), None).as_secs(),
+                want,
+                "lifetime {lifetime}"
+            );
         }
     }
 

@@ -1,0 +1,49 @@
+# kube-sts — the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+CARGO ?= cargo
+
+.PHONY: help build crds check-crds up down demo test test-unit test-e2e bench lint clean-e2e
+
+help:
+	@echo "make demo    build, start the local control plane and STS, run the operator on a sample binding"
+	@echo "make test    unit tests, then the end-to-end suite against the real control plane and STS peer"
+	@echo "make up      start the local control plane and STS peer (idempotent); make down stops them"
+	@echo "make bench   benchmarks (figures printed, not asserted)"
+	@echo "make crds    regenerate crds/ from the Rust types"
+
+build:
+	$(CARGO) build --locked
+
+crds:
+	$(CARGO) run --quiet --locked -- crd > crds/kube-sts.yaml
+
+check-crds:
+	@diff -u crds/kube-sts.yaml <($(CARGO) run --quiet --locked -- crd) && echo "crds/ matches kube-sts crd"
+
+up:
+	bash e2e/scripts/up.sh
+
+down:
+	bash e2e/scripts/down.sh
+
+demo:
+	bash e2e/scripts/demo.sh
+
+test: test-unit test-e2e
+
+test-unit:
+	$(CARGO) test --locked --lib --bins
+
+test-e2e:
+	bash e2e/scripts/test-e2e.sh
+
+bench:
+	bash e2e/scripts/bench.sh
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+clean-e2e: down
+	rm -rf .e2e

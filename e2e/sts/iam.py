@@ -1,0 +1,53 @@
+"""Creates IAM roles in the local STS peer for tests and the demo (run with admin credentials).
+
+    iam.py create-role --name NAME --principal ARN [--external-id ID] [--no-tag-session]
+
+Prints the role ARN. The trust policy allows sts:AssumeRole (and sts:TagSession unless
+--no-tag-session) for PRINCIPAL, with an sts:ExternalId condition when --external-id is given.
+"""
+import argparse
+import json
+
+import boto3
+
+
+def create_role(args):
+    iam = boto3.client("iam")
+    actions = ["sts:AssumeRole"] + ([] if args.no_tag_session else ["sts:TagSession"])
+    statement = {"Effect": "Allow", "Principal": {"AWS": args.principal}, "Action": actions}
+    if args.external_id:
+        statement["Condition"] = {"StringEquals": {"sts:ExternalId": args.external_id}}
+    trust = json.dumps({"Version": "2012-10-17", "Statement": [statement]})
+    try:
+        role = iam.create_role(RoleName=args.name, AssumeRolePolicyDocument=trust, MaxSessionDuration=args.max_session_duration)["Role"]
+    except iam.exceptions.EntityAlreadyExistsException:
+        # Idempotent for re-runs (the demo): keep the role, refresh its trust policy.
+        iam.update_assume_role_policy(RoleName=args.name, PolicyDocument=trust)
+        role = iam.get_role(RoleName=args.name)["Role"]
+    # What the workload may do with the role's credentials: ask who it is.
+    iam.put_role_policy(
+        RoleName=args.name,
+        PolicyName="whoami",
+        PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:GetCallerIdentity", "Resource": "*"}]}
+        ),
+    )
+    print(role["Arn"])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    create = sub.add_parser("create-role")
+    create.add_argument("--name", required=True)
+    create.add_argument("--principal", required=True)
+    create.add_argument("--external-id")
+    create.add_argument("--no-tag-session", action="store_true")
+    create.add_argument("--max-session-duration", type=int, default=43200)
+    args = parser.parse_args()
+    if args.command == "create-role":
+        create_role(args)
+
+
+if __name__ == "__main__":
+    main()

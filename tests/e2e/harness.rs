@@ -1,0 +1,475 @@
+//! What every end-to-end test stands on: the real control plane and STS peer started by
+//! `make up` (files under `.e2e/`), an operator process per test scoped to the test's own
+//! namespace, and a TCP forwarder in front of the STS peer that counts STS calls at the
+//! wire and can cut the peer off.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use kube::{
+    Api, Client, Config, ResourceExt,
+    api::{DeleteParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use kube_sts::crd::AWSRoleBinding;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+pub struct Env {
+    pub repo: PathBuf,
+    pub kubeconfig: PathBuf,
+    /// The operator's AWS identity and endpoints (`.e2e/aws.env`).
+    pub aws: HashMap<String, String>,
+    /// Admin AWS identity for creating roles (`.e2e/aws-admin.env`).
+    pub admin: HashMap<String, String>,
+    pub python: PathBuf,
+}
+
+fn read_env_file(path: &Path) -> HashMap<String, String> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}; start the environment with `make up`", path.display()));
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+pub fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let e2e = repo.join(".e2e");
+        let venv = Command::new("bash")
+            .arg(repo.join("e2e/scripts/sts-venv.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("sts-venv.sh runs");
+        assert!(venv.status.success(), "sts-venv.sh failed");
+        let venv = String::from_utf8(venv.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        Env {
+            kubeconfig: e2e.join("kubeconfig"),
+            aws: read_env_file(&e2e.join("aws.env")),
+            admin: read_env_file(&e2e.join("aws-admin.env")),
+            python: PathBuf::from(venv).join("bin/python"),
+            repo,
+        }
+    })
+}
+
+pub async fn client() -> Client {
+    let kubeconfig = Kubeconfig::read_from(&env().kubeconfig).expect("kubeconfig readable; run `make up`");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig valid");
+    Client::try_from(config).expect("client")
+}
+
+pub fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&env().kubeconfig)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    {
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            std::io::Write::write_all(&mut input, text.as_bytes()).unwrap();
+        }
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` at the deadline.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+pub fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}-{}-{n}-{:x}", std::process::id() % 10000, nanos % 0xfffff)
+}
+
+/// A namespace of the test's own, with ServiceAccounts; deleted at drop.
+pub struct TestNamespace {
+    pub name: String,
+    pub client: Client,
+}
+
+impl TestNamespace {
+    pub async fn new(prefix: &str) -> Self {
+        let client = client().await;
+        let name = unique(prefix);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
+        TestNamespace { name, client }
+    }
+
+    pub async fn service_account(&self, name: &str) {
+        let sa: ServiceAccount = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+        Api::<ServiceAccount>::namespaced(self.client.clone(), &self.name)
+            .create(&PostParams::default(), &sa)
+            .await
+            .expect("create SA");
+    }
+
+    pub fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    pub fn bindings(&self) -> Api<AWSRoleBinding> {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    /// `kubectl apply` of YAML into this namespace; returns the output.
+    pub fn apply(&self, yaml: &str) -> Output {
+        kubectl(
+            &[
+                "apply",
+                "-n",
+                &self.name,
+                "--server-side",
+                "--field-manager=e2e-test",
+                "-f",
+                "-",
+            ],
+            Some(yaml),
+        )
+    }
+
+    pub fn apply_ok(&self, yaml: &str) {
+        let out = self.apply(yaml);
+        assert!(
+            out.status.success(),
+            "kubectl apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"], None);
+    }
+}
+
+/// Creates an IAM role in the STS peer (as the admin) that trusts `principal`.
+pub fn create_role(name: &str, principal: &str, external_id: Option<&str>, tag_session: bool) -> String {
+    let mut cmd = Command::new(&env().python);
+    cmd.arg(env().repo.join("e2e/sts/iam.py"))
+        .args(["create-role", "--name", name, "--principal", principal]);
+    if let Some(id) = external_id {
+        cmd.args(["--external-id", id]);
+    }
+    if !tag_session {
+        cmd.arg("--no-tag-session");
+    }
+    let out = cmd.envs(&env().admin).output().expect("iam.py runs");
+    assert!(
+        out.status.success(),
+        "create-role failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+pub fn operator_arn() -> String {
+    env().aws["KUBE_STS_OPERATOR_ARN"].clone()
+}
+
+pub fn account() -> String {
+    env().aws["AWS_ACCOUNT_ID"].clone()
+}
+
+/// A TCP forwarder between one operator and the STS peer. Counts the STS actions sent
+/// through it and can refuse connections to stand in for an unreachable STS.
+#[derive(Clone)]
+pub struct Forwarder {
+    pub addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    actions: Arc<Mutex<Vec<String>>>,
+}
+
+fn actions_in(bytes: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(bytes);
+    text.match_indices("Action=")
+        .map(|(i, _)| {
+            text[i + 7..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric())
+                .collect()
+        })
+        .collect()
+}
+
+impl Forwarder {
+    pub async fn start() -> Self {
+        let upstream: String = env().aws["AWS_ENDPOINT_URL_STS"]
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fwd = Forwarder {
+            addr: listener.local_addr().unwrap(),
+            up: Arc::new(AtomicBool::new(true)),
+            actions: Arc::default(),
+        };
+        let f = fwd.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !f.up.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                let f = f.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (mut ri, mut wi) = inbound.split();
+                    let (mut ro, mut wo) = outbound.split();
+                    let client_to_peer = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match ri.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if !f.up.load(Ordering::SeqCst) {
+                                break;
+                            }
+                            f.actions.lock().unwrap().extend(actions_in(&buf[..n]));
+                            if wo.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = wo.shutdown().await;
+                    };
+                    let peer_to_client = async {
+                        let _ = tokio::io::copy(&mut ro, &mut wi).await;
+                        let _ = wi.shutdown().await;
+                    };
+                    tokio::join!(client_to_peer, peer_to_client);
+                });
+            }
+        });
+        fwd
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+    }
+
+    pub fn count(&self, action: &str) -> usize {
+        self.actions.lock().unwrap().iter().filter(|a| *a == action).count()
+    }
+
+    pub fn total(&self) -> usize {
+        self.actions.lock().unwrap().len()
+    }
+}
+
+/// A `kube-sts run` process watching one namespace, talking to STS through a forwarder.
+pub struct Operator {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub metrics_addr: SocketAddr,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Operator {
+    pub fn start(namespace: &str, sts: &Forwarder, extra: &[&str]) -> Self {
+        let logs = env().repo.join(".e2e/logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let log = logs.join(format!("operator-{namespace}-{}.log", unique("run")));
+        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kube-sts"))
+            .arg("run")
+            .args([
+                "--namespace",
+                namespace,
+                "--log-format",
+                "json",
+                "--log-level",
+                "kube_sts=debug,info",
+            ])
+            .args([
+                "--sts-endpoint",
+                &sts.url(),
+                "--metrics-addr",
+                &metrics_addr.to_string(),
+                "--cluster-name",
+                "e2e",
+            ])
+            .args(extra)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("KUBECONFIG", &env().kubeconfig)
+            .env("AWS_ACCESS_KEY_ID", &env().aws["AWS_ACCESS_KEY_ID"])
+            .env("AWS_SECRET_ACCESS_KEY", &env().aws["AWS_SECRET_ACCESS_KEY"])
+            .env("AWS_REGION", &env().aws["AWS_REGION"])
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("operator starts");
+        Operator {
+            child: Some(child),
+            log,
+            metrics_addr,
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if child.try_wait().unwrap().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("operator did not stop on SIGTERM within 20 s");
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn metrics(&self) -> String {
+        let mut stream = TcpStream::connect(self.metrics_addr).await.expect("metrics endpoint");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        stream.read_to_string(&mut out).await.unwrap();
+        out
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The Ready condition of a binding as `(status, reason, message)`.
+pub async fn ready(api: &Api<AWSRoleBinding>, name: &str) -> Option<(String, String, String)> {
+    let b = api.get_opt(name).await.ok()??;
+    let st = b.status?;
+    if st.observed_generation != b.metadata.generation {
+        return None;
+    }
+    st.conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Waits for Ready with the given status and reason; returns the message.
+pub async fn wait_ready(api: &Api<AWSRoleBinding>, name: &str, status: &str, reason: &str) -> String {
+    eventually(
+        &format!("{name} Ready={status} reason {reason}"),
+        Duration::from_secs(60),
+        || async {
+            ready(api, name)
+                .await
+                .filter(|(s, r, _)| s == status && r == reason)
+                .map(|(_, _, m)| m)
+        },
+    )
+    .await
+}
+
+pub fn secret_value(secret: &Secret, key: &str) -> String {
+    String::from_utf8(secret.data.as_ref().unwrap()[key].0.clone()).unwrap()
+}
+
+pub async fn delete_binding(api: &Api<AWSRoleBinding>, name: &str) {
+    api.delete(name, &DeleteParams::background())
+        .await
+        .expect("delete binding");
+}
+
+pub fn resource_versions(secrets: &[Secret]) -> Vec<(String, String)> {
+    secrets
+        .iter()
+        .map(|s| (s.name_any(), s.resource_version().unwrap_or_default()))
+        .collect()
+}
+
+/// A grant letting `namespace` bind roles matching `role_glob`.
+pub fn grant_yaml(name: &str, namespace: &str, role_glob: &str) -> String {
+    format!(
+        "apiVersion: kube-sts.io/v1alpha1\nkind: AWSRoleGrant\nmetadata: {{name: {name}}}\nspec:\n  namespaces: [{namespace}]\n  roleArns: [\"{role_glob}\"]\n"
+    )
+}

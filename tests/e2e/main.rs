@@ -1,0 +1,4 @@
+//! End-to-end tests against the real control plane and STS peer (`make up`).
+mod foundation;
+mod harness;
+mod operator;
