@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{StreamExt, future::join_all};
+use futures::{StreamExt, channel::mpsc::UnboundedSender, future::join_all};
 use jiff::Timestamp;
 use k8s_openapi::{
     api::core::v1::{Namespace, Secret, ServiceAccount},
@@ -191,6 +191,7 @@ struct SubjectResult {
 async fn reconcile(binding: Arc<AWSRoleBinding>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     ctx.stores.wait_ready().await;
+    tracing::debug!(binding = %binding.name_any(), "reconciling");
     let result = reconcile_binding(&binding, &ctx).await;
     ctx.metrics.reconciled(started.elapsed());
     result
@@ -566,6 +567,7 @@ async fn reconcile_subject(
             &labels,
         ));
     }
+    tracing::debug!(service_account = %sp.service_account, "issuing credentials");
     match ctx.issuer.issue(&sp.request).await {
         Ok(creds) => {
             let desired = render::render_secret(&creds, target);
@@ -849,6 +851,43 @@ where
     }
 }
 
+/// Drives a reflector in a task of its own (so its cache fills whatever the controller is
+/// doing) and turns every touched object into reconcile requests for the bindings it affects.
+fn drive<K, S, M>(name: &'static str, stream: S, requests: UnboundedSender<ObjectRef<AWSRoleBinding>>, affected: M)
+where
+    K: Send + 'static,
+    S: futures::Stream<Item = std::result::Result<K, watcher::Error>> + Send + 'static,
+    M: Fn(K) -> Vec<ObjectRef<AWSRoleBinding>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(object) => {
+                    for binding in affected(object) {
+                        if requests.unbounded_send(binding).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(watch = name, error = %e, "watch failed; retrying with backoff"),
+            }
+        }
+    });
+}
+
+fn bindings_where(
+    store: &Store<AWSRoleBinding>,
+    keep: impl Fn(&AWSRoleBinding) -> bool,
+) -> Vec<ObjectRef<AWSRoleBinding>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|b| keep(b))
+        .map(|b| ObjectRef::from(b.as_ref()))
+        .collect()
+}
+
 /// Runs the controller until a shutdown signal.
 pub async fn run(
     client: Client,
@@ -858,48 +897,81 @@ pub async fn run(
     instance: Option<String>,
 ) {
     let ns = settings.namespace.clone();
-    let bindings: Api<AWSRoleBinding> = api_for(&client, ns.as_deref());
-
-    let (secrets, secrets_writer) = reflector::store();
-    let secret_stream = reflector(
-        secrets_writer,
-        watcher(
-            api_for::<Secret>(&client, ns.as_deref()),
-            watcher::Config::default().labels(&managed_selector()),
-        ),
+    let controller = Controller::new(
+        api_for::<AWSRoleBinding>(&client, ns.as_deref()),
+        watcher::Config::default(),
     )
-    .default_backoff()
-    .touched_objects();
+    .with_config(kube::runtime::controller::Config::default().concurrency(settings.concurrency));
+    let bindings = controller.store();
+    let (requests, requested) = futures::channel::mpsc::unbounded();
 
-    let (service_accounts, sa_writer) = reflector::store();
-    let sa_api: Api<PartialObjectMeta<ServiceAccount>> = match ns.as_deref() {
+    let (secrets, writer) = reflector::store();
+    let selector = managed_selector();
+    let api = api_for::<Secret>(&client, ns.as_deref());
+    let stream = reflector(writer, watcher(api, watcher::Config::default().labels(&selector))).default_backoff();
+    drive(
+        "secrets",
+        stream.touched_objects(),
+        requests.clone(),
+        |secret: Secret| {
+            let namespace = secret.namespace().unwrap_or_default();
+            secret
+                .owner_references()
+                .iter()
+                .filter(|o| o.controller == Some(true) && o.kind == "AWSRoleBinding")
+                .map(|o| ObjectRef::new(&o.name).within(&namespace))
+                .collect()
+        },
+    );
+
+    let (service_accounts, writer) = reflector::store();
+    let api: Api<PartialObjectMeta<ServiceAccount>> = match ns.as_deref() {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let sa_stream = reflector(sa_writer, watcher(sa_api, watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
+    let stream = reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    let store = bindings.clone();
+    drive(
+        "serviceaccounts",
+        stream.touched_objects(),
+        requests.clone(),
+        move |sa: PartialObjectMeta<ServiceAccount>| {
+            let (namespace, name) = (sa.namespace(), sa.name_any());
+            bindings_where(&store, |b| {
+                b.namespace() == namespace && b.spec.subjects.iter().any(|s| s.name == name)
+            })
+        },
+    );
 
-    let (namespaces, ns_writer) = reflector::store();
-    let ns_config = match &ns {
+    let (namespaces, writer) = reflector::store();
+    let config = match &ns {
         Some(name) => watcher::Config::default().fields(&format!("metadata.name={name}")),
         None => watcher::Config::default(),
     };
-    let ns_stream = reflector(
-        ns_writer,
-        watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), ns_config),
-    )
-    .default_backoff()
-    .touched_objects();
+    let api = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
+    let stream = reflector(writer, watcher(api, config)).default_backoff();
+    let store = bindings.clone();
+    drive(
+        "namespaces",
+        stream.touched_objects(),
+        requests.clone(),
+        move |namespace: PartialObjectMeta<Namespace>| {
+            let name = namespace.name_any();
+            bindings_where(&store, |b| b.namespace().as_deref() == Some(name.as_str()))
+        },
+    );
 
-    let (grants, grants_writer) = reflector::store();
-    let grant_stream = reflector(
-        grants_writer,
-        watcher(Api::<AWSRoleGrant>::all(client.clone()), watcher::Config::default()),
-    )
-    .default_backoff()
-    .touched_objects()
-    .filter_map(|r| async move { r.ok().map(|_| ()) });
+    let (grants, writer) = reflector::store();
+    let api = Api::<AWSRoleGrant>::all(client.clone());
+    let stream = reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    let store = bindings.clone();
+    // A grant may allow or forbid any binding: re-check them all.
+    drive(
+        "awsrolegrants",
+        stream.touched_objects(),
+        requests,
+        move |_: AWSRoleGrant| bindings_where(&store, |_| true),
+    );
 
     let stores = Stores {
         secrets,
@@ -917,38 +989,9 @@ pub async fn run(
         });
     }
 
-    let controller = Controller::new(bindings, watcher::Config::default())
-        .with_config(kube::runtime::controller::Config::default().concurrency(settings.concurrency));
-    let binding_store = controller.store();
-    let by_sa = binding_store.clone();
-    let by_ns = binding_store;
     let ctx = Arc::new(Context::new(client, metrics, issuer, settings, stores, instance));
-
     controller
-        .owns_stream(secret_stream)
-        .watches_stream(sa_stream, move |sa: PartialObjectMeta<ServiceAccount>| {
-            let namespace = sa.namespace().unwrap_or_default();
-            let name = sa.name_any();
-            by_sa
-                .state()
-                .into_iter()
-                .filter(|b| {
-                    b.namespace().as_deref() == Some(namespace.as_str())
-                        && b.spec.subjects.iter().any(|s| s.name == name)
-                })
-                .map(|b| ObjectRef::from(b.as_ref()))
-                .collect::<Vec<_>>()
-        })
-        .watches_stream(ns_stream, move |namespace: PartialObjectMeta<Namespace>| {
-            let name = namespace.name_any();
-            by_ns
-                .state()
-                .into_iter()
-                .filter(|b| b.namespace().as_deref() == Some(name.as_str()))
-                .map(|b| ObjectRef::from(b.as_ref()))
-                .collect::<Vec<_>>()
-        })
-        .reconcile_all_on(grant_stream)
+        .reconcile_on(requested)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

@@ -15,7 +15,8 @@ pub const VERSION: &str = "v1alpha1";
 const ROLE_ARN_PATTERN: &str = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}$";
 const POLICY_ARN_PATTERN: &str = r"^arn:aws[a-z-]*:iam::([0-9]{12}|aws):policy/[\w+=,.@/-]{1,512}$";
 const SESSION_NAME_PATTERN: &str = r"^[\w+=,.@-]{2,64}$";
-const EXTERNAL_ID_PATTERN: &str = r"^[\w+=,.@:/-]{2,1224}$";
+/// RE2 caps repeat counts at 1000: the length bound is a separate `length` rule.
+const EXTERNAL_ID_PATTERN: &str = r"^[\w+=,.@:/-]+$";
 const FEDERATED_NAME_PATTERN: &str = r"^[\w+=,.@-]{2,32}$";
 const MFA_SERIAL_PATTERN: &str = r"^[\w+=/:,.@-]{9,256}$";
 const REGION_PATTERN: &str = r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$";
@@ -102,7 +103,7 @@ pub struct ChainHop {
     #[schemars(regex(pattern = ROLE_ARN_PATTERN))]
     pub role_arn: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = EXTERNAL_ID_PATTERN))]
+    #[schemars(length(min = 2, max = 1224), regex(pattern = EXTERNAL_ID_PATTERN))]
     pub external_id: Option<String>,
 }
 
@@ -239,7 +240,7 @@ pub struct AWSRoleBindingSpec {
     pub session_name: Option<String>,
 
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = EXTERNAL_ID_PATTERN))]
+    #[schemars(length(min = 2, max = 1224), regex(pattern = EXTERNAL_ID_PATTERN))]
     pub external_id: Option<String>,
 
     /// External ID read from a key of a Secret in this namespace.

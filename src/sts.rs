@@ -137,7 +137,13 @@ impl StsClient {
         burst: NonZeroU32,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        // A hung STS must fail (and be retried with backoff), never stall a reconcile.
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .operation_attempt_timeout(std::time::Duration::from_secs(15))
+            .operation_timeout(std::time::Duration::from_secs(45))
+            .build();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(timeouts);
         if let Some(region) = region {
             loader = loader.region(Region::new(region));
         }

@@ -64,7 +64,7 @@ async fn malformed_bindings_and_grants_are_rejected_naming_the_field() {
         ),
         (
             binding("roleArn: arn:aws:iam::123456789012:role/r\n  subjects: [{name: a}, {name: a}]"),
-            "spec.subjects[1]",
+            ".spec.subjects: duplicate entries",
         ),
         (binding(&format!("{GOOD}\n  method: AssumeRoot")), "spec.method"),
         (

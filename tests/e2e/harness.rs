@@ -252,54 +252,64 @@ impl Forwarder {
             .trim_start_matches("http://")
             .trim_end_matches('/')
             .to_string();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
         let fwd = Forwarder {
             addr: listener.local_addr().unwrap(),
             up: Arc::new(AtomicBool::new(true)),
             actions: Arc::default(),
         };
         let f = fwd.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                if !f.up.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let upstream = upstream.clone();
-                let f = f.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
+        // A runtime of its own: tests block their thread on kubectl, which must not stall STS.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let listener = TcpListener::from_std(listener).unwrap();
+                loop {
+                    let Ok((mut inbound, _)) = listener.accept().await else {
                         return;
                     };
-                    let (mut ri, mut wi) = inbound.split();
-                    let (mut ro, mut wo) = outbound.split();
-                    let client_to_peer = async {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        loop {
-                            let n = match ri.read(&mut buf).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => n,
-                            };
-                            if !f.up.load(Ordering::SeqCst) {
-                                break;
+                    if !f.up.load(Ordering::SeqCst) {
+                        drop(inbound);
+                        continue;
+                    }
+                    let upstream = upstream.clone();
+                    let f = f.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
+                            return;
+                        };
+                        let (mut ri, mut wi) = inbound.split();
+                        let (mut ro, mut wo) = outbound.split();
+                        let client_to_peer = async {
+                            let mut buf = vec![0u8; 64 * 1024];
+                            loop {
+                                let n = match ri.read(&mut buf).await {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) => n,
+                                };
+                                if !f.up.load(Ordering::SeqCst) {
+                                    break;
+                                }
+                                f.actions.lock().unwrap().extend(actions_in(&buf[..n]));
+                                if wo.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
                             }
-                            f.actions.lock().unwrap().extend(actions_in(&buf[..n]));
-                            if wo.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                        let _ = wo.shutdown().await;
-                    };
-                    let peer_to_client = async {
-                        let _ = tokio::io::copy(&mut ro, &mut wi).await;
-                        let _ = wi.shutdown().await;
-                    };
-                    tokio::join!(client_to_peer, peer_to_client);
-                });
-            }
+                            let _ = wo.shutdown().await;
+                        };
+                        let peer_to_client = async {
+                            let _ = tokio::io::copy(&mut ro, &mut wi).await;
+                            let _ = wi.shutdown().await;
+                        };
+                        tokio::join!(client_to_peer, peer_to_client);
+                    });
+                }
+            })
         });
         fwd
     }
@@ -345,14 +355,8 @@ impl Operator {
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_kube-sts"))
             .arg("run")
-            .args([
-                "--namespace",
-                namespace,
-                "--log-format",
-                "json",
-                "--log-level",
-                "kube_sts=debug,info",
-            ])
+            .args(["--namespace", namespace, "--log-format", "json", "--log-level"])
+            .arg(std::env::var("E2E_OPERATOR_LOG").unwrap_or_else(|_| "kube_sts=debug,info".into()))
             .args([
                 "--sts-endpoint",
                 &sts.url(),

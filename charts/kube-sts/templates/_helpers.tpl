@@ -1,0 +1,86 @@
+{{/* Chart name, cut to 63 characters. */}}
+{{- define "kube-sts.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: the release name when it already contains the chart name. */}}
+{{- define "kube-sts.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kube-sts.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every object. */}}
+{{- define "kube-sts.labels" -}}
+helm.sh/chart: {{ include "kube-sts.chart" . }}
+{{ include "kube-sts.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kube-sts
+{{- end }}
+
+{{- define "kube-sts.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kube-sts.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "kube-sts.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kube-sts.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "kube-sts.leaseNamespace" -}}
+{{- default .Release.Namespace .Values.leaderElection.leaseNamespace }}
+{{- end }}
+
+{{- define "kube-sts.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checks of combinations the schema cannot express; included by the Deployment
+so that `helm template` and `helm install` fail with a message.
+*/}}
+{{- define "kube-sts.validate" -}}
+{{- if and (gt (int .Values.replicas) 1) (not .Values.leaderElection.enabled) }}
+{{- fail "replicas > 1 requires leaderElection.enabled=true: without a leader every replica would issue and write the same credentials" }}
+{{- end }}
+{{- if and .Values.aws.existingSecret .Values.aws.configSecret }}
+{{- fail "set at most one of aws.existingSecret and aws.configSecret" }}
+{{- end }}
+{{- if and .Values.aws.profile (not .Values.aws.configSecret) }}
+{{- fail "aws.profile needs aws.configSecret (the Secret holding the config/credentials files that define the profile)" }}
+{{- end }}
+{{- $pdb := .Values.podDisruptionBudget }}
+{{- if and (not (kindIs "invalid" $pdb.minAvailable)) (not (kindIs "invalid" $pdb.maxUnavailable)) }}
+{{- fail "set at most one of podDisruptionBudget.minAvailable and podDisruptionBudget.maxUnavailable" }}
+{{- end }}
+{{- end }}
+
+{{/* --metrics-addr: host:port, IPv6 hosts in brackets. */}}
+{{- define "kube-sts.metricsAddr" -}}
+{{- $host := .Values.metrics.bindAddress }}
+{{- if contains ":" $host }}
+{{- printf "[%s]:%d" $host (int64 .Values.metrics.port) }}
+{{- else }}
+{{- printf "%s:%d" $host (int64 .Values.metrics.port) }}
+{{- end }}
+{{- end }}
