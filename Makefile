@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 
-.PHONY: help build crds check-crds up down demo test test-unit test-e2e bench lint clean-e2e
+.PHONY: help build crds check-crds chart-check up down demo test test-unit test-e2e bench lint clean-e2e
 
 help:
 	@echo "make demo    build, start the local control plane and STS, run the operator on a sample binding"
@@ -17,9 +17,11 @@ build:
 
 crds:
 	$(CARGO) run --quiet --locked -- crd > crds/kube-sts.yaml
+	cp crds/kube-sts.yaml charts/kube-sts/crds/kube-sts.yaml
 
 check-crds:
 	@diff -u crds/kube-sts.yaml <($(CARGO) run --quiet --locked -- crd) && echo "crds/ matches kube-sts crd"
+	@diff -u crds/kube-sts.yaml charts/kube-sts/crds/kube-sts.yaml && echo "charts/kube-sts/crds matches crds/"
 
 up:
 	bash e2e/scripts/up.sh
@@ -32,7 +34,10 @@ demo:
 
 test: test-unit test-e2e
 
-test-unit:
+chart-check:
+	bash e2e/scripts/chart-check.sh
+
+test-unit: check-crds
 	$(CARGO) test --locked --lib --bins
 
 test-e2e:

@@ -25,5 +25,8 @@ kubectl --kubeconfig .e2e/kubeconfig apply --server-side -f crds/ >/dev/null
 kubectl --kubeconfig .e2e/kubeconfig wait --for=condition=Established --timeout=60s \
   crd/awsrolebindings.kube-sts.io crd/awsrolegrants.kube-sts.io >/dev/null
 
+# The chart: lint, render with several value sets, server-side dry run.
+bash "$here/chart-check.sh"
+
 # Tests wait on the apiserver and STS, not the CPU: run many at once.
 cargo test --locked --test e2e -- --test-threads="${E2E_THREADS:-16}"
