@@ -91,6 +91,7 @@ pub struct Context {
     pub settings: Settings,
     pub stores: Stores,
     subjects: Mutex<HashMap<SubjectKey, SubjectState>>,
+    mfa_codes: crate::mfa::CodeLedger,
 }
 
 impl Context {
@@ -114,6 +115,7 @@ impl Context {
             settings,
             stores,
             subjects: Mutex::new(HashMap::new()),
+            mfa_codes: crate::mfa::CodeLedger::default(),
         }
     }
 
@@ -159,10 +161,6 @@ fn is_owned_by(secret: &Secret, uid: &str) -> bool {
         .any(|o| o.controller == Some(true) && o.uid == uid)
 }
 
-fn annotation_time(secret: &Secret, key: &str) -> Option<Timestamp> {
-    secret.annotations().get(key)?.parse().ok()
-}
-
 /// When credentials should be refreshed (stable across restarts).
 fn refresh_time(plan: &SubjectPlan, binding: &AWSRoleBinding, creds: &Credentials) -> Timestamp {
     let key = format!(
@@ -186,6 +184,8 @@ struct SubjectResult {
     outcome: SubjectOutcome,
     status: SubjectStatus,
     wake_at: Option<Timestamp>,
+    /// A note from issuance the Ready message should carry.
+    note: Option<String>,
 }
 
 async fn reconcile(binding: Arc<AWSRoleBinding>, ctx: Arc<Context>) -> Result<Action> {
@@ -238,7 +238,7 @@ async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -> Result<Ac
     let results = join_all(
         plan.subjects
             .iter()
-            .map(|sp| reconcile_subject(binding, &plan, sp, ctx, now)),
+            .map(|sp| reconcile_subject(binding, &plan, sp, &resolved, ctx, now)),
     )
     .await;
     let mut results = results.into_iter().collect::<Result<Vec<_>>>()?;
@@ -258,6 +258,25 @@ async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -> Result<Ac
     })
 }
 
+/// Reads one key of a Secret in the binding's namespace; `Ok(Err(msg))` says what is missing.
+async fn read_secret_key(
+    ctx: &Context,
+    namespace: &str,
+    field: &str,
+    reference: &crate::crd::SecretKeyRef,
+) -> Result<std::result::Result<String, String>> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(secret) = api.get_opt(&reference.name).await.map_err(Error::Kube)? else {
+        return Ok(Err(format!("{field}: Secret {} not found", reference.name)));
+    };
+    let value = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&reference.key))
+        .map(|v| String::from_utf8_lossy(&v.0).trim().to_string());
+    Ok(value.ok_or_else(|| format!("{field}: Secret {} has no key {}", reference.name, reference.key)))
+}
+
 /// Reads what the binding references in other objects; `Ok(Err(msg))` is an InvalidSpec.
 async fn resolve_references(
     binding: &AWSRoleBinding,
@@ -266,20 +285,9 @@ async fn resolve_references(
 ) -> Result<std::result::Result<Resolved, String>> {
     let mut resolved = Resolved::default();
     if let Some(reference) = &binding.spec.external_id_secret_ref {
-        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-        let Some(secret) = api.get_opt(&reference.name).await.map_err(Error::Kube)? else {
-            return Ok(Err(format!("externalIdSecretRef: Secret {} not found", reference.name)));
-        };
-        let value = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(&reference.key))
-            .map(|v| String::from_utf8_lossy(&v.0).trim().to_string());
-        let Some(value) = value else {
-            return Ok(Err(format!(
-                "externalIdSecretRef: Secret {} has no key {}",
-                reference.name, reference.key
-            )));
+        let value = match read_secret_key(ctx, namespace, "externalIdSecretRef", reference).await? {
+            Ok(value) => value,
+            Err(message) => return Ok(Err(message)),
         };
         let valid = (2..=1224).contains(&value.len())
             && value
@@ -293,7 +301,72 @@ async fn resolve_references(
         }
         resolved.external_id = Some(value);
     }
+    if let Some(mfa) = &binding.spec.mfa {
+        let value = match read_secret_key(ctx, namespace, "mfa.totpSecretRef", &mfa.totp_secret_ref).await? {
+            Ok(value) => value,
+            Err(message) => return Ok(Err(message)),
+        };
+        match crate::mfa::Seed::parse(&value) {
+            Ok(seed) => resolved.totp_seed = Some(seed),
+            Err(e) => {
+                return Ok(Err(format!(
+                    "mfa.totpSecretRef: key {} of Secret {}: {e}",
+                    mfa.totp_secret_ref.key, mfa.totp_secret_ref.name
+                )));
+            }
+        }
+    }
     Ok(Ok(resolved))
+}
+
+/// What an issuance needs at the moment it happens: a fresh ServiceAccount token for web
+/// identity, an unused TOTP code for MFA.
+async fn prepare_request(
+    binding: &AWSRoleBinding,
+    sp: &SubjectPlan,
+    resolved: &Resolved,
+    ctx: &Context,
+) -> std::result::Result<crate::sts::IssueRequest, StsError> {
+    let mut request = sp.request.clone();
+    if request.method == crate::crd::Method::AssumeRoleWithWebIdentity {
+        let web = binding.spec.web_identity.clone();
+        let audience = web
+            .as_ref()
+            .and_then(|w| w.audience.clone())
+            .unwrap_or_else(|| "sts.amazonaws.com".into());
+        let expiration = web.as_ref().and_then(|w| w.token_expiration_seconds).unwrap_or(3600);
+        let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &sp.target.namespace);
+        let token_request = k8s_openapi::api::authentication::v1::TokenRequest {
+            spec: k8s_openapi::api::authentication::v1::TokenRequestSpec {
+                audiences: vec![audience],
+                expiration_seconds: Some(expiration),
+                bound_object_ref: None,
+            },
+            ..Default::default()
+        };
+        let token = api
+            .create_token_request(&sp.service_account, &PostParams::default(), &token_request)
+            .await
+            .map_err(|e| StsError {
+                reason: Reason::AccessDenied,
+                operation: "TokenRequest",
+                code: "TokenRequestFailed".into(),
+                message: format!("cannot get a token for ServiceAccount {}: {e}", sp.service_account),
+            })?;
+        request.web_identity_token = token.status.map(|s| s.token);
+    }
+    if let (Some(mfa), Some(seed)) = (&binding.spec.mfa, &resolved.totp_seed) {
+        // STS refuses a code it has seen: wait for the next 30 s step when this one is used.
+        let code = loop {
+            let now = Timestamp::now().as_second().max(0) as u64;
+            if let Some(code) = ctx.mfa_codes.take(&mfa.serial_number, seed, now) {
+                break code;
+            }
+            tokio::time::sleep(ctx.mfa_codes.wait_before(&mfa.serial_number, now)).await;
+        };
+        request.mfa = Some((mfa.serial_number.clone(), code));
+    }
+    Ok(request)
 }
 
 /// The whole binding cannot proceed (invalid spec or not granted). Not granted revokes:
@@ -438,6 +511,7 @@ async fn reconcile_subject(
     binding: &AWSRoleBinding,
     plan: &BindingPlan,
     sp: &SubjectPlan,
+    resolved: &Resolved,
     ctx: &Context,
     now: Timestamp,
 ) -> Result<SubjectResult> {
@@ -493,6 +567,7 @@ async fn reconcile_subject(
             outcome: not_ready(Reason::SecretConflict, message),
             status,
             wake_at: None,
+            note: None,
         });
     }
 
@@ -511,6 +586,7 @@ async fn reconcile_subject(
             outcome: not_ready(Reason::ServiceAccountNotFound, message),
             status,
             wake_at: None,
+            note: None,
         });
     }
 
@@ -525,7 +601,7 @@ async fn reconcile_subject(
     let secret_expiration = existing
         .as_deref()
         .filter(|_| !expired_marker)
-        .and_then(|s| annotation_time(s, render::EXPIRATION_ANNOTATION));
+        .and_then(|s| render::annotation_time(s, render::EXPIRATION_ANNOTATION));
 
     // Credentials good for the current spec: what the Secret holds, else what we remember.
     let current = match (&stored, &state.creds) {
@@ -544,6 +620,7 @@ async fn reconcile_subject(
                     outcome: not_ready(Reason::SecretConflict, message),
                     status,
                     wake_at: None,
+                    note: None,
                 });
             }
             tracing::info!(secret = %target.name, namespace = %target.namespace, "restored managed Secret");
@@ -568,8 +645,12 @@ async fn reconcile_subject(
         ));
     }
     tracing::debug!(service_account = %sp.service_account, "issuing credentials");
-    match ctx.issuer.issue(&sp.request).await {
-        Ok(creds) => {
+    let issued = match prepare_request(binding, sp, resolved, ctx).await {
+        Ok(request) => ctx.issuer.issue(&request).await,
+        Err(e) => Err(e),
+    };
+    match issued {
+        Ok(crate::sts::Issued { creds }) => {
             let desired = render::render_secret(&creds, target);
             if let Err(message) = write_secret(ctx, &desired, existing.is_some()).await? {
                 status.message = message.clone();
@@ -577,6 +658,7 @@ async fn reconcile_subject(
                     outcome: not_ready(Reason::SecretConflict, message),
                     status,
                     wake_at: None,
+                    note: None,
                 });
             }
             let refreshed = existing.is_some() && !expired_marker;
@@ -702,6 +784,7 @@ fn ready_result(
         },
         status,
         wake_at: Some(refresh),
+        note: creds.note.clone(),
     }
 }
 
@@ -757,6 +840,7 @@ fn failed_result(
         },
         status,
         wake_at: Some(wake_at),
+        note: None,
     }
 }
 
@@ -791,7 +875,14 @@ fn build_status(
 ) -> AWSRoleBindingStatus {
     let mut status = binding.status.clone().unwrap_or_default();
     let outcomes: Vec<SubjectOutcome> = results.iter().map(|r| r.outcome.clone()).collect();
-    let verdict = conditions::binding_verdict(problem, &outcomes, plan.note.as_deref());
+    let mut notes: Vec<String> = plan.note.iter().cloned().collect();
+    for note in results.iter().filter_map(|r| r.note.clone()) {
+        if !notes.contains(&note) {
+            notes.push(note);
+        }
+    }
+    let note = (!notes.is_empty()).then(|| notes.join("; "));
+    let verdict = conditions::binding_verdict(problem, &outcomes, note.as_deref());
     apply_verdict(&mut status, binding, &verdict, now);
     status.subjects = results.iter().map(|r| r.status.clone()).collect();
     status.expiration = status

@@ -4,6 +4,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use kube_sts::{
     controller::{self, Settings},
     crd,
+    leader::{self, Elector, LeaseSettings},
     metrics::{self, Metrics},
     plan::IssueSettings,
     sts::StsClient,
@@ -106,9 +107,6 @@ type RunResult = Result<(), String>;
 
 async fn run(args: RunArgs) -> RunResult {
     init_logging(args.log_format, &args.log_level)?;
-    if args.leader_election {
-        return Err("--leader-election is not implemented in this version of kube-sts; run a single replica".into());
-    }
     let client = kube::Client::try_default()
         .await
         .map_err(|e| format!("cannot build a Kubernetes client: {e}"))?;
@@ -136,19 +134,113 @@ async fn run(args: RunArgs) -> RunResult {
         namespace = args.namespace.as_deref().unwrap_or("<all>"),
         require_grants = args.require_grants,
         region = settings.issue.default_region.as_deref().unwrap_or("<sdk default>"),
+        leader_election = args.leader_election,
         "starting kube-sts"
     );
+    // Signal handlers first: from here on SIGTERM no longer kills the process outright.
+    let shutdown = shutdown_signal()?;
     let server = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
+    let metrics_addr = args.metrics_addr;
+    let server_failed = async move {
+        match server.await {
+            Ok(Err(e)) => format!("metrics server on {metrics_addr}: {e}"),
+            _ => "metrics server stopped".to_string(),
+        }
+    };
+    let mut server_failed = std::pin::pin!(server_failed);
     let instance = std::env::var("POD_NAME")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok());
-    tokio::select! {
-        _ = controller::run(client, Arc::new(sts), metrics, settings, instance) => Ok(()),
-        res = server => match res {
-            Ok(Err(e)) => Err(format!("metrics server on {}: {e}", args.metrics_addr)),
-            _ => Err("metrics server stopped".into()),
-        },
+    if !args.leader_election {
+        drop(shutdown); // the controller handles SIGTERM/SIGINT itself
+        return tokio::select! {
+            () = controller::run(client, Arc::new(sts), metrics, settings, instance) => Ok(()),
+            message = &mut server_failed => Err(message),
+        };
     }
+
+    // Leader election: serve /healthz and /metrics at once, reconcile only while holding
+    // the Lease.
+    let lease_namespace = args
+        .lease_namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let mut elector = Elector::new(
+        client.clone(),
+        LeaseSettings::new(&args.lease_name, lease_namespace, leader::identity()),
+    );
+    {
+        // A standby is ready: a rolling update must be able to start a new replica while
+        // the old one still leads.
+        let standby = metrics.clone();
+        let mut shutdown = std::pin::pin!(shutdown);
+        tokio::select! {
+            () = elector.acquire(|| standby.set_ready(true)) => {}
+            () = &mut shutdown => {
+                // An attempt cut short may have made us the holder: give it back.
+                if let Err(e) = elector.release().await {
+                    tracing::warn!(error = %e, "releasing the leader Lease failed");
+                }
+                tracing::info!("stopped while standing by");
+                return Ok(());
+            }
+            message = &mut server_failed => return Err(message),
+        }
+    }
+    // Ready again once the controller's caches synced.
+    metrics.set_ready(false);
+    let lease = elector.lease_ref();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut keeper = tokio::spawn(async move {
+        let result = elector
+            .keep(async {
+                let _ = stopped.await;
+            })
+            .await;
+        (elector, result)
+    });
+    let lost = |lost: leader::Lost| {
+        tracing::error!(lease = %lease, error = %lost, "lost the leader Lease; exiting so that only the new leader reconciles");
+        format!("lost the leader Lease {lease}: {lost}")
+    };
+    tokio::select! {
+        // Returns after SIGTERM/SIGINT, once in-flight reconciles finished.
+        () = controller::run(client, Arc::new(sts), metrics, settings, instance) => {
+            let _ = stop.send(());
+            match keeper.await {
+                Ok((mut elector, Ok(()))) => {
+                    // Hand over at once instead of after the lease duration.
+                    if let Err(e) = elector.release().await {
+                        tracing::warn!(error = %e, "releasing the leader Lease failed");
+                    }
+                    Ok(())
+                }
+                Ok((_, Err(e))) => Err(lost(e)),
+                Err(e) => Err(format!("leader election task failed: {e}")),
+            }
+        }
+        result = &mut keeper => match result {
+            Ok((_, Err(e))) => Err(lost(e)),
+            Ok((_, Ok(()))) => Err("leader election stopped unexpectedly".into()),
+            Err(e) => Err(format!("leader election task failed: {e}")),
+        },
+        message = &mut server_failed => Err(message),
+    }
+}
+
+/// Completes at the first SIGTERM or SIGINT.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("cannot handle SIGINT: {e}"))?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 #[tokio::main]

@@ -35,6 +35,8 @@ pub struct IssueSettings {
 pub struct Resolved {
     /// The external ID read through `externalIdSecretRef`.
     pub external_id: Option<String>,
+    /// The TOTP seed read through `mfa.totpSecretRef`.
+    pub totp_seed: Option<crate::mfa::Seed>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +68,10 @@ pub fn spec_hash(spec: &AWSRoleBindingSpec, resolved: &Resolved, settings: &Issu
     if let Some(id) = &resolved.external_id {
         hasher.update(Sha256::digest(id.as_bytes()));
     }
+    hasher.update(b"\0");
+    if let Some(seed) = &resolved.totp_seed {
+        hasher.update(Sha256::digest(format!("{seed:?}{}", seed.code_at(0))));
+    }
     hasher.update(format!(
         "\0{}\0{}\0{:?}",
         settings.cluster_name, settings.session_tags, settings.default_region
@@ -91,21 +97,13 @@ pub fn plan_binding(
     let name = binding.name_any();
     let uid = binding.uid().unwrap_or_default();
 
-    if !matches!(spec.method, Method::AssumeRole) {
-        return Err(InvalidSpec(format!(
-            "method {} is not supported by this version of kube-sts yet",
-            spec.method
-        )));
-    }
     if spec.secret.as_ref().and_then(|s| s.type_) == Some(SecretType::DockerConfigJson) {
         return Err(InvalidSpec(
             "secret.type DockerConfigJson is not supported by this version of kube-sts yet".into(),
         ));
     }
-    if spec.mfa.is_some() {
-        return Err(InvalidSpec(
-            "mfa is not supported by this version of kube-sts yet".into(),
-        ));
+    if spec.mfa.is_some() && resolved.totp_seed.is_none() {
+        return Err(InvalidSpec("mfa.totpSecretRef could not be read".into()));
     }
     if let Some(policy) = &spec.session_policy {
         check_policy_json(policy)?;
@@ -144,7 +142,11 @@ pub fn plan_binding(
         .iter()
         .map(|subject| {
             let sa = subject.name.clone();
-            let mut tags: Vec<(String, String)> = user_tags.clone().into_iter().collect();
+            let mut tags: Vec<(String, String)> = match spec.method {
+                // AssumeRoleWithWebIdentity and GetSessionToken take no tags.
+                Method::AssumeRole | Method::GetFederationToken => user_tags.clone().into_iter().collect(),
+                _ => Vec::new(),
+            };
             if auto_tags {
                 tags.push((TAG_NAMESPACE.into(), namespace.clone()));
                 tags.push((TAG_SERVICE_ACCOUNT.into(), sa.clone()));
@@ -166,6 +168,14 @@ pub fn plan_binding(
                 transitive_tag_keys: spec.transitive_tag_keys.clone().unwrap_or_default(),
                 source_identity: spec.source_identity.clone(),
                 region: region.clone(),
+                web_identity_token: None,
+                mfa: None,
+                federated_name: (spec.method == Method::GetFederationToken).then(|| {
+                    spec.federation
+                        .as_ref()
+                        .and_then(|f| f.name.clone())
+                        .unwrap_or_else(|| naming::default_federated_name(&namespace, &sa))
+                }),
             };
             let target = SecretTarget {
                 namespace: namespace.clone(),
@@ -300,6 +310,7 @@ pub(crate) mod tests {
             &b,
             &Resolved {
                 external_id: Some("one".into()),
+                ..Default::default()
             },
             &settings(),
         )
@@ -308,6 +319,7 @@ pub(crate) mod tests {
             &b,
             &Resolved {
                 external_id: Some("two".into()),
+                ..Default::default()
             },
             &settings(),
         )
@@ -333,6 +345,40 @@ pub(crate) mod tests {
                 .unwrap()
                 .spec_hash
         );
+    }
+
+    #[test]
+    fn federation_gets_a_derived_name_and_no_automatic_tags() {
+        let mut b = binding("method: GetFederationToken\nsessionPolicy: '{}'\nsubjects: [{name: app}]\n");
+        let plan = plan_binding(&b, &Resolved::default(), &settings()).unwrap();
+        let r = &plan.subjects[0].request;
+        assert_eq!(r.federated_name.as_deref(), Some("team-a.app"));
+        assert!(r.tags.is_empty());
+        assert!(r.role_arn.is_none());
+        b.spec.federation = Some(crate::crd::Federation {
+            name: Some("reports".into()),
+        });
+        let plan = plan_binding(&b, &Resolved::default(), &settings()).unwrap();
+        assert_eq!(plan.subjects[0].request.federated_name.as_deref(), Some("reports"));
+    }
+
+    #[test]
+    fn web_identity_sends_no_tags_and_mfa_needs_its_seed() {
+        let b = binding(
+            "method: AssumeRoleWithWebIdentity\nroleArn: arn:aws:iam::123456789012:role/r\nsubjects: [{name: app}]\n",
+        );
+        let plan = plan_binding(&b, &Resolved::default(), &settings()).unwrap();
+        assert!(plan.subjects[0].request.tags.is_empty());
+        let mfa = binding(
+            "method: GetSessionToken\nsubjects: [{name: app}]\nmfa: {serialNumber: arn:aws:iam::123456789012:mfa/ops, totpSecretRef: {name: s, key: k}}\n",
+        );
+        assert!(plan_binding(&mfa, &Resolved::default(), &settings()).is_err());
+        let seed = crate::mfa::Seed::parse("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ").unwrap();
+        let resolved = Resolved {
+            totp_seed: Some(seed),
+            ..Default::default()
+        };
+        plan_binding(&mfa, &resolved, &settings()).unwrap();
     }
 
     #[test]

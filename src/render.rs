@@ -9,6 +9,7 @@ use k8s_openapi::{
     api::core::v1::Secret,
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
+use kube::ResourceExt;
 use serde::Serialize;
 
 use crate::crd::SecretType;
@@ -25,6 +26,8 @@ pub const SPEC_HASH_ANNOTATION: &str = "kube-sts.io/spec-hash";
 pub const ARN_ANNOTATION: &str = "kube-sts.io/arn";
 /// Set on a Secret whose credentials expired and could not be refreshed.
 pub const EXPIRED_ANNOTATION: &str = "kube-sts.io/expired";
+/// Kept with the credentials so a restarted operator reports the same condition message.
+pub const NOTE_ANNOTATION: &str = "kube-sts.io/issue-note";
 
 pub const DEFAULT_PROFILE: &str = "default";
 pub const DEFAULT_MOUNT_PATH: &str = "/var/run/secrets/kube-sts.io";
@@ -47,6 +50,8 @@ pub struct Credentials {
     pub expiration: Timestamp,
     /// The identity the credentials act as (assumed-role or federated-user ARN), if known.
     pub arn: Option<String>,
+    /// What the user should know about this issuance (e.g. a shortened duration).
+    pub note: Option<String>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -198,6 +203,9 @@ pub fn render_secret(creds: &Credentials, target: &SecretTarget) -> Secret {
     if let Some(arn) = &creds.arn {
         annotations.insert(ARN_ANNOTATION.into(), arn.clone());
     }
+    if let Some(note) = &creds.note {
+        annotations.insert(NOTE_ANNOTATION.into(), note.clone());
+    }
     Secret {
         metadata: metadata(target, annotations),
         type_: Some("Opaque".into()),
@@ -225,8 +233,8 @@ pub fn render_expired_secret(target: &SecretTarget, expired_at: Timestamp) -> Se
     }
 }
 
-fn annotation_time(secret: &Secret, key: &str) -> Option<Timestamp> {
-    secret.metadata.annotations.as_ref()?.get(key)?.parse().ok()
+pub fn annotation_time(secret: &Secret, key: &str) -> Option<Timestamp> {
+    secret.annotations().get(key)?.parse().ok()
 }
 
 fn data_str<'a>(secret: &'a Secret, key: &str) -> Option<&'a str> {
@@ -243,11 +251,8 @@ pub fn read_credentials(secret: &Secret, target: &SecretTarget) -> Option<Creden
         session_token: data_str(secret, KEY_SESSION_TOKEN)?.to_string(),
         issued_at: annotation_time(secret, ISSUED_AT_ANNOTATION)?,
         expiration: annotation_time(secret, EXPIRATION_ANNOTATION)?,
-        arn: secret
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ARN_ANNOTATION).cloned()),
+        arn: secret.annotations().get(ARN_ANNOTATION).cloned(),
+        note: secret.annotations().get(NOTE_ANNOTATION).cloned(),
     };
     (secret.data.as_ref() == Some(&credentials_data(&creds, target))).then_some(creds)
 }
@@ -278,6 +283,7 @@ mod tests {
             issued_at: "2026-11-26T09:00:00Z".parse().unwrap(),
             expiration: "2026-11-26T10:00:00Z".parse().unwrap(),
             arn: Some("arn:aws:sts::123456789012:assumed-role/r/team-a.app".into()),
+            note: None,
         }
     }
 

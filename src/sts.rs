@@ -35,7 +35,22 @@ pub struct IssueRequest {
     pub transitive_tag_keys: Vec<String>,
     pub source_identity: Option<String>,
     pub region: Option<String>,
+    /// The ServiceAccount token for AssumeRoleWithWebIdentity (from TokenRequest).
+    pub web_identity_token: Option<String>,
+    /// MFA device and the TOTP code to send with it.
+    pub mfa: Option<(String, String)>,
+    /// Federated user name for GetFederationToken.
+    pub federated_name: Option<String>,
 }
+
+/// Credentials as issued (their `note` says anything the user should know about how).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    pub creds: Credentials,
+}
+
+/// The duration every role allows (its default maximum session duration).
+pub const SAFE_ROLE_DURATION: i32 = 3600;
 
 impl std::fmt::Debug for IssueRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -46,6 +61,8 @@ impl std::fmt::Debug for IssueRequest {
             .field("chain", &self.chain.iter().map(|(r, _)| r).collect::<Vec<_>>())
             .field("session_name", &self.session_name)
             .field("duration_seconds", &self.duration_seconds)
+            .field("mfa_device", &self.mfa.as_ref().map(|(serial, _)| serial))
+            .field("federated_name", &self.federated_name)
             .finish_non_exhaustive()
     }
 }
@@ -107,6 +124,12 @@ pub fn access_denied_hint(req: &IssueRequest, message: &str) -> String {
             hints.push("with session tags the trust policy must allow sts:TagSession too");
         }
     }
+    if req.method == Method::GetFederationToken {
+        hints.push("GetFederationToken must be called with an IAM user's long-term keys: run the operator as an IAM user, not with a role's session");
+    }
+    if req.method == Method::AssumeRoleWithWebIdentity {
+        hints.push("the role's trust policy must trust the cluster's OIDC provider for this ServiceAccount (sub system:serviceaccount:<namespace>:<name>) and audience");
+    }
     if hints.is_empty() {
         message.to_string()
     } else {
@@ -116,7 +139,14 @@ pub fn access_denied_hint(req: &IssueRequest, message: &str) -> String {
 
 /// Something that issues credentials. The real one is [`StsClient`].
 pub trait Issuer: Send + Sync {
-    fn issue<'a>(&'a self, req: &'a IssueRequest) -> BoxFuture<'a, Result<Credentials, StsError>>;
+    fn issue<'a>(&'a self, req: &'a IssueRequest) -> BoxFuture<'a, Result<Issued, StsError>>;
+}
+
+/// STS refused the duration because the role's MaxSessionDuration is lower.
+pub fn is_duration_above_role_maximum(err: &StsError) -> bool {
+    err.reason == Reason::InvalidSpec
+        && err.message.contains("DurationSeconds")
+        && err.message.contains("MaxSessionDuration")
 }
 
 /// Talks to AWS STS with the operator's own identity (the standard SDK chain), through one
@@ -217,14 +247,19 @@ impl StsClient {
         role_arn: &str,
         external_id: Option<&str>,
         req: &IssueRequest,
+        first_hop: bool,
         last_hop: bool,
+        duration: Option<i32>,
     ) -> Result<Credentials, StsError> {
         let mut call = client
             .assume_role()
             .role_arn(role_arn)
             .role_session_name(&req.session_name)
             .set_external_id(external_id.map(str::to_string))
-            .set_duration_seconds(req.duration_seconds);
+            .set_duration_seconds(duration);
+        if first_hop && let Some((serial, code)) = &req.mfa {
+            call = call.serial_number(serial).token_code(code);
+        }
         if last_hop {
             call = call
                 .set_policy(req.session_policy.clone())
@@ -238,34 +273,119 @@ impl StsClient {
         to_credentials("AssumeRole", out.credentials(), arn)
     }
 
-    async fn issue_inner(&self, req: &IssueRequest) -> Result<Credentials, StsError> {
+    async fn assume_chain(&self, req: &IssueRequest, duration: Option<i32>) -> Result<Credentials, StsError> {
         let region = req.region.as_deref();
+        let role_arn = req
+            .role_arn
+            .as_deref()
+            .ok_or_else(|| invalid("AssumeRole", "roleArn is required"))?;
+        let mut client = self.client(region);
+        for (i, (hop, external_id)) in req.chain.iter().enumerate() {
+            let creds = self
+                .assume_role(&client, hop, external_id.as_deref(), req, i == 0, false, duration)
+                .await?;
+            client = self.client_as(region, &creds);
+        }
+        self.assume_role(
+            &client,
+            role_arn,
+            req.external_id.as_deref(),
+            req,
+            req.chain.is_empty(),
+            true,
+            duration,
+        )
+        .await
+    }
+
+    async fn web_identity(&self, req: &IssueRequest, duration: Option<i32>) -> Result<Credentials, StsError> {
+        let role_arn = req
+            .role_arn
+            .as_deref()
+            .ok_or_else(|| invalid("AssumeRoleWithWebIdentity", "roleArn is required"))?;
+        let token = req
+            .web_identity_token
+            .as_deref()
+            .ok_or_else(|| invalid("AssumeRoleWithWebIdentity", "no ServiceAccount token"))?;
+        // The SDK sends this call unsigned: the workload's token, not the operator, is the identity.
+        let call = self
+            .client(req.region.as_deref())
+            .assume_role_with_web_identity()
+            .role_arn(role_arn)
+            .role_session_name(&req.session_name)
+            .web_identity_token(token)
+            .set_duration_seconds(duration)
+            .set_policy(req.session_policy.clone())
+            .set_policy_arns(policy_arns(&req.policy_arns));
+        let out = self.call("AssumeRoleWithWebIdentity", call.send()).await?;
+        let arn = out.assumed_role_user().map(|u| u.arn().to_string());
+        to_credentials("AssumeRoleWithWebIdentity", out.credentials(), arn)
+    }
+
+    async fn session_token(&self, req: &IssueRequest) -> Result<Credentials, StsError> {
+        let mut call = self
+            .client(req.region.as_deref())
+            .get_session_token()
+            .set_duration_seconds(req.duration_seconds);
+        if let Some((serial, code)) = &req.mfa {
+            call = call.serial_number(serial).token_code(code);
+        }
+        let out = self.call("GetSessionToken", call.send()).await?;
+        to_credentials("GetSessionToken", out.credentials(), None)
+    }
+
+    async fn federation_token(&self, req: &IssueRequest) -> Result<Credentials, StsError> {
+        let name = req
+            .federated_name
+            .clone()
+            .unwrap_or_else(|| req.session_name.chars().take(32).collect());
+        let call = self
+            .client(req.region.as_deref())
+            .get_federation_token()
+            .name(name)
+            .set_duration_seconds(req.duration_seconds)
+            .set_policy(req.session_policy.clone())
+            .set_policy_arns(policy_arns(&req.policy_arns))
+            .set_tags(tags(&req.tags));
+        let out = self.call("GetFederationToken", call.send()).await?;
+        let arn = out.federated_user().map(|u| u.arn().to_string());
+        to_credentials("GetFederationToken", out.credentials(), arn)
+    }
+
+    async fn issue_once(&self, req: &IssueRequest, duration: Option<i32>) -> Result<Credentials, StsError> {
         match req.method {
-            Method::AssumeRole => {
-                let role_arn = req
-                    .role_arn
-                    .as_deref()
-                    .ok_or_else(|| invalid("AssumeRole", "roleArn is required"))?;
-                let mut client = self.client(region);
-                for (hop, external_id) in &req.chain {
-                    let creds = self
-                        .assume_role(&client, hop, external_id.as_deref(), req, false)
-                        .await?;
-                    client = self.client_as(region, &creds);
-                }
-                self.assume_role(&client, role_arn, req.external_id.as_deref(), req, true)
-                    .await
+            Method::AssumeRole => self.assume_chain(req, duration).await,
+            Method::AssumeRoleWithWebIdentity => self.web_identity(req, duration).await,
+            Method::GetSessionToken => self.session_token(req).await,
+            Method::GetFederationToken => self.federation_token(req).await,
+        }
+    }
+
+    async fn issue_inner(&self, req: &IssueRequest) -> Result<Issued, StsError> {
+        match self.issue_once(req, req.duration_seconds).await {
+            Ok(creds) => Ok(Issued { creds }),
+            // Every role allows an hour: rather than failing forever, issue for an hour and
+            // say so. (An MFA code cannot be sent twice, so MFA calls are not retried.)
+            Err(err)
+                if req.method.assumes_role()
+                    && req.mfa.is_none()
+                    && req.duration_seconds.is_some_and(|d| d > SAFE_ROLE_DURATION)
+                    && is_duration_above_role_maximum(&err) =>
+            {
+                let mut creds = self.issue_once(req, Some(SAFE_ROLE_DURATION)).await?;
+                creds.note = Some(format!(
+                    "durationSeconds {} exceeds the role's maximum session duration; issued for {SAFE_ROLE_DURATION} s",
+                    req.duration_seconds.unwrap_or_default()
+                ));
+                Ok(Issued { creds })
             }
-            other => Err(invalid(
-                other.as_str(),
-                &format!("method {other} is not supported by this version of kube-sts"),
-            )),
+            Err(err) => Err(err),
         }
     }
 }
 
 impl Issuer for StsClient {
-    fn issue<'a>(&'a self, req: &'a IssueRequest) -> BoxFuture<'a, Result<Credentials, StsError>> {
+    fn issue<'a>(&'a self, req: &'a IssueRequest) -> BoxFuture<'a, Result<Issued, StsError>> {
         Box::pin(self.issue_inner(req))
     }
 }
@@ -347,6 +467,7 @@ fn to_credentials(
         issued_at: Timestamp::from_second(Timestamp::now().as_second()).expect("now is a valid timestamp"),
         expiration,
         arn,
+        note: None,
     })
 }
 
@@ -368,6 +489,9 @@ mod tests {
             transitive_tag_keys: vec![],
             source_identity: None,
             region: None,
+            web_identity_token: None,
+            mfa: None,
+            federated_name: None,
         }
     }
 
@@ -400,6 +524,30 @@ mod tests {
         assert!(msg.contains("externalId"), "{msg}");
         let msg = access_denied_hint(&req(), "not authorized to perform: sts:AssumeRole");
         assert!(msg.contains("trust policy allows sts:AssumeRole"), "{msg}");
+    }
+
+    #[test]
+    fn duration_refusal_is_recognised() {
+        let err = StsError {
+            reason: Reason::InvalidSpec,
+            operation: "AssumeRole",
+            code: "ValidationError".into(),
+            message: "The requested DurationSeconds exceeds the MaxSessionDuration set for this role.".into(),
+        };
+        assert!(is_duration_above_role_maximum(&err));
+        let other = StsError {
+            message: "1 validation error detected".into(),
+            ..err
+        };
+        assert!(!is_duration_above_role_maximum(&other));
+    }
+
+    #[test]
+    fn hint_for_federation_names_the_iam_user_requirement() {
+        let mut r = req();
+        r.method = Method::GetFederationToken;
+        let msg = access_denied_hint(&r, "Cannot call GetFederationToken with session credentials");
+        assert!(msg.contains("IAM user"), "{msg}");
     }
 
     #[test]

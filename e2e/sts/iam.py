@@ -1,6 +1,6 @@
 """Creates IAM roles in the local STS peer for tests and the demo (run with admin credentials).
 
-    iam.py create-role --name NAME --principal ARN [--external-id ID] [--no-tag-session]
+    iam.py create-role --name NAME --principal ARN [--external-id ID] [--no-tag-session] [--allow-assume]
 
 Prints the role ARN. The trust policy allows sts:AssumeRole (and sts:TagSession unless
 --no-tag-session) for PRINCIPAL, with an sts:ExternalId condition when --external-id is given.
@@ -15,6 +15,7 @@ def create_role(args):
     iam = boto3.client("iam")
     actions = ["sts:AssumeRole"] + ([] if args.no_tag_session else ["sts:TagSession"])
     statement = {"Effect": "Allow", "Principal": {"AWS": args.principal}, "Action": actions}
+    allowed = ["sts:GetCallerIdentity"] + (["sts:AssumeRole", "sts:TagSession"] if args.allow_assume else [])
     if args.external_id:
         statement["Condition"] = {"StringEquals": {"sts:ExternalId": args.external_id}}
     trust = json.dumps({"Version": "2012-10-17", "Statement": [statement]})
@@ -24,12 +25,12 @@ def create_role(args):
         # Idempotent for re-runs (the demo): keep the role, refresh its trust policy.
         iam.update_assume_role_policy(RoleName=args.name, PolicyDocument=trust)
         role = iam.get_role(RoleName=args.name)["Role"]
-    # What the workload may do with the role's credentials: ask who it is.
+    # What the role's sessions may do: ask who they are (and, for a hub, assume the next role).
     iam.put_role_policy(
         RoleName=args.name,
         PolicyName="whoami",
         PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:GetCallerIdentity", "Resource": "*"}]}
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": allowed, "Resource": "*"}]}
         ),
     )
     print(role["Arn"])
@@ -43,6 +44,7 @@ def main():
     create.add_argument("--principal", required=True)
     create.add_argument("--external-id")
     create.add_argument("--no-tag-session", action="store_true")
+    create.add_argument("--allow-assume", action="store_true", help="let the role assume other roles (a chain's hub)")
     create.add_argument("--max-session-duration", type=int, default=43200)
     args = parser.parse_args()
     if args.command == "create-role":

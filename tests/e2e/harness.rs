@@ -232,6 +232,33 @@ pub struct Forwarder {
     pub addr: SocketAddr,
     up: Arc<AtomicBool>,
     actions: Arc<Mutex<Vec<String>>>,
+    bodies: Arc<Mutex<Vec<String>>>,
+}
+
+fn url_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = (bytes[i] == b'%' && i + 3 <= bytes.len())
+            .then(|| u8::from_str_radix(&s[i + 1..i + 3], 16).ok())
+            .flatten();
+        match (bytes[i], hex) {
+            (_, Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b'+', None) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (byte, None) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn actions_in(bytes: &[u8]) -> Vec<String> {
@@ -258,6 +285,7 @@ impl Forwarder {
             addr: listener.local_addr().unwrap(),
             up: Arc::new(AtomicBool::new(true)),
             actions: Arc::default(),
+            bodies: Arc::default(),
         };
         let f = fwd.clone();
         // A runtime of its own: tests block their thread on kubectl, which must not stall STS.
@@ -295,7 +323,14 @@ impl Forwarder {
                                 if !f.up.load(Ordering::SeqCst) {
                                     break;
                                 }
-                                f.actions.lock().unwrap().extend(actions_in(&buf[..n]));
+                                let actions = actions_in(&buf[..n]);
+                                if !actions.is_empty() {
+                                    f.bodies
+                                        .lock()
+                                        .unwrap()
+                                        .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                                }
+                                f.actions.lock().unwrap().extend(actions);
                                 if wo.write_all(&buf[..n]).await.is_err() {
                                     break;
                                 }
@@ -326,6 +361,23 @@ impl Forwarder {
         self.actions.lock().unwrap().iter().filter(|a| *a == action).count()
     }
 
+    /// Form parameters of every request for `action`, in order.
+    pub fn requests(&self, action: &str) -> Vec<HashMap<String, String>> {
+        let bodies = self.bodies.lock().unwrap();
+        bodies
+            .iter()
+            .map(|raw| {
+                let body = raw.split_once("\r\n\r\n").map_or(raw.as_str(), |(_, body)| body);
+                body.trim_end()
+                    .split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (url_decode(k), url_decode(v)))
+                    .collect::<HashMap<String, String>>()
+            })
+            .filter(|params| params.get("Action").map(String::as_str) == Some(action))
+            .collect()
+    }
+
     pub fn total(&self) -> usize {
         self.actions.lock().unwrap().len()
     }
@@ -348,6 +400,12 @@ fn free_port() -> u16 {
 
 impl Operator {
     pub fn start(namespace: &str, sts: &Forwarder, extra: &[&str]) -> Self {
+        Self::start_with_kubeconfig(namespace, sts, extra, &env().kubeconfig)
+    }
+
+    /// Like `start`, with the Kubernetes identity of another kubeconfig (e.g. a
+    /// ServiceAccount token).
+    pub fn start_with_kubeconfig(namespace: &str, sts: &Forwarder, extra: &[&str], kubeconfig: &Path) -> Self {
         let logs = env().repo.join(".e2e/logs");
         std::fs::create_dir_all(&logs).unwrap();
         let log = logs.join(format!("operator-{namespace}-{}.log", unique("run")));
@@ -368,7 +426,7 @@ impl Operator {
             .args(extra)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("KUBECONFIG", &env().kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("AWS_ACCESS_KEY_ID", &env().aws["AWS_ACCESS_KEY_ID"])
             .env("AWS_SECRET_ACCESS_KEY", &env().aws["AWS_SECRET_ACCESS_KEY"])
             .env("AWS_REGION", &env().aws["AWS_REGION"])
@@ -399,6 +457,19 @@ impl Operator {
             let _ = child.wait();
             panic!("operator did not stop on SIGTERM within 20 s");
         }
+    }
+
+    /// SIGKILL: the process gets no chance to clean up (e.g. to release a Lease).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The exit status once the process has ended by itself.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().unwrap()
     }
 
     pub fn logs(&self) -> String {

@@ -1,4 +1,6 @@
 //! End-to-end tests against the real control plane and STS peer (`make up`).
 mod foundation;
 mod harness;
+mod leader;
+mod methods;
 mod operator;
