@@ -137,6 +137,14 @@ pub fn access_denied_hint(req: &IssueRequest, message: &str) -> String {
     }
 }
 
+#[derive(Clone, Copy)]
+struct Hop<'a> {
+    role_arn: &'a str,
+    external_id: Option<&'a str>,
+    first: bool,
+    last: bool,
+}
+
 /// Something that issues credentials. The real one is [`StsClient`].
 pub trait Issuer: Send + Sync {
     fn issue<'a>(&'a self, req: &'a IssueRequest) -> BoxFuture<'a, Result<Issued, StsError>>;
@@ -241,26 +249,27 @@ impl StsClient {
         result.map_err(|e| sdk_error(operation, e))
     }
 
+    /// One AssumeRole call of a chain: the first hop carries the MFA code, the last one the
+    /// session policy, tags and source identity.
     async fn assume_role(
         &self,
         client: &Client,
-        role_arn: &str,
-        external_id: Option<&str>,
+        hop: Hop<'_>,
         req: &IssueRequest,
-        first_hop: bool,
-        last_hop: bool,
         duration: Option<i32>,
     ) -> Result<Credentials, StsError> {
         let mut call = client
             .assume_role()
-            .role_arn(role_arn)
+            .role_arn(hop.role_arn)
             .role_session_name(&req.session_name)
-            .set_external_id(external_id.map(str::to_string))
+            .set_external_id(hop.external_id.map(str::to_string))
             .set_duration_seconds(duration);
-        if first_hop && let Some((serial, code)) = &req.mfa {
+        if hop.first
+            && let Some((serial, code)) = &req.mfa
+        {
             call = call.serial_number(serial).token_code(code);
         }
-        if last_hop {
+        if hop.last {
             call = call
                 .set_policy(req.session_policy.clone())
                 .set_policy_arns(policy_arns(&req.policy_arns))
@@ -279,23 +288,28 @@ impl StsClient {
             .role_arn
             .as_deref()
             .ok_or_else(|| invalid("AssumeRole", "roleArn is required"))?;
+        let hops: Vec<(&str, Option<&str>)> = req
+            .chain
+            .iter()
+            .map(|(arn, id)| (arn.as_str(), id.as_deref()))
+            .chain([(role_arn, req.external_id.as_deref())])
+            .collect();
         let mut client = self.client(region);
-        for (i, (hop, external_id)) in req.chain.iter().enumerate() {
-            let creds = self
-                .assume_role(&client, hop, external_id.as_deref(), req, i == 0, false, duration)
-                .await?;
-            client = self.client_as(region, &creds);
+        let mut creds = None;
+        for (i, (role_arn, external_id)) in hops.iter().enumerate() {
+            let hop = Hop {
+                role_arn,
+                external_id: *external_id,
+                first: i == 0,
+                last: i + 1 == hops.len(),
+            };
+            let issued = self.assume_role(&client, hop, req, duration).await?;
+            if !hop.last {
+                client = self.client_as(region, &issued);
+            }
+            creds = Some(issued);
         }
-        self.assume_role(
-            &client,
-            role_arn,
-            req.external_id.as_deref(),
-            req,
-            req.chain.is_empty(),
-            true,
-            duration,
-        )
-        .await
+        Ok(creds.expect("a chain has at least its final role"))
     }
 
     async fn web_identity(&self, req: &IssueRequest, duration: Option<i32>) -> Result<Credentials, StsError> {
