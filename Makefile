@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 
-.PHONY: help build crds check-crds chart-check up down demo test test-unit test-e2e bench lint clean-e2e
+.PHONY: help build crds check-crds chart-check up down demo test test-unit test-e2e bench image release lint clean-e2e
 
 help:
 	@echo "make demo    build, start the local control plane and STS, run the operator on a sample binding"
@@ -32,7 +32,7 @@ down:
 demo:
 	bash e2e/scripts/demo.sh
 
-test: test-unit test-e2e
+test: test-unit release test-e2e
 
 chart-check:
 	bash e2e/scripts/chart-check.sh
@@ -45,6 +45,15 @@ test-e2e:
 
 bench:
 	bash e2e/scripts/bench.sh
+
+image:
+	@docker info >/dev/null 2>&1 || { echo "make image needs a running Docker engine" >&2; exit 1; }
+	docker build -t kube-sts:$$($(CARGO) run --quiet --locked -- version | cut -d' ' -f2) .
+
+release:
+	$(CARGO) build --locked --release
+	./target/release/kube-sts version
+	./target/release/kube-sts crd | diff -q - crds/kube-sts.yaml
 
 lint:
 	$(CARGO) fmt --check
