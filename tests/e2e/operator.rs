@@ -451,6 +451,23 @@ async fn sts_outage_degrades_keeps_the_secret_and_recovers() {
     assert_ne!(ns.secrets().get("o-app").await.unwrap().data, before.data);
 }
 
+/// `kubectl wait --for=condition=Ready` on a binding, as a user would run it.
+fn kubectl_wait_ready(ns: &TestNamespace, name: &str) {
+    let target = format!("arb/{name}");
+    let out = kubectl(
+        &[
+            "wait",
+            "-n",
+            &ns.name,
+            "--for=condition=Ready",
+            "--timeout=60s",
+            &target,
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[tokio::test]
 async fn kubectl_wait_sees_ready_after_a_spec_change() {
     let ns = TestNamespace::new("wait").await;
@@ -459,33 +476,11 @@ async fn kubectl_wait_sees_ready_after_a_spec_change() {
     let sts = Forwarder::start().await;
     let _operator = Operator::start(&ns.name, &sts, &[]);
     ns.apply_ok(&binding_yaml("w", &role, &["app"], ""));
-    let out = kubectl(
-        &[
-            "wait",
-            "-n",
-            &ns.name,
-            "--for=condition=Ready",
-            "--timeout=60s",
-            "arb/w",
-        ],
-        None,
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    kubectl_wait_ready(&ns, "w");
     let first = ns.secrets().get("w-app").await.unwrap();
     ns.apply_ok(&binding_yaml("w", &role, &["app"], "  durationSeconds: 2000\n"));
     let generation = ns.bindings().get("w").await.unwrap().metadata.generation.unwrap();
-    let out = kubectl(
-        &[
-            "wait",
-            "-n",
-            &ns.name,
-            "--for=condition=Ready",
-            "--timeout=60s",
-            "arb/w",
-        ],
-        None,
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    kubectl_wait_ready(&ns, "w");
     let b: AWSRoleBinding = ns.bindings().get("w").await.unwrap();
     let ready = b
         .status
