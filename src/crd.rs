@@ -194,7 +194,7 @@ pub struct Ecr {
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
-    printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiration"),
+    printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiration"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(

@@ -50,11 +50,11 @@ spec:
 YAML
 
 step "Running the operator (log: .e2e/logs/demo-operator.log)"
-pkill -f "kube-sts run --cluster-name demo" 2>/dev/null || true
+pkill -f "kube-sts run --namespace $ns --cluster-name demo" 2>/dev/null || true
 env -i PATH="$PATH" KUBECONFIG="$KUBECONFIG" AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" \
   AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY" AWS_REGION="$AWS_REGION" \
   AWS_ENDPOINT_URL_STS="$AWS_ENDPOINT_URL_STS" AWS_EC2_METADATA_DISABLED=true \
-  target/debug/kube-sts run --cluster-name demo --metrics-addr 127.0.0.1:18080 \
+  target/debug/kube-sts run --namespace "$ns" --cluster-name demo --metrics-addr 127.0.0.1:18080 \
   >.e2e/logs/demo-operator.log 2>&1 &
 operator=$!
 trap 'kill $operator 2>/dev/null || true' EXIT
