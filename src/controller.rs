@@ -190,7 +190,6 @@ struct SubjectResult {
 
 async fn reconcile(binding: Arc<AWSRoleBinding>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
-    ctx.stores.wait_ready().await;
     tracing::debug!(binding = %binding.name_any(), "reconciling");
     let result = reconcile_binding(&binding, &ctx).await;
     ctx.metrics.reconciled(started.elapsed());
@@ -1070,15 +1069,11 @@ pub async fn run(
         namespaces,
         grants,
     };
-    {
-        let stores = stores.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            stores.wait_ready().await;
-            metrics.set_ready(true);
-            tracing::info!("caches synced");
-        });
-    }
+    // Decide nothing before every cache is complete (a restart must see every Secret).
+    // Waited for once, here: Store::wait_until_ready wakes only the last of several waiters.
+    stores.wait_ready().await;
+    metrics.set_ready(true);
+    tracing::info!("caches synced");
 
     let ctx = Arc::new(Context::new(client, metrics, issuer, settings, stores, instance));
     controller

@@ -137,8 +137,6 @@ async fn run(args: RunArgs) -> RunResult {
         leader_election = args.leader_election,
         "starting kube-sts"
     );
-    // Signal handlers first: from here on SIGTERM no longer kills the process outright.
-    let shutdown = shutdown_signal()?;
     let server = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
     let metrics_addr = args.metrics_addr;
     let server_failed = async move {
@@ -152,7 +150,6 @@ async fn run(args: RunArgs) -> RunResult {
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok());
     if !args.leader_election {
-        drop(shutdown); // the controller handles SIGTERM/SIGINT itself
         return tokio::select! {
             () = controller::run(client, Arc::new(sts), metrics, settings, instance) => Ok(()),
             message = &mut server_failed => Err(message),
@@ -160,7 +157,8 @@ async fn run(args: RunArgs) -> RunResult {
     }
 
     // Leader election: serve /healthz and /metrics at once, reconcile only while holding
-    // the Lease.
+    // the Lease. (While leading, the controller handles SIGTERM/SIGINT itself.)
+    let shutdown = shutdown_signal()?;
     let lease_namespace = args
         .lease_namespace
         .clone()
@@ -172,8 +170,9 @@ async fn run(args: RunArgs) -> RunResult {
         LeaseSettings::new(&args.lease_name, lease_namespace, leader::identity()),
     );
     {
-        // A standby is ready: a rolling update must be able to start a new replica while
-        // the old one still leads.
+        // Ready means "in the election": a rolling update must be able to start a new
+        // replica while the old one still leads, and a PodDisruptionBudget must count the
+        // standby. (Not "caches synced", which only the leader ever gets to.)
         let standby = metrics.clone();
         let mut shutdown = std::pin::pin!(shutdown);
         tokio::select! {
@@ -189,8 +188,7 @@ async fn run(args: RunArgs) -> RunResult {
             message = &mut server_failed => return Err(message),
         }
     }
-    // Ready again once the controller's caches synced.
-    metrics.set_ready(false);
+    metrics.set_ready(true);
     let lease = elector.lease_ref();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut keeper = tokio::spawn(async move {

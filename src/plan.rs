@@ -62,8 +62,13 @@ pub struct InvalidSpec(pub String);
 /// Hash over everything that decides what STS issues and what the Secret holds, so any
 /// change reissues at once. The resolved external ID enters as a digest only.
 pub fn spec_hash(spec: &AWSRoleBindingSpec, resolved: &Resolved, settings: &IssueSettings) -> String {
+    // The subject list stays out: adding or removing one subject must not reissue the others.
+    let without_subjects = AWSRoleBindingSpec {
+        subjects: Vec::new(),
+        ..spec.clone()
+    };
     let mut hasher = Sha256::new();
-    hasher.update(serde_json::to_vec(spec).expect("spec serializes"));
+    hasher.update(serde_json::to_vec(&without_subjects).expect("spec serializes"));
     hasher.update(b"\0");
     if let Some(id) = &resolved.external_id {
         hasher.update(Sha256::digest(id.as_bytes()));
@@ -345,6 +350,13 @@ pub(crate) mod tests {
                 .unwrap()
                 .spec_hash
         );
+
+        let mut fewer = b.clone();
+        fewer.spec.subjects.pop();
+        let h2 = plan_binding(&fewer, &Resolved::default(), &settings())
+            .unwrap()
+            .spec_hash;
+        assert_eq!(h1, h2, "subjects stay out of the hash");
     }
 
     #[test]

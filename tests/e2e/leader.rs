@@ -80,7 +80,10 @@ fn acquired_as(operator: &Operator) -> Option<String> {
 }
 
 async fn wait_acquired(operator: &Operator, within: Duration) -> String {
-    eventually("operator acquires the leader Lease", within, || async { acquired_as(operator) }).await
+    eventually("operator acquires the leader Lease", within, || async {
+        acquired_as(operator)
+    })
+    .await
 }
 
 async fn holder(ns: &TestNamespace, lease: &str) -> Option<String> {
@@ -135,11 +138,17 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_after_a_kill() {
     .await;
     assert_eq!(sts1.count("AssumeRole"), 3);
     assert_eq!(sts2.total(), 0, "the standby called STS");
-    assert!(api_writes(&first.metrics().await) >= 4.0, "leader wrote 3 Secrets and status");
+    assert!(
+        api_writes(&first.metrics().await) >= 4.0,
+        "leader wrote 3 Secrets and status"
+    );
     let standby_metrics = second.metrics().await;
     assert_eq!(api_writes(&standby_metrics), 0.0, "the standby wrote to the API");
     assert_eq!(reconciles(&standby_metrics), 0.0, "the standby reconciled");
-    assert!(!second.logs().contains("caches synced"), "the standby started its controller");
+    assert!(
+        !second.logs().contains("caches synced"),
+        "the standby started its controller"
+    );
     assert_eq!(holder(&ns, &lease).await.as_deref(), Some(first_id.as_str()));
 
     let secrets_before = resource_versions(&managed_secrets(&ns).await);
@@ -150,15 +159,20 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_after_a_kill() {
     let within = LEASE_DURATION + RETRY_PERIOD + Duration::from_secs(8);
     let second_id = wait_acquired(&second, within).await;
     assert_ne!(second_id, first_id);
-    eventually("the new leader issues for the late binding", within.saturating_sub(killed.elapsed()), || async {
-        ready(&ns.bindings(), "late")
-            .await
-            .filter(|(s, r, _)| s == "True" && r == "CredentialsIssued")
-    })
+    eventually(
+        "the new leader issues for the late binding",
+        within.saturating_sub(killed.elapsed()),
+        || async {
+            ready(&ns.bindings(), "late")
+                .await
+                .filter(|(s, r, _)| s == "True" && r == "CredentialsIssued")
+        },
+    )
     .await;
     let took = killed.elapsed();
     assert!(took < within, "takeover took {took:?}");
     assert_eq!(holder(&ns, &lease).await.as_deref(), Some(second_id.as_str()));
+    assert_eq!(http_status(second.metrics_addr, "/readyz").await, 200);
 
     // Adopted: early's fresh Secrets untouched and not issued again; only late's subject is new.
     assert_eq!(sts2.count("AssumeRole"), 1);

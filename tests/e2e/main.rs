@@ -4,3 +4,4 @@ mod harness;
 mod leader;
 mod methods;
 mod operator;
+mod rbac;

@@ -1,0 +1,581 @@
+//! The chart's RBAC is what the operator needs, no more and no less: the chart
+//! (`helm template`, watchNamespace and leader election on) is installed into a namespace
+//! of the test's own, the operator runs as the chart's ServiceAccount (a TokenRequest
+//! token in a kubeconfig of its own) through the core scenarios, and then, for every
+//! (apiGroup, resource, verb) the rendered Roles and ClusterRole grant, an installation
+//! without just that verb must break the scenario, with the operator logging the 403 for
+//! exactly that verb and resource. All installations run at once, each in its own
+//! namespace with its own release, ServiceAccount, STS forwarder and operator.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::{
+    ByteString,
+    api::{coordination::v1::Lease, core::v1::Secret, events::v1::Event},
+};
+use kube::{
+    Api, ResourceExt,
+    api::{ListParams, Patch, PatchParams, PostParams},
+    config::Kubeconfig,
+};
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+const KUBE_VERSION: &str = "1.34.0";
+/// Kinds of the chart applied here: the operator runs as a local process, not from the
+/// chart's Deployment (there is no kubelet in the local control plane).
+const APPLIED_KINDS: [&str; 5] = [
+    "ServiceAccount",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Role",
+    "RoleBinding",
+];
+
+fn helm() -> &'static Path {
+    static HELM: OnceLock<PathBuf> = OnceLock::new();
+    HELM.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(env().repo.join("e2e/scripts/build-helm.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("build-helm.sh runs");
+        assert!(out.status.success(), "build-helm.sh failed");
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim())
+    })
+}
+
+/// `helm template` of the chart for `release` in `namespace`, watching that namespace,
+/// with leader election; only the ServiceAccount and RBAC objects, each rule split so that
+/// it names one API group and one resource.
+fn render(release: &str, namespace: &str) -> Vec<Value> {
+    let out = Command::new(helm())
+        .args(["template", release])
+        .arg(env().repo.join("charts/kube-sts"))
+        .args(["--namespace", namespace, "--kube-version", KUBE_VERSION])
+        .args(["--set", &format!("watchNamespace={namespace}")])
+        .args(["--set", "leaderElection.enabled=true"])
+        .output()
+        .expect("helm runs");
+    assert!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).expect("rendered YAML");
+    docs.into_iter()
+        .filter(|d| APPLIED_KINDS.contains(&d["kind"].as_str().unwrap_or_default()))
+        .map(|mut d| {
+            if let Some(rules) = d.get("rules").and_then(Value::as_array).cloned() {
+                let split: Vec<Value> = rules
+                    .iter()
+                    .flat_map(|rule| {
+                        let groups = rule["apiGroups"].as_array().cloned().unwrap_or_default();
+                        let resources = rule["resources"].as_array().cloned().unwrap_or_default();
+                        groups
+                            .into_iter()
+                            .flat_map(move |g| {
+                                let rule = rule.clone();
+                                resources.clone().into_iter().map(move |r| {
+                                    let mut one = rule.clone();
+                                    one["apiGroups"] = json!([g.clone()]);
+                                    one["resources"] = json!([r]);
+                                    one
+                                })
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                d["rules"] = Value::Array(split);
+            }
+            d
+        })
+        .collect()
+}
+
+/// One verb of one rule: where it is in the rendering, and what it is.
+#[derive(Clone, Debug)]
+struct Grant {
+    doc: usize,
+    rule: usize,
+    api_group: String,
+    resource: String,
+    verb: String,
+    label: String,
+}
+
+/// Every verb of every rule; `watched` (the namespace the rendering watches) is shown as
+/// `<watchNamespace>` in the labels.
+fn grants_in(docs: &[Value], fullname: &str, watched: &str) -> Vec<Grant> {
+    let mut out = Vec::new();
+    for (doc, d) in docs.iter().enumerate() {
+        let Some(rules) = d["rules"].as_array() else { continue };
+        let role = d["metadata"]["name"].as_str().unwrap_or_default();
+        let role = format!(
+            "{}{}",
+            d["kind"].as_str().unwrap(),
+            role.strip_prefix(fullname).unwrap_or(role)
+        );
+        for (rule, r) in rules.iter().enumerate() {
+            let api_group = r["apiGroups"][0].as_str().unwrap().to_string();
+            let resource = r["resources"][0].as_str().unwrap().to_string();
+            let names = r["resourceNames"]
+                .as_array()
+                .map(|n| {
+                    let n: Vec<&str> = n
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .map(|n| if n == watched { "<watchNamespace>" } else { n })
+                        .collect();
+                    format!("[{}]", n.join(","))
+                })
+                .unwrap_or_default();
+            for verb in r["verbs"].as_array().unwrap() {
+                let verb = verb.as_str().unwrap().to_string();
+                let group = if api_group.is_empty() { "core" } else { &api_group };
+                out.push(Grant {
+                    doc,
+                    rule,
+                    label: format!("{role}: {group}/{resource}{names} {verb}"),
+                    api_group: api_group.clone(),
+                    resource: resource.clone(),
+                    verb,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The rendering without `grant`'s verb (a rule left without verbs goes).
+fn without(docs: &[Value], grant: &Grant) -> Vec<Value> {
+    let mut docs = docs.to_vec();
+    let rules = docs[grant.doc]["rules"].as_array_mut().unwrap();
+    let verbs = rules[grant.rule]["verbs"].as_array_mut().unwrap();
+    verbs.retain(|v| v.as_str() != Some(grant.verb.as_str()));
+    if verbs.is_empty() {
+        rules.remove(grant.rule);
+    }
+    docs
+}
+
+async fn kubectl_async(args: Vec<String>, stdin: Option<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        kubectl(&args, stdin.as_deref())
+    })
+    .await
+    .unwrap()
+}
+
+async fn kubectl_ok(args: &[&str], stdin: Option<String>) -> String {
+    let out = kubectl_async(args.iter().map(|s| s.to_string()).collect(), stdin).await;
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A kubeconfig for the API server of `.e2e/kubeconfig` with a bearer token.
+fn token_kubeconfig(path: &Path, token: &str, namespace: &str) {
+    let admin = Kubeconfig::read_from(&env().kubeconfig).unwrap();
+    let cluster = admin.clusters[0].cluster.clone().unwrap();
+    let config = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "e2e", "cluster": {
+            "server": cluster.server,
+            "certificate-authority-data": cluster.certificate_authority_data,
+        }}],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "e2e", "user": "operator", "namespace": namespace}}],
+        "current-context": "operator",
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+}
+
+/// Cluster-scoped leftovers of one installation, deleted at drop.
+struct ClusterObjects(Vec<(String, String)>);
+
+impl Drop for ClusterObjects {
+    fn drop(&mut self) {
+        for (kind, name) in &self.0 {
+            let _ = kubectl(&["delete", kind, name, "--ignore-not-found", "--wait=false"], None);
+        }
+    }
+}
+
+/// One installation of the chart (maybe without one verb) and its operator.
+struct Install {
+    ns: TestNamespace,
+    operator: Operator,
+    _sts: Forwarder,
+    _dir: tempfile::TempDir,
+    _cluster: ClusterObjects,
+}
+
+async fn install(grant: Option<&Grant>) -> Install {
+    let ns = TestNamespace::new("rbac").await;
+    let release = ns.name.clone();
+    let fullname = format!("{release}-kube-sts");
+    let docs = {
+        let (release, namespace) = (release.clone(), ns.name.clone());
+        tokio::task::spawn_blocking(move || render(&release, &namespace))
+            .await
+            .unwrap()
+    };
+    let docs = match grant {
+        Some(g) => without(&docs, g),
+        None => docs,
+    };
+    let cluster = ClusterObjects(
+        docs.iter()
+            .filter(|d| d["kind"].as_str().is_some_and(|k| k.starts_with("Cluster")))
+            .map(|d| {
+                (
+                    d["kind"].as_str().unwrap().to_string(),
+                    d["metadata"]["name"].as_str().unwrap().to_string(),
+                )
+            })
+            .chain([("awsrolegrant".to_string(), ns.name.clone())])
+            .collect(),
+    );
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": docs});
+    kubectl_ok(&["apply", "-f", "-"], Some(list.to_string())).await;
+    let sa = docs
+        .iter()
+        .find(|d| d["kind"] == "ServiceAccount")
+        .and_then(|d| d["metadata"]["name"].as_str())
+        .unwrap_or(&fullname)
+        .to_string();
+    let token = kubectl_ok(&["create", "token", &sa, "-n", &ns.name, "--duration=3600s"], None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    token_kubeconfig(&kubeconfig, token.trim(), &ns.name);
+    let sts = Forwarder::start().await;
+    // The Lease namespace comes from the kubeconfig's context and the name is the chart's
+    // default. One STS call per second makes the subjects of a binding publish their Events
+    // about a second apart, so the later ones patch the first (an event series).
+    let operator = start_operator(
+        &ns.name,
+        &sts,
+        &["--leader-election", "--sts-qps", "1", "--sts-burst", "1"],
+        &kubeconfig,
+    )
+    .await;
+    Install {
+        ns,
+        operator,
+        _sts: sts,
+        _dir: dir,
+        _cluster: cluster,
+    }
+}
+
+/// Starts the operator; again when its metrics port was taken between the harness
+/// choosing it and the operator binding it (many processes start at once here).
+async fn start_operator(namespace: &str, sts: &Forwarder, args: &[&str], kubeconfig: &Path) -> Operator {
+    let mut attempts = 0;
+    loop {
+        let mut operator = Operator::start_with_kubeconfig(namespace, sts, args, kubeconfig);
+        attempts += 1;
+        let serving = poll(Duration::from_secs(20), || {
+            let seen = if operator.logs().contains("serving /metrics") {
+                Some(true)
+            } else {
+                operator.exited().map(|_| false)
+            };
+            async move { seen }
+        })
+        .await;
+        if serving == Some(false) && operator.logs().contains("Address already in use") && attempts < 3 {
+            continue;
+        }
+        return operator;
+    }
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes.
+async fn poll<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn binding_yaml(name: &str, spec: &str) -> String {
+    format!("apiVersion: kube-sts.io/v1alpha1\nkind: AWSRoleBinding\nmetadata: {{name: {name}}}\nspec:\n{spec}")
+}
+
+async fn apply(ns: &TestNamespace, yaml: String) -> Result<(), String> {
+    let args = [
+        "apply",
+        "-n",
+        &ns.name,
+        "--server-side",
+        "--field-manager=e2e-test",
+        "-f",
+        "-",
+    ];
+    let out = kubectl_async(args.iter().map(|s| s.to_string()).collect(), Some(yaml)).await;
+    out.status
+        .success()
+        .then_some(())
+        .ok_or_else(|| format!("kubectl apply: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+async fn ready_is(ns: &TestNamespace, name: &str, status: &str, reason: &str, within: Duration) -> bool {
+    poll(within, || async {
+        ready(&ns.bindings(), name)
+            .await
+            .filter(|(s, r, _)| s == status && r == reason)
+    })
+    .await
+    .is_some()
+}
+
+async fn issued_secret(ns: &TestNamespace, name: &str, within: Duration) -> Option<Secret> {
+    poll(within, || async {
+        ns.secrets()
+            .get_opt(name)
+            .await
+            .ok()?
+            .filter(|s| s.data.as_ref().is_some_and(|d| d.contains_key("credentials.json")))
+    })
+    .await
+}
+
+const STEP: Duration = Duration::from_secs(30);
+
+/// The core scenarios, in order; `Err` names the first step that did not happen.
+async fn scenario(install: &mut Install, role: &str) -> Result<(), String> {
+    let ns = &install.ns;
+    let operator = &install.operator;
+    poll(STEP, || async {
+        operator.logs().contains("caches synced").then_some(())
+    })
+    .await
+    .ok_or("the operator leads and its caches sync")?;
+
+    // Everything the bindings need is created after the operator started, so that it
+    // must come through the watches.
+    ns.service_account("app").await;
+    ns.service_account("other").await;
+    let foreign: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "taken"}, "stringData": {"token": "keep me"}}))
+    .unwrap();
+    let foreign = ns.secrets().create(&PostParams::default(), &foreign).await.unwrap();
+    let label = "kube-sts.io/rbac-test";
+    let grant = format!(
+        "apiVersion: kube-sts.io/v1alpha1\nkind: AWSRoleGrant\nmetadata: {{name: {n}}}\nspec:\n  namespaceSelector: {{matchLabels: {{{label}: {n}}}}}\n  roleArns: [\"{role}\"]\n",
+        n = ns.name
+    );
+    kubectl_ok(&["apply", "--server-side", "-f", "-"], Some(grant)).await;
+    kubectl_ok(&["label", "namespace", &ns.name, &format!("{label}={}", ns.name)], None).await;
+
+    let main = |subjects: &str| binding_yaml("main", &format!("  roleArn: {role}\n  subjects: [{subjects}]\n"));
+    ns.service_account("third").await;
+    apply(ns, main("{name: app}, {name: other}, {name: third}")).await?;
+    if !ready_is(ns, "main", "True", "CredentialsIssued", STEP).await {
+        return Err("credentials issued: Ready=True (status written)".into());
+    }
+    issued_secret(ns, "main-app", Duration::from_secs(5))
+        .await
+        .ok_or("credentials issued: Secret main-app written")?;
+    issued_secret(ns, "main-other", Duration::from_secs(5))
+        .await
+        .ok_or("credentials issued: Secret main-other written")?;
+
+    let events: Api<Event> = Api::namespaced(ns.client.clone(), &ns.name);
+    poll(Duration::from_secs(20), || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("CredentialsIssued")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("main")
+                    && e.series.as_ref().is_some_and(|s| s.count >= 2)
+            })
+    })
+    .await
+    .ok_or("Events recorded: CredentialsIssued for main, as a series (count >= 2)")?;
+
+    apply(
+        ns,
+        binding_yaml(
+            "conflict",
+            &format!("  roleArn: {role}\n  subjects: [{{name: app}}]\n  secret: {{name: taken}}\n"),
+        ),
+    )
+    .await?;
+    if !ready_is(ns, "conflict", "False", "SecretConflict", STEP).await {
+        return Err("a foreign Secret is a SecretConflict".into());
+    }
+    let after = ns.secrets().get("taken").await.unwrap();
+    if after.resource_version() != foreign.resource_version() {
+        return Err("the foreign Secret stays untouched".into());
+    }
+
+    apply(ns, main("{name: app}, {name: third}")).await?;
+    poll(STEP, || async {
+        ns.secrets().get_opt("main-other").await.ok()?.is_none().then_some(())
+    })
+    .await
+    .ok_or("the removed subject's Secret is deleted")?;
+
+    // Taken now: removing a subject changed the spec, which re-issues for the others.
+    let issued = ns.secrets().get("main-app").await.unwrap();
+    let tamper = json!({"data": {"AWS_SECRET_ACCESS_KEY": ByteString(b"tampered".to_vec())}});
+    ns.secrets()
+        .patch("main-app", &PatchParams::default(), &Patch::Merge(&tamper))
+        .await
+        .unwrap();
+    poll(STEP, || async {
+        let s = ns.secrets().get("main-app").await.ok()?;
+        (s.data == issued.data).then_some(())
+    })
+    .await
+    .ok_or("an edited Secret is restored")?;
+
+    apply(
+        ns,
+        binding_yaml(
+            "web",
+            &format!("  method: AssumeRoleWithWebIdentity\n  roleArn: {role}\n  subjects: [{{name: app}}]\n"),
+        ),
+    )
+    .await?;
+    if !ready_is(ns, "web", "True", "CredentialsIssued", STEP).await {
+        return Err("web identity (TokenRequest) credentials issued".into());
+    }
+
+    let leases: Api<Lease> = Api::namespaced(ns.client.clone(), &ns.name);
+    poll(Duration::from_secs(20), || async {
+        let spec = leases.get_opt("kube-sts").await.ok()??.spec?;
+        (spec.holder_identity.is_some() && spec.renew_time?.0 > spec.acquire_time?.0).then_some(())
+    })
+    .await
+    .ok_or("the leader renews its Lease")?;
+    if let Some(status) = install.operator.exited() {
+        return Err(format!("the operator keeps running (exited: {status})"));
+    }
+    Ok(())
+}
+
+/// Whether the operator logged the API server's 403 for `verb` on `resource`.
+fn logged_forbidden(log: &str, grant: &Grant) -> bool {
+    let log = log.replace("\\\"", "\"");
+    let group = if grant.api_group.is_empty() {
+        "in API group \"\"".to_string()
+    } else {
+        format!("in API group \"{}\"", grant.api_group)
+    };
+    log.lines().any(|l| {
+        l.contains(&format!(
+            "cannot {} resource \"{}\" {group}",
+            grant.verb, grant.resource
+        ))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chart_rbac_is_exactly_what_the_operator_needs() {
+    let started = Instant::now();
+    let role = tokio::task::spawn_blocking(|| create_role(&unique("rbac"), &operator_arn(), None, true))
+        .await
+        .unwrap();
+    let probe = tokio::task::spawn_blocking(|| render("probe", "probe")).await.unwrap();
+    let grants = grants_in(&probe, "probe-kube-sts", "probe");
+    assert!(grants.len() > 10, "rules found: {grants:?}");
+
+    // E2E_RBAC_ONLY=<text>: only the variants whose label contains <text> (for debugging).
+    let only = std::env::var("E2E_RBAC_ONLY").ok();
+    let variants = grants
+        .iter()
+        .filter(|g| only.as_deref().is_none_or(|o| g.label.contains(o)))
+        .cloned()
+        .map(Some);
+    let runs = std::iter::once(None).chain(variants).map(|grant| {
+        let role = role.clone();
+        tokio::spawn(async move {
+            let mut install = install(grant.as_ref()).await;
+            let result = scenario(&mut install, &role).await;
+            let log = install.operator.logs();
+            (grant, result, log, install.operator.log.clone())
+        })
+    });
+    let results = futures::future::join_all(runs).await;
+
+    let mut problems = Vec::new();
+    let mut table = BTreeMap::new();
+    for r in results {
+        let (grant, result, log, path) = r.expect("variant task");
+        match grant {
+            None => {
+                if let Err(step) = &result {
+                    problems.push(format!(
+                        "with the chart's RBAC the scenario failed at: {step} (log {})",
+                        path.display()
+                    ));
+                }
+                if log.contains("is forbidden") {
+                    problems.push(format!(
+                        "with the chart's RBAC the operator was refused something (log {})",
+                        path.display()
+                    ));
+                }
+                table.insert("(none removed)".to_string(), format!("{result:?}"));
+            }
+            Some(g) => {
+                let forbidden = logged_forbidden(&log, &g);
+                match &result {
+                    Ok(()) => problems.push(format!(
+                        "without `{}` the scenario still passes: the rule is not needed (log {})",
+                        g.label,
+                        path.display()
+                    )),
+                    Err(_) if !forbidden => problems.push(format!(
+                        "without `{}` the scenario broke, but the operator did not log a 403 for it (log {})",
+                        g.label,
+                        path.display()
+                    )),
+                    Err(_) => {}
+                }
+                table.insert(
+                    g.label.clone(),
+                    format!(
+                        "breaks at: {} | 403 logged: {forbidden}",
+                        result.err().unwrap_or_default()
+                    ),
+                );
+            }
+        }
+    }
+    for (rule, outcome) in &table {
+        println!("{rule:<70} {outcome}");
+    }
+    println!("{} installations in {:?}", table.len(), started.elapsed());
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
