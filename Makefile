@@ -52,8 +52,8 @@ image:
 
 release:
 	$(CARGO) build --locked --release
-	./target/release/kube-sts version
-	./target/release/kube-sts crd | diff -q - crds/kube-sts.yaml
+	$(CARGO) run --quiet --locked --release -- version
+	$(CARGO) run --quiet --locked --release -- crd | diff -q - crds/kube-sts.yaml && echo "release binary: crd matches crds/"
 
 lint:
 	$(CARGO) fmt --check
