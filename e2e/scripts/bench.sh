@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# make bench: starts the environment if needed (as `make up`), installs the CRDs, builds
+# kube-sts and the bench driver (examples/bench.rs) with --release, runs the driver and
+# prints its table. Figures are printed, never asserted. The environment keeps running.
+#
+# Env: BENCH_BINDINGS (1000), BENCH_LARGE (10000), BENCH_NOISE_SECRETS (20000),
+#      BENCH_CONCURRENCY (32), BENCH_BUDGET_SECONDS (780), BENCH_RESERVE_SECONDS (180);
+#      see examples/bench.rs.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+cd "$repo"
+export KUBECONFIG="$repo/.e2e/kubeconfig"
+part_of="app.kubernetes.io/part-of=kube-sts-bench"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+# Whatever a failed or interrupted run left behind (the driver deletes its own on success).
+leftovers() {
+  kubectl delete awsrolegrants.kube-sts.io,clusterrolebindings,clusterroles -l "$part_of" \
+    --ignore-not-found --wait=false >/dev/null 2>&1 || true
+  kubectl delete namespaces -l "$part_of" --ignore-not-found --wait=false >/dev/null 2>&1 || true
+}
+
+step "Building kube-sts and the bench driver (release) while the environment starts"
+build_log="$(mktemp)"
+cargo build --release --locked --bin kube-sts --example bench >"$build_log" 2>&1 &
+build_pid=$!
+bash "$here/up.sh"
+if ! wait "$build_pid"; then
+  cat "$build_log" >&2
+  rm -f "$build_log"
+  exit 1
+fi
+tail -n 1 "$build_log" >&2
+rm -f "$build_log"
+
+kubectl apply --server-side -f crds/ >/dev/null
+kubectl wait --for=condition=Established --timeout=60s \
+  crd/awsrolebindings.kube-sts.io crd/awsrolegrants.kube-sts.io >/dev/null
+leftovers
+trap leftovers EXIT
+
+mem_gib="$(awk '/^MemTotal:/ {printf "%.1f", $2 / 1048576}' /proc/meminfo)"
+cpu="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+machine="$(nproc) CPUs (${cpu:-unknown model}), ${mem_gib} GiB memory, $(uname -sr)"
+step "Running the bench on $machine"
+mkdir -p .e2e/bench
+results=".e2e/bench/results-$(date +%Y%m%dT%H%M%S).tsv"
+BENCH_RESULTS="$results" target/release/examples/bench
+
+printf '\nmachine: %s\n' "$machine"
+printf 'results: %s; operator logs: .e2e/logs/bench-*-operator-*.log\n' "$results"
