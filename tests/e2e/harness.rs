@@ -548,3 +548,21 @@ pub fn grant_yaml(name: &str, namespace: &str, role_glob: &str) -> String {
         "apiVersion: kube-sts.io/v1alpha1\nkind: AWSRoleGrant\nmetadata: {{name: {name}}}\nspec:\n  namespaces: [{namespace}]\n  roleArns: [\"{role_glob}\"]\n"
     )
 }
+
+/// An AWSRoleBinding of `role` for `subjects`, with `extra` spec lines (indented two spaces).
+pub fn binding_yaml(name: &str, role: &str, subjects: &[&str], extra: &str) -> String {
+    let subjects: Vec<String> = subjects.iter().map(|s| format!("{{name: {s}}}")).collect();
+    format!(
+        "apiVersion: kube-sts.io/v1alpha1\nkind: AWSRoleBinding\nmetadata: {{name: {name}}}\nspec:\n  roleArn: {role}\n  subjects: [{}]\n{extra}",
+        subjects.join(", ")
+    )
+}
+
+/// The Secrets the operator manages in `ns`.
+pub async fn managed_secrets(ns: &TestNamespace) -> Vec<Secret> {
+    ns.secrets()
+        .list(&kube::api::ListParams::default().labels("app.kubernetes.io/managed-by=kube-sts"))
+        .await
+        .unwrap()
+        .items
+}

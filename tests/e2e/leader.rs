@@ -8,11 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::{api::coordination::v1::Lease, api::core::v1::Secret};
-use kube::{
-    Api,
-    api::{ListParams, PostParams},
-};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, api::PostParams};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -32,22 +29,6 @@ fn granted_role(ns: &TestNamespace) -> String {
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     arn
-}
-
-fn binding_yaml(name: &str, role: &str, subjects: &[&str]) -> String {
-    let subjects: Vec<String> = subjects.iter().map(|s| format!("{{name: {s}}}")).collect();
-    format!(
-        "apiVersion: kube-sts.io/v1alpha1\nkind: AWSRoleBinding\nmetadata: {{name: {name}}}\nspec:\n  roleArn: {role}\n  subjects: [{}]\n",
-        subjects.join(", ")
-    )
-}
-
-async fn managed_secrets(ns: &TestNamespace) -> Vec<Secret> {
-    ns.secrets()
-        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=kube-sts"))
-        .await
-        .unwrap()
-        .items
 }
 
 fn election_args<'a>(ns: &'a str, lease: &'a str) -> [&'a str; 5] {
@@ -130,7 +111,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_after_a_kill() {
     assert_eq!(http_status(second.metrics_addr, "/healthz").await, 200);
     assert_eq!(http_status(second.metrics_addr, "/readyz").await, 200);
 
-    ns.apply_ok(&binding_yaml("early", &role, &["a", "b", "c"]));
+    ns.apply_ok(&binding_yaml("early", &role, &["a", "b", "c"], ""));
     wait_ready(&ns.bindings(), "early", "True", "CredentialsIssued").await;
     eventually("three Secrets", Duration::from_secs(30), || async {
         (managed_secrets(&ns).await.len() == 3).then_some(())
@@ -155,7 +136,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_after_a_kill() {
     first.kill();
     let killed = Instant::now();
     // A binding created after the kill needs the new leader.
-    ns.apply_ok(&binding_yaml("late", &role, &["a"]));
+    ns.apply_ok(&binding_yaml("late", &role, &["a"], ""));
     let within = LEASE_DURATION + RETRY_PERIOD + Duration::from_secs(8);
     let second_id = wait_acquired(&second, within).await;
     assert_ne!(second_id, first_id);
@@ -207,7 +188,7 @@ async fn sigterm_releases_the_lease_and_the_standby_takes_over_at_once() {
         second.logs().contains("standing by").then_some(())
     })
     .await;
-    ns.apply_ok(&binding_yaml("h", &role, &["app"]));
+    ns.apply_ok(&binding_yaml("h", &role, &["app"], ""));
     wait_ready(&ns.bindings(), "h", "True", "CredentialsIssued").await;
 
     first.stop();

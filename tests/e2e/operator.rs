@@ -7,7 +7,7 @@ use aws_runtime::env_config::file::{EnvConfigFileKind as ProfileFileKind, EnvCon
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{
     ResourceExt,
-    api::{ListParams, Patch, PatchParams, PostParams},
+    api::{Patch, PatchParams, PostParams},
 };
 use kube_sts::crd::AWSRoleBinding;
 
@@ -23,22 +23,6 @@ fn granted_role(ns: &TestNamespace, external_id: Option<&str>) -> String {
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     arn
-}
-
-fn binding_yaml(name: &str, role: &str, subjects: &[&str], extra: &str) -> String {
-    let subjects: Vec<String> = subjects.iter().map(|s| format!("{{name: {s}}}")).collect();
-    format!(
-        "apiVersion: kube-sts.io/v1alpha1\nkind: AWSRoleBinding\nmetadata: {{name: {name}}}\nspec:\n  roleArn: {role}\n  subjects: [{}]\n{extra}",
-        subjects.join(", ")
-    )
-}
-
-async fn managed_secrets(ns: &TestNamespace) -> Vec<Secret> {
-    ns.secrets()
-        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=kube-sts"))
-        .await
-        .unwrap()
-        .items
 }
 
 async fn wait_secret(ns: &TestNamespace, name: &str) -> Secret {
