@@ -49,6 +49,7 @@ use k8s_openapi::{
     api::{
         authentication::v1::{TokenRequest, TokenRequestSpec},
         core::v1::{Namespace, Secret, ServiceAccount},
+        events::v1::Event,
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
@@ -380,6 +381,19 @@ impl Bench {
             .delete(&rbac, &DeleteParams::background())
             .await;
         let _ = std::fs::remove_file(self.repo.join(format!(".e2e/bench/{}-operator.kubeconfig", self.id)));
+        // The namespace controller empties a namespace with one DELETE per resource type,
+        // which times out (and is retried for many minutes) with 10,000s of objects: delete
+        // them one by one first, the way they were created.
+        let t = Instant::now();
+        let mut deleted = 0;
+        for ns in namespaces {
+            let c = || self.client.clone();
+            deleted += delete_each(&Api::<AWSRoleBinding>::namespaced(c(), ns), self.concurrency).await;
+            deleted += delete_each(&Api::<Secret>::namespaced(c(), ns), self.concurrency).await;
+            deleted += delete_each(&Api::<ServiceAccount>::namespaced(c(), ns), self.concurrency).await;
+            deleted += delete_each(&Api::<Event>::namespaced(c(), ns), self.concurrency).await;
+        }
+        say!(self, "{deleted} objects deleted ({})", secs(t.elapsed()));
         let api = Api::<Namespace>::all(self.client.clone());
         for ns in namespaces {
             let _ = api.delete(ns, &DeleteParams::background()).await;
@@ -406,6 +420,30 @@ impl Bench {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     }
+}
+
+/// Deletes every object `api` lists, with at most `concurrency` requests in flight;
+/// returns how many there were.
+async fn delete_each<K>(api: &Api<K>, concurrency: usize) -> usize
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let Ok(list) = api.list_metadata(&ListParams::default()).await else {
+        return 0;
+    };
+    let names: Vec<String> = list.items.iter().map(|o| o.name_any()).collect();
+    let count = names.len();
+    stream::iter(names)
+        .map(|name| {
+            let api = api.clone();
+            async move {
+                let _ = api.delete(&name, &DeleteParams::background()).await;
+            }
+        })
+        .buffer_unordered(concurrency)
+        .for_each(|_| async {})
+        .await;
+    count
 }
 
 fn binding(name: &str, role: &str) -> AWSRoleBinding {
@@ -836,6 +874,24 @@ impl Operator {
         }
     }
 
+    /// CPU time (user + system) the process used so far.
+    fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        // Fields after the command name (which may contain spaces): utime and stime are the
+        // 12th and 13th, in clock ticks (USER_HZ, 100 on Linux).
+        let ticks: u64 = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| {
+                rest.split_whitespace()
+                    .skip(11)
+                    .take(2)
+                    .filter_map(|v| v.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0);
+        Duration::from_millis(ticks * 10)
+    }
+
     /// Peak resident set size so far (`VmHWM`), in KiB.
     fn vm_hwm(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
@@ -1184,6 +1240,7 @@ async fn main() {
         secs(operator_time),
     );
     results.add(section, "  of which the driver's binding creates", secs(created));
+    results.add(section, "  operator CPU time", secs(operator.cpu_time()));
     results.add(
         section,
         "  bindings/s",
@@ -1311,6 +1368,11 @@ async fn main() {
         scrape.reconciles.to_string(),
     );
     results.add(section, "  reconcile errors", scrape.reconcile_errors.to_string());
+    results.add(
+        section,
+        "  operator CPU time (whole run so far)",
+        secs(operator.cpu_time()),
+    );
     operator.report_problems(&bench, &mut results, section);
     drop(watch);
 
@@ -1322,6 +1384,7 @@ async fn main() {
     let mut operator = Operator::start(&bench, "a-restarted", Some(&ns), &bench.kubeconfig, &sts);
     let ready_after = operator.wait_ready(Instant::now() + Duration::from_secs(60)).await;
     let (scrape, moved) = operator.settle(0, bench.phase_deadline(180)).await;
+    let cpu = operator.cpu_time();
     let after = versions(&bench.client, &ns).await;
     let changed = after.iter().filter(|(k, v)| before.get(*k) != Some(*v)).count();
     let listed = bindings
@@ -1334,6 +1397,7 @@ async fn main() {
     results.add(section, "SIGTERM -> exit", secs(shutdown));
     results.add(section, "start -> /readyz 200", ready_text(ready_after));
     results.add(section, "start -> reconciles settled", secs(moved - operator.started));
+    results.add(section, "operator CPU time until settled", secs(cpu));
     results.add(
         section,
         "reconciles",
@@ -1395,6 +1459,7 @@ async fn main() {
     let mut operator = Operator::start(&bench, "all-namespaces", None, &kubeconfig, &sts);
     let ready_after = operator.wait_ready(Instant::now() + Duration::from_secs(60)).await;
     let (scrape, moved) = operator.settle(foreign as u64, bench.phase_deadline(120)).await;
+    let cpu = operator.cpu_time();
     results.add(
         section,
         format!("peak RSS, all namespaces ({ready_large} bindings + {noise} other Secrets)"),
@@ -1402,6 +1467,7 @@ async fn main() {
     );
     results.add(section, "start -> /readyz 200", ready_text(ready_after));
     results.add(section, "start -> reconciles settled", secs(moved - operator.started));
+    results.add(section, "operator CPU time until settled", secs(cpu));
     results.add(
         section,
         "reconciles",
