@@ -1049,6 +1049,7 @@ fn fake_credentials(real: &Secret, arn: String, i: usize, now: Timestamp) -> Cre
         expiration: now + SignedDuration::from_hours(1),
         arn: Some(arn),
         note: None,
+        registries: Vec::new(),
     }
 }
 

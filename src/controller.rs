@@ -58,6 +58,46 @@ pub struct Stores {
     pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     pub grants: Store<AWSRoleGrant>,
+    /// Which cached Secrets each binding controls, kept up to date by the Secret watch.
+    pub secret_owners: Arc<Mutex<SecretIndex>>,
+}
+
+/// The managed Secrets of each binding (by the binding's UID, from the Secret's controller
+/// ownerReference), so a reconcile finds its own without scanning every cached Secret.
+#[derive(Debug, Default)]
+pub struct SecretIndex {
+    by_owner: HashMap<String, std::collections::HashSet<ObjectRef<Secret>>>,
+    owner_of: HashMap<ObjectRef<Secret>, String>,
+}
+
+impl SecretIndex {
+    /// Records the Secret `secret` as controlled by `owner` now (`None`: gone, or not ours).
+    pub fn update(&mut self, secret: ObjectRef<Secret>, owner: Option<String>) {
+        if let Some(old) = self.owner_of.remove(&secret)
+            && let Some(set) = self.by_owner.get_mut(&old)
+        {
+            set.remove(&secret);
+            if set.is_empty() {
+                self.by_owner.remove(&old);
+            }
+        }
+        if let Some(owner) = owner {
+            self.by_owner.entry(owner.clone()).or_default().insert(secret.clone());
+            self.owner_of.insert(secret, owner);
+        }
+    }
+
+    pub fn owned_by(&self, owner: &str) -> Vec<ObjectRef<Secret>> {
+        self.by_owner.get(owner).into_iter().flatten().cloned().collect()
+    }
+}
+
+fn controller_uid(secret: &Secret) -> Option<String> {
+    secret
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true) && o.kind == "AWSRoleBinding")
+        .map(|o| o.uid.clone())
 }
 
 impl Stores {
@@ -91,6 +131,10 @@ pub struct Context {
     pub settings: Settings,
     pub stores: Stores,
     subjects: Mutex<HashMap<SubjectKey, SubjectState>>,
+    /// Per binding: the resourceVersion it had when this process last wrote its status, and
+    /// a digest of that status. A reconcile triggered by our own Secret write can see the
+    /// binding before our status write reached the cache; it must not write it again.
+    statuses: Mutex<HashMap<(String, String), (String, u64)>>,
     mfa_codes: crate::mfa::CodeLedger,
 }
 
@@ -115,6 +159,7 @@ impl Context {
             settings,
             stores,
             subjects: Mutex::new(HashMap::new()),
+            statuses: Mutex::new(HashMap::new()),
             mfa_codes: crate::mfa::CodeLedger::default(),
         }
     }
@@ -412,11 +457,15 @@ fn sa_label(secret: &Secret) -> String {
 }
 
 fn owned_secrets(ctx: &Context, namespace: &str, binding: &str, uid: &str) -> Vec<Arc<Secret>> {
-    ctx.stores.secrets.state_filter(|s| {
-        s.namespace().as_deref() == Some(namespace)
-            && s.labels().get(BINDING_LABEL).map(String::as_str) == Some(binding)
-            && is_owned_by(s, uid)
-    })
+    let refs = ctx.stores.secret_owners.lock().expect("index lock").owned_by(uid);
+    refs.iter()
+        .filter_map(|r| ctx.stores.secrets.get(r))
+        .filter(|s| {
+            s.namespace().as_deref() == Some(namespace)
+                && s.labels().get(BINDING_LABEL).map(String::as_str) == Some(binding)
+                && is_owned_by(s, uid)
+        })
+        .collect()
 }
 
 async fn delete_secret(ctx: &Context, secret: &Secret) -> Result<()> {
@@ -475,10 +524,22 @@ async fn current_secret(ctx: &Context, target: &render::SecretTarget) -> Result<
     Ok(api.get_opt(&target.name).await.map_err(Error::Kube)?.map(Arc::new))
 }
 
-async fn write_secret(ctx: &Context, desired: &Secret, exists: bool) -> Result<std::result::Result<(), String>> {
+/// Writes `desired` over `existing` (apply), or creates it. A Secret's type never changes
+/// in Kubernetes, so an owned Secret of the other type (the binding's `secret.type` changed)
+/// is deleted and created anew.
+async fn write_secret(
+    ctx: &Context,
+    desired: &Secret,
+    existing: Option<&Secret>,
+) -> Result<std::result::Result<(), String>> {
     let namespace = desired.namespace().unwrap_or_default();
     let name = desired.name_any();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut exists = existing.is_some();
+    if let Some(existing) = existing.filter(|e| e.type_ != desired.type_) {
+        delete_secret(ctx, existing).await?;
+        exists = false;
+    }
     if exists {
         api.patch(
             &name,
@@ -613,7 +674,7 @@ async fn reconcile_subject(
         let intact = existing.as_deref().is_some_and(|s| render::secret_matches(s, &desired));
         if !intact {
             // Deleted or edited by someone: put back what we issued, no STS call.
-            if let Err(message) = write_secret(ctx, &desired, existing.is_some()).await? {
+            if let Err(message) = write_secret(ctx, &desired, existing.as_deref()).await? {
                 status.message = message.clone();
                 return Ok(SubjectResult {
                     outcome: not_ready(Reason::SecretConflict, message),
@@ -650,8 +711,15 @@ async fn reconcile_subject(
     };
     match issued {
         Ok(crate::sts::Issued { creds }) => {
+            // Remembered before writing: should the write fail, the retry writes these
+            // credentials again instead of asking STS for new ones.
+            let state = SubjectState {
+                creds: Some((plan.spec_hash.clone(), creds.clone())),
+                ..Default::default()
+            };
+            ctx.set_state(key, state.clone());
             let desired = render::render_secret(&creds, target);
-            if let Err(message) = write_secret(ctx, &desired, existing.is_some()).await? {
+            if let Err(message) = write_secret(ctx, &desired, existing.as_deref()).await? {
                 status.message = message.clone();
                 return Ok(SubjectResult {
                     outcome: not_ready(Reason::SecretConflict, message),
@@ -681,11 +749,6 @@ async fn reconcile_subject(
                 note,
             )
             .await;
-            let state = SubjectState {
-                creds: Some((plan.spec_hash.clone(), creds.clone())),
-                ..Default::default()
-            };
-            ctx.set_state(key, state.clone());
             Ok(ready_result(sp, binding, &creds, status, &state, ctx, &labels, now))
         }
         Err(err) => {
@@ -712,9 +775,13 @@ async fn reconcile_subject(
             if let (Some(secret), None) = (&existing, secret_expiration.filter(|e| *e > now)) {
                 if !expired_marker {
                     let expired_at = secret_expiration.unwrap_or(now);
-                    write_secret(ctx, &render::render_expired_secret(target, expired_at), true)
-                        .await?
-                        .ok();
+                    write_secret(
+                        ctx,
+                        &render::render_expired_secret(target, expired_at),
+                        Some(secret.as_ref()),
+                    )
+                    .await?
+                    .ok();
                     tracing::warn!(secret = %secret.name_any(), namespace = %target.namespace, "credentials expired and could not be refreshed; removed them from the Secret");
                 }
                 state.creds = None;
@@ -902,7 +969,19 @@ async fn write_status(binding: &AWSRoleBinding, status: AWSRoleBindingStatus, ct
     if binding.status.as_ref() == Some(&status) {
         return Ok(());
     }
-    let api: Api<AWSRoleBinding> = Api::namespaced(ctx.client.clone(), &binding.namespace().unwrap_or_default());
+    let key = (binding.namespace().unwrap_or_default(), binding.name_any());
+    let digest = {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        serde_json::to_string(&status).unwrap_or_default().hash(&mut hasher);
+        hasher.finish()
+    };
+    let version = binding.resource_version().unwrap_or_default();
+    if ctx.statuses.lock().expect("status lock").get(&key) == Some(&(version.clone(), digest)) {
+        // Written already from this very version of the binding: the cache lags behind.
+        return Ok(());
+    }
+    let api: Api<AWSRoleBinding> = Api::namespaced(ctx.client.clone(), &key.0);
     let patch = json!({
         "apiVersion": "kube-sts.io/v1alpha1",
         "kind": "AWSRoleBinding",
@@ -918,6 +997,7 @@ async fn write_status(binding: &AWSRoleBinding, status: AWSRoleBindingStatus, ct
     {
         Ok(_) => {
             ctx.metrics.api_write("awsrolebindings/status", "apply");
+            ctx.statuses.lock().expect("status lock").insert(key, (version, digest));
             Ok(())
         }
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
@@ -999,12 +1079,18 @@ pub async fn run(
     let selector = managed_selector();
     let api = api_for::<Secret>(&client, ns.as_deref());
     let stream = reflector(writer, watcher(api, watcher::Config::default().labels(&selector))).default_backoff();
+    let secret_owners = Arc::new(Mutex::new(SecretIndex::default()));
+    let (index, cache) = (secret_owners.clone(), secrets.clone());
     drive(
         "secrets",
         stream.touched_objects(),
         requests.clone(),
-        |secret: Secret| {
+        move |secret: Secret| {
             let namespace = secret.namespace().unwrap_or_default();
+            // The reflector has applied the event already: the cache says whether it is gone.
+            let at = ObjectRef::from(&secret);
+            let owner = cache.get(&at).as_deref().and_then(controller_uid);
+            index.lock().expect("index lock").update(at, owner);
             secret
                 .owner_references()
                 .iter()
@@ -1068,6 +1154,7 @@ pub async fn run(
         service_accounts,
         namespaces,
         grants,
+        secret_owners,
     };
     // Decide nothing before every cache is complete (a restart must see every Secret).
     // Waited for once, here: Store::wait_until_ready wakes only the last of several waiters.
@@ -1087,4 +1174,29 @@ pub async fn run(
         })
         .await;
     tracing::info!("controller stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_index_follows_owner_changes_and_deletes() {
+        let mut index = SecretIndex::default();
+        let a = ObjectRef::<Secret>::new("a").within("ns");
+        let b = ObjectRef::<Secret>::new("b").within("ns");
+        index.update(a.clone(), Some("uid-1".into()));
+        index.update(b.clone(), Some("uid-1".into()));
+        let mut owned = index.owned_by("uid-1");
+        owned.sort_by(|x, y| x.name.cmp(&y.name));
+        assert_eq!(owned, [a.clone(), b.clone()]);
+        index.update(a.clone(), Some("uid-2".into()));
+        assert_eq!(index.owned_by("uid-1").len(), 1);
+        assert_eq!(index.owned_by("uid-1")[0], b);
+        assert_eq!(index.owned_by("uid-2")[0], a);
+        index.update(b, None);
+        index.update(a, None);
+        assert!(index.owned_by("uid-1").is_empty() && index.owned_by("uid-2").is_empty());
+        assert!(index.by_owner.is_empty() && index.owner_of.is_empty());
+    }
 }

@@ -57,7 +57,11 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("kube_sts");
         let sts_calls = Family::<StsCallLabels, Counter>::default();
-        registry.register("sts_calls", "STS calls by operation and outcome", sts_calls.clone());
+        registry.register(
+            "sts_calls",
+            "AWS calls (STS, and ECR for pull Secrets) by operation and outcome",
+            sts_calls.clone(),
+        );
         let reconcile_duration = Histogram::new([0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
         registry.register(
             "reconcile_duration_seconds",

@@ -102,11 +102,6 @@ pub fn plan_binding(
     let name = binding.name_any();
     let uid = binding.uid().unwrap_or_default();
 
-    if spec.secret.as_ref().and_then(|s| s.type_) == Some(SecretType::DockerConfigJson) {
-        return Err(InvalidSpec(
-            "secret.type DockerConfigJson is not supported by this version of kube-sts yet".into(),
-        ));
-    }
     if spec.mfa.is_some() && resolved.totp_seed.is_none() {
         return Err(InvalidSpec("mfa.totpSecretRef could not be read".into()));
     }
@@ -141,6 +136,21 @@ pub fn plan_binding(
 
     let template = spec.secret.clone().unwrap_or_default();
     let region = spec.region.clone().or_else(|| settings.default_region.clone());
+    let ecr_registry_ids = match (template.type_.unwrap_or_default(), &spec.ecr) {
+        (SecretType::DockerConfigJson, Some(ecr)) => {
+            if region.is_none() {
+                return Err(InvalidSpec(
+                    "an ECR pull Secret names regional registries: set spec.region (or start the operator with --region)"
+                        .into(),
+                ));
+            }
+            ecr.registry_ids.clone()
+        }
+        (SecretType::DockerConfigJson, None) => {
+            return Err(InvalidSpec("secret.type DockerConfigJson needs ecr.registryIds".into()));
+        }
+        (SecretType::Credentials, _) => Vec::new(),
+    };
     let hash = spec_hash(spec, resolved, settings);
     let subjects = spec
         .subjects
@@ -181,6 +191,7 @@ pub fn plan_binding(
                         .and_then(|f| f.name.clone())
                         .unwrap_or_else(|| naming::default_federated_name(&namespace, &sa))
                 }),
+                ecr_registry_ids: ecr_registry_ids.clone(),
             };
             let target = SecretTarget {
                 namespace: namespace.clone(),
@@ -372,6 +383,23 @@ pub(crate) mod tests {
         });
         let plan = plan_binding(&b, &Resolved::default(), &settings()).unwrap();
         assert_eq!(plan.subjects[0].request.federated_name.as_deref(), Some("reports"));
+    }
+
+    #[test]
+    fn pull_secret_plans_registries_and_needs_a_region() {
+        let b = binding(
+            "roleArn: arn:aws:iam::123456789012:role/r\nsubjects: [{name: app}]\nsecret: {type: DockerConfigJson}\necr: {registryIds: ['111111111111']}\n",
+        );
+        let plan = plan_binding(&b, &Resolved::default(), &settings()).unwrap();
+        assert_eq!(plan.subjects[0].request.ecr_registry_ids, ["111111111111"]);
+        assert_eq!(plan.subjects[0].target.secret_type, SecretType::DockerConfigJson);
+        let mut no_region = settings();
+        no_region.default_region = None;
+        let err = plan_binding(&b, &Resolved::default(), &no_region).unwrap_err();
+        assert!(err.0.contains("spec.region"), "{err}");
+        // Plain credentials never ask ECR.
+        let plan = plan_binding(&binding(BASIC), &Resolved::default(), &settings()).unwrap();
+        assert!(plan.subjects[0].request.ecr_registry_ids.is_empty());
     }
 
     #[test]

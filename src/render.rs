@@ -28,6 +28,9 @@ pub const ARN_ANNOTATION: &str = "kube-sts.io/arn";
 pub const EXPIRED_ANNOTATION: &str = "kube-sts.io/expired";
 /// Kept with the credentials so a restarted operator reports the same condition message.
 pub const NOTE_ANNOTATION: &str = "kube-sts.io/issue-note";
+/// The (public) access key ID of the session that fetched an ECR token: a pull Secret
+/// holds no AWS keys, and status still names the session for CloudTrail correlation.
+pub const ACCESS_KEY_ANNOTATION: &str = "kube-sts.io/access-key-id";
 
 pub const DEFAULT_PROFILE: &str = "default";
 pub const DEFAULT_MOUNT_PATH: &str = "/var/run/secrets/kube-sts.io";
@@ -39,6 +42,26 @@ pub const KEY_EXPIRATION: &str = "AWS_CREDENTIAL_EXPIRATION";
 pub const KEY_CREDENTIALS: &str = "credentials";
 pub const KEY_CONFIG: &str = "config";
 pub const KEY_CREDENTIALS_JSON: &str = "credentials.json";
+/// The only key of a `kubernetes.io/dockerconfigjson` Secret.
+pub const KEY_DOCKER_CONFIG: &str = ".dockerconfigjson";
+pub const TYPE_OPAQUE: &str = "Opaque";
+pub const TYPE_DOCKER_CONFIG: &str = "kubernetes.io/dockerconfigjson";
+
+/// An ECR registry's pull credentials: its host and the `auth` value (base64 of
+/// `AWS:<password>`) as ECR GetAuthorizationToken returns it. `Debug` hides the token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegistryAuth {
+    pub host: String,
+    pub auth: String,
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAuth")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Temporary credentials as STS returned them. `Debug` never shows the secret parts.
 #[derive(Clone, PartialEq, Eq)]
@@ -52,6 +75,10 @@ pub struct Credentials {
     pub arn: Option<String>,
     /// What the user should know about this issuance (e.g. a shortened duration).
     pub note: Option<String>,
+    /// ECR pull credentials, sorted by host (only for `DockerConfigJson`). Then `issued_at`
+    /// and `expiration` are the token's, and the secret key and session token are empty:
+    /// the session only served to fetch the token.
+    pub registries: Vec<RegistryAuth>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -61,6 +88,7 @@ impl std::fmt::Debug for Credentials {
             .field("issued_at", &self.issued_at)
             .field("expiration", &self.expiration)
             .field("arn", &self.arn)
+            .field("registries", &self.registries)
             .finish_non_exhaustive()
     }
 }
@@ -157,6 +185,35 @@ pub fn config_file(profile: &str, mount_path: &str, region: Option<&str>) -> Str
     out
 }
 
+/// The `.dockerconfigjson` of an ECR pull Secret: one `auths` entry per registry, with
+/// only `auth`, as `docker login` writes it.
+pub fn docker_config_json(registries: &[RegistryAuth]) -> String {
+    let auths: BTreeMap<&str, BTreeMap<&str, &str>> = registries
+        .iter()
+        .map(|r| (r.host.as_str(), BTreeMap::from([("auth", r.auth.as_str())])))
+        .collect();
+    serde_json::json!({ "auths": auths }).to_string()
+}
+
+/// All data keys of the Secret for `target`, by its type.
+pub fn secret_data(creds: &Credentials, target: &SecretTarget) -> BTreeMap<String, ByteString> {
+    match target.secret_type {
+        SecretType::Credentials => credentials_data(creds, target),
+        SecretType::DockerConfigJson => BTreeMap::from([(
+            KEY_DOCKER_CONFIG.to_string(),
+            ByteString(docker_config_json(&creds.registries).into_bytes()),
+        )]),
+    }
+}
+
+/// The Kubernetes Secret type for `target`.
+pub fn secret_type(target: &SecretTarget) -> &'static str {
+    match target.secret_type {
+        SecretType::Credentials => TYPE_OPAQUE,
+        SecretType::DockerConfigJson => TYPE_DOCKER_CONFIG,
+    }
+}
+
 /// All data keys of a `Credentials` Secret.
 pub fn credentials_data(creds: &Credentials, target: &SecretTarget) -> BTreeMap<String, ByteString> {
     let entries = [
@@ -206,29 +263,34 @@ pub fn render_secret(creds: &Credentials, target: &SecretTarget) -> Secret {
     if let Some(note) = &creds.note {
         annotations.insert(NOTE_ANNOTATION.into(), note.clone());
     }
+    if target.secret_type == SecretType::DockerConfigJson {
+        annotations.insert(ACCESS_KEY_ANNOTATION.into(), creds.access_key_id.clone());
+    }
     Secret {
         metadata: metadata(target, annotations),
-        type_: Some("Opaque".into()),
-        data: Some(credentials_data(creds, target)),
+        type_: Some(secret_type(target).into()),
+        data: Some(secret_data(creds, target)),
         ..Default::default()
     }
 }
 
 /// The Secret that replaces credentials which expired and could not be refreshed: the
-/// credential keys are gone, so no SDK mistakes it for a working one.
+/// credential keys are gone, so no SDK mistakes it for a working one. (A pull Secret keeps
+/// its type, which Kubernetes never changes, with no registries in it.)
 pub fn render_expired_secret(target: &SecretTarget, expired_at: Timestamp) -> Secret {
     let annotations = BTreeMap::from([
         (EXPIRATION_ANNOTATION.to_string(), rfc3339(expired_at)),
         (EXPIRED_ANNOTATION.to_string(), "true".to_string()),
         (SPEC_HASH_ANNOTATION.to_string(), target.spec_hash.clone()),
     ]);
+    let data = match target.secret_type {
+        SecretType::Credentials => (KEY_EXPIRATION, rfc3339(expired_at)),
+        SecretType::DockerConfigJson => (KEY_DOCKER_CONFIG, docker_config_json(&[])),
+    };
     Secret {
         metadata: metadata(target, annotations),
-        type_: Some("Opaque".into()),
-        data: Some(BTreeMap::from([(
-            KEY_EXPIRATION.to_string(),
-            ByteString(rfc3339(expired_at).into_bytes()),
-        )])),
+        type_: Some(secret_type(target).into()),
+        data: Some(BTreeMap::from([(data.0.to_string(), ByteString(data.1.into_bytes()))])),
         ..Default::default()
     }
 }
@@ -245,16 +307,51 @@ fn data_str<'a>(secret: &'a Secret, key: &str) -> Option<&'a str> {
 /// must be exactly what rendering those credentials for `target` gives. An edited or
 /// half-written Secret yields `None`.
 pub fn read_credentials(secret: &Secret, target: &SecretTarget) -> Option<Credentials> {
+    let (access_key_id, secret_access_key, session_token, registries) = match target.secret_type {
+        SecretType::Credentials => (
+            data_str(secret, KEY_ACCESS_KEY_ID)?.to_string(),
+            data_str(secret, KEY_SECRET_ACCESS_KEY)?.to_string(),
+            data_str(secret, KEY_SESSION_TOKEN)?.to_string(),
+            Vec::new(),
+        ),
+        SecretType::DockerConfigJson => (
+            secret.annotations().get(ACCESS_KEY_ANNOTATION)?.clone(),
+            String::new(),
+            String::new(),
+            read_registries(data_str(secret, KEY_DOCKER_CONFIG)?)?,
+        ),
+    };
     let creds = Credentials {
-        access_key_id: data_str(secret, KEY_ACCESS_KEY_ID)?.to_string(),
-        secret_access_key: data_str(secret, KEY_SECRET_ACCESS_KEY)?.to_string(),
-        session_token: data_str(secret, KEY_SESSION_TOKEN)?.to_string(),
+        access_key_id,
+        secret_access_key,
+        session_token,
         issued_at: annotation_time(secret, ISSUED_AT_ANNOTATION)?,
         expiration: annotation_time(secret, EXPIRATION_ANNOTATION)?,
         arn: secret.annotations().get(ARN_ANNOTATION).cloned(),
         note: secret.annotations().get(NOTE_ANNOTATION).cloned(),
+        registries,
     };
-    (secret.data.as_ref() == Some(&credentials_data(&creds, target))).then_some(creds)
+    (secret.type_.as_deref() == Some(secret_type(target)) && secret.data.as_ref() == Some(&secret_data(&creds, target)))
+        .then_some(creds)
+}
+
+/// The registries of a `.dockerconfigjson` (sorted by host); `None` when it is not one.
+fn read_registries(json: &str) -> Option<Vec<RegistryAuth>> {
+    #[derive(serde::Deserialize)]
+    struct Config {
+        auths: BTreeMap<String, Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        auth: String,
+    }
+    let config: Config = serde_json::from_str(json).ok()?;
+    let registries: Vec<RegistryAuth> = config
+        .auths
+        .into_iter()
+        .map(|(host, entry)| RegistryAuth { host, auth: entry.auth })
+        .collect();
+    (!registries.is_empty()).then_some(registries)
 }
 
 /// True when `actual` carries everything `desired` says (data, type, labels, annotations,
@@ -284,6 +381,7 @@ mod tests {
             expiration: "2026-11-26T10:00:00Z".parse().unwrap(),
             arn: Some("arn:aws:sts::123456789012:assumed-role/r/team-a.app".into()),
             note: None,
+            registries: Vec::new(),
         }
     }
 
@@ -422,5 +520,66 @@ mod tests {
         assert!(secret_matches(&actual, &desired));
         actual.data.as_mut().unwrap().remove(KEY_CONFIG);
         assert!(!secret_matches(&actual, &desired));
+    }
+
+    fn pull_target() -> SecretTarget {
+        SecretTarget {
+            secret_type: SecretType::DockerConfigJson,
+            ..target()
+        }
+    }
+
+    fn pull_creds() -> Credentials {
+        Credentials {
+            secret_access_key: String::new(),
+            session_token: String::new(),
+            registries: vec![
+                RegistryAuth {
+                    host: "111111111111.dkr.ecr.eu-west-1.amazonaws.com".into(),
+                    auth: "QVdTOm9uZQ==".into(),
+                },
+                RegistryAuth {
+                    host: "222222222222.dkr.ecr.eu-west-1.amazonaws.com".into(),
+                    auth: "QVdTOnR3bw==".into(),
+                },
+            ],
+            ..creds()
+        }
+    }
+
+    #[test]
+    fn pull_secret_is_exact_and_round_trips() {
+        let s = render_secret(&pull_creds(), &pull_target());
+        assert_eq!(s.type_.as_deref(), Some("kubernetes.io/dockerconfigjson"));
+        assert_eq!(s.data.as_ref().unwrap().len(), 1);
+        assert_eq!(
+            data(&s, KEY_DOCKER_CONFIG),
+            r#"{"auths":{"111111111111.dkr.ecr.eu-west-1.amazonaws.com":{"auth":"QVdTOm9uZQ=="},"222222222222.dkr.ecr.eu-west-1.amazonaws.com":{"auth":"QVdTOnR3bw=="}}}"#
+        );
+        let ann = s.metadata.annotations.as_ref().unwrap();
+        assert_eq!(ann[ACCESS_KEY_ANNOTATION], "ASIAEXAMPLE");
+        assert_eq!(ann[EXPIRATION_ANNOTATION], "2026-11-26T10:00:00Z");
+        assert_eq!(read_credentials(&s, &pull_target()), Some(pull_creds()));
+        // Read as the other type, it is not a usable Secret.
+        assert_eq!(read_credentials(&s, &target()), None);
+        assert_eq!(
+            read_credentials(&render_secret(&creds(), &target()), &pull_target()),
+            None
+        );
+    }
+
+    #[test]
+    fn expired_pull_secret_keeps_its_type_and_no_registry() {
+        let s = render_expired_secret(&pull_target(), creds().expiration);
+        assert_eq!(s.type_.as_deref(), Some("kubernetes.io/dockerconfigjson"));
+        assert_eq!(data(&s, KEY_DOCKER_CONFIG), r#"{"auths":{}}"#);
+        assert_eq!(read_credentials(&s, &pull_target()), None);
+    }
+
+    #[test]
+    fn debug_never_shows_registry_tokens() {
+        let shown = format!("{:?}", pull_creds());
+        assert!(shown.contains("111111111111.dkr.ecr"), "{shown}");
+        assert!(!shown.contains("QVdTOm9uZQ=="), "{shown}");
     }
 }

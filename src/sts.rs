@@ -41,6 +41,8 @@ pub struct IssueRequest {
     pub mfa: Option<(String, String)>,
     /// Federated user name for GetFederationToken.
     pub federated_name: Option<String>,
+    /// ECR registries to fetch a pull token for with the issued session (DockerConfigJson).
+    pub ecr_registry_ids: Vec<String>,
 }
 
 /// Credentials as issued (their `note` says anything the user should know about how).
@@ -63,6 +65,7 @@ impl std::fmt::Debug for IssueRequest {
             .field("duration_seconds", &self.duration_seconds)
             .field("mfa_device", &self.mfa.as_ref().map(|(serial, _)| serial))
             .field("federated_name", &self.federated_name)
+            .field("ecr_registry_ids", &self.ecr_registry_ids)
             .finish_non_exhaustive()
     }
 }
@@ -101,7 +104,8 @@ pub fn classify(code: Option<&str>) -> Reason {
             | "MalformedPolicyDocument"
             | "PackedPolicyTooLarge"
             | "InvalidParameterValue"
-            | "InvalidParameterCombination",
+            | "InvalidParameterCombination"
+            | "InvalidParameterException",
         ) => Reason::InvalidSpec,
         Some(_) => Reason::StsUnavailable,
     }
@@ -110,7 +114,11 @@ pub fn classify(code: Option<&str>) -> Reason {
 /// Adds what a user needs to fix an AccessDenied to STS's own message.
 pub fn access_denied_hint(req: &IssueRequest, message: &str) -> String {
     let mut hints = Vec::new();
-    if message.contains("sts:TagSession") || (!req.tags.is_empty() && message.contains("TagSession")) {
+    if message.contains("ecr:") {
+        hints.push(
+            "the role's permissions policy must allow ecr:GetAuthorizationToken (and pulling needs ecr:BatchGetImage and ecr:GetDownloadUrlForLayer on the repositories)",
+        );
+    } else if message.contains("sts:TagSession") || (!req.tags.is_empty() && message.contains("TagSession")) {
         hints.push(
             "the role's trust policy must also allow sts:TagSession, because session tags are sent (or start the operator with --session-tags=off)",
         );
@@ -375,7 +383,61 @@ impl StsClient {
         }
     }
 
+    /// Fetches ECR pull tokens acting as the issued session. What is kept is the token (with
+    /// its own issue and expiry times) and the session's public key ID; the session's secret
+    /// parts are dropped.
+    async fn ecr_token(&self, req: &IssueRequest, session: Credentials) -> Result<Credentials, StsError> {
+        let region = req
+            .region
+            .clone()
+            .ok_or_else(|| invalid("GetAuthorizationToken", "an ECR pull Secret needs a region"))?;
+        let provider = aws_credential_types::Credentials::new(
+            &session.access_key_id,
+            &session.secret_access_key,
+            Some(session.session_token.clone()),
+            None,
+            "kube-sts-session",
+        );
+        let config = aws_sdk_ecr::config::Builder::from(&self.base)
+            .region(Region::new(region.clone()))
+            .credentials_provider(provider)
+            .build();
+        // No registryIds: ECR deprecated them, since one token serves every registry the
+        // session may pull from; `registry_auths` writes it for each registry asked for.
+        let call = aws_sdk_ecr::Client::from_conf(config).get_authorization_token();
+        let out = self.call("GetAuthorizationToken", call.send()).await?;
+        let answer: Vec<EcrAuthorization> = out
+            .authorization_data()
+            .iter()
+            .map(|a| EcrAuthorization {
+                proxy_endpoint: a.proxy_endpoint().map(str::to_string),
+                token: a.authorization_token().map(str::to_string),
+                expires_at: a.expires_at().and_then(|t| Timestamp::from_second(t.secs()).ok()),
+            })
+            .collect();
+        let now = Timestamp::from_second(Timestamp::now().as_second()).expect("now is a valid timestamp");
+        let (registries, expiration) = registry_auths(&answer, &req.ecr_registry_ids, &region, now)?;
+        Ok(Credentials {
+            secret_access_key: String::new(),
+            session_token: String::new(),
+            issued_at: now,
+            expiration,
+            registries,
+            ..session
+        })
+    }
+
     async fn issue_inner(&self, req: &IssueRequest) -> Result<Issued, StsError> {
+        let Issued { creds } = self.issue_session(req).await?;
+        if req.ecr_registry_ids.is_empty() {
+            return Ok(Issued { creds });
+        }
+        Ok(Issued {
+            creds: self.ecr_token(req, creds).await?,
+        })
+    }
+
+    async fn issue_session(&self, req: &IssueRequest) -> Result<Issued, StsError> {
         match self.issue_once(req, req.duration_seconds).await {
             Ok(creds) => Ok(Issued { creds }),
             // Every role allows an hour: rather than failing forever, issue for an hour and
@@ -402,6 +464,79 @@ impl Issuer for StsClient {
     fn issue<'a>(&'a self, req: &'a IssueRequest) -> BoxFuture<'a, Result<Issued, StsError>> {
         Box::pin(self.issue_inner(req))
     }
+}
+
+/// One entry of an ECR GetAuthorizationToken answer.
+#[derive(Clone, Default)]
+pub struct EcrAuthorization {
+    pub proxy_endpoint: Option<String>,
+    pub token: Option<String>,
+    pub expires_at: Option<Timestamp>,
+}
+
+/// ECR tokens this close to their expiry (or past it) are refused rather than written:
+/// refreshing them would start over at once.
+const MIN_TOKEN_LIFETIME: jiff::SignedDuration = jiff::SignedDuration::from_secs(300);
+
+/// The registry host API.md promises for a registry ID.
+pub fn registry_host(registry_id: &str, region: &str) -> String {
+    format!("{registry_id}.dkr.ecr.{region}.amazonaws.com")
+}
+
+/// Turns an ECR answer into the pull credentials for `registry_ids` (sorted by host) and
+/// their earliest expiry. A registry without its own entry gets the token of a single-entry
+/// answer (one token serves every registry the session may pull from). A token that is
+/// missing, undated or about to expire is an error, never a Secret.
+pub fn registry_auths(
+    answer: &[EcrAuthorization],
+    registry_ids: &[String],
+    region: &str,
+    now: Timestamp,
+) -> Result<(Vec<crate::render::RegistryAuth>, Timestamp), StsError> {
+    let failed = |code: &str, message: String| StsError {
+        reason: Reason::StsUnavailable,
+        operation: "GetAuthorizationToken",
+        code: code.into(),
+        message,
+    };
+    let host_of = |a: &EcrAuthorization| {
+        a.proxy_endpoint
+            .as_deref()
+            .map(|e| e.trim_start_matches("https://").trim_end_matches('/').to_string())
+    };
+    let mut registries = Vec::new();
+    let mut expiration: Option<Timestamp> = None;
+    for id in registry_ids {
+        let host = registry_host(id, region);
+        let entry = answer
+            .iter()
+            .find(|a| host_of(a).as_deref() == Some(host.as_str()))
+            .or_else(|| (answer.len() == 1).then(|| &answer[0]))
+            .ok_or_else(|| failed("NoToken", format!("ECR answered without a token for registry {host}")))?;
+        let (Some(token), Some(expires_at)) = (&entry.token, entry.expires_at) else {
+            return Err(failed(
+                "NoToken",
+                format!("ECR answered without a dated token for registry {host}"),
+            ));
+        };
+        if expires_at < now + MIN_TOKEN_LIFETIME {
+            return Err(failed(
+                "TokenExpired",
+                format!(
+                    "ECR answered with a token for registry {host} that expires at {}, too soon to use; not written",
+                    crate::render::rfc3339(expires_at)
+                ),
+            ));
+        }
+        expiration = Some(expiration.map_or(expires_at, |e| e.min(expires_at)));
+        registries.push(crate::render::RegistryAuth {
+            host,
+            auth: token.clone(),
+        });
+    }
+    registries.sort_by(|a, b| a.host.cmp(&b.host));
+    let expiration = expiration.ok_or_else(|| failed("NoRegistry", "no ECR registry requested".into()))?;
+    Ok((registries, expiration))
 }
 
 fn invalid(operation: &'static str, message: &str) -> StsError {
@@ -440,11 +575,16 @@ where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
     let code = err.code().map(str::to_string);
+    let service = if operation == "GetAuthorizationToken" {
+        "ECR"
+    } else {
+        "STS"
+    };
     let message = match (&err, err.message()) {
         (_, Some(m)) => m.to_string(),
-        (SdkError::DispatchFailure(_), _) => "cannot reach STS (connection failed)".to_string(),
-        (SdkError::TimeoutError(_), _) => "STS did not answer in time".to_string(),
-        (SdkError::ResponseError(_), _) => "STS sent an unreadable response".to_string(),
+        (SdkError::DispatchFailure(_), _) => format!("cannot reach {service} (connection failed)"),
+        (SdkError::TimeoutError(_), _) => format!("{service} did not answer in time"),
+        (SdkError::ResponseError(_), _) => format!("{service} sent an unreadable response"),
         _ => err.to_string(),
     };
     StsError {
@@ -482,6 +622,7 @@ fn to_credentials(
         expiration,
         arn,
         note: None,
+        registries: Vec::new(),
     })
 }
 
@@ -506,7 +647,105 @@ mod tests {
             web_identity_token: None,
             mfa: None,
             federated_name: None,
+            ecr_registry_ids: vec![],
         }
+    }
+
+    fn ecr(endpoint: &str, token: &str, expires_at: &str) -> EcrAuthorization {
+        EcrAuthorization {
+            proxy_endpoint: Some(endpoint.into()),
+            token: Some(token.into()),
+            expires_at: Some(expires_at.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn ecr_answer_becomes_one_entry_per_registry() {
+        let now: Timestamp = "2026-11-26T09:00:00Z".parse().unwrap();
+        let ids = vec!["222222222222".to_string(), "111111111111".to_string()];
+        let answer = [
+            ecr(
+                "https://111111111111.dkr.ecr.eu-west-1.amazonaws.com",
+                "b25l",
+                "2026-11-26T21:00:00Z",
+            ),
+            ecr(
+                "https://222222222222.dkr.ecr.eu-west-1.amazonaws.com",
+                "dHdv",
+                "2026-11-26T20:00:00Z",
+            ),
+        ];
+        let (registries, expiration) = registry_auths(&answer, &ids, "eu-west-1", now).unwrap();
+        let hosts: Vec<_> = registries.iter().map(|r| (r.host.as_str(), r.auth.as_str())).collect();
+        assert_eq!(
+            hosts,
+            [
+                ("111111111111.dkr.ecr.eu-west-1.amazonaws.com", "b25l"),
+                ("222222222222.dkr.ecr.eu-west-1.amazonaws.com", "dHdv")
+            ]
+        );
+        assert_eq!(expiration, "2026-11-26T20:00:00Z".parse::<Timestamp>().unwrap());
+
+        // One token for every registry when ECR answers with a single entry.
+        let single = [ecr(
+            "https://111111111111.dkr.ecr.eu-west-1.amazonaws.com",
+            "b25l",
+            "2026-11-26T21:00:00Z",
+        )];
+        let (registries, _) = registry_auths(&single, &ids, "eu-west-1", now).unwrap();
+        assert_eq!(registries.len(), 2);
+        assert!(registries.iter().all(|r| r.auth == "b25l"));
+        // Two entries, neither for the registry asked: no guessing.
+        let other = [
+            ecr(
+                "https://333333333333.dkr.ecr.eu-west-1.amazonaws.com",
+                "x",
+                "2026-11-26T21:00:00Z",
+            ),
+            ecr(
+                "https://444444444444.dkr.ecr.eu-west-1.amazonaws.com",
+                "y",
+                "2026-11-26T21:00:00Z",
+            ),
+        ];
+        assert_eq!(
+            registry_auths(&other, &ids, "eu-west-1", now).unwrap_err().code,
+            "NoToken"
+        );
+    }
+
+    #[test]
+    fn expired_or_undated_ecr_tokens_are_refused() {
+        let now: Timestamp = "2026-11-26T09:00:00Z".parse().unwrap();
+        let ids = vec!["111111111111".to_string()];
+        let host = "https://111111111111.dkr.ecr.eu-west-1.amazonaws.com";
+        // What moto answers: a fixed date in 2015.
+        let err = registry_auths(&[ecr(host, "t", "2015-01-01T00:00:00Z")], &ids, "eu-west-1", now).unwrap_err();
+        assert_eq!(
+            (err.reason, err.code.as_str()),
+            (Reason::StsUnavailable, "TokenExpired")
+        );
+        assert!(err.message.contains("2015-01-01T00:00:00Z"), "{}", err.message);
+        assert!(registry_auths(&[ecr(host, "t", "2026-11-26T09:04:00Z")], &ids, "eu-west-1", now).is_err());
+        let undated = EcrAuthorization {
+            expires_at: None,
+            ..ecr(host, "t", "2026-11-26T21:00:00Z")
+        };
+        assert!(registry_auths(&[undated], &ids, "eu-west-1", now).is_err());
+        assert!(registry_auths(&[], &ids, "eu-west-1", now).is_err());
+    }
+
+    #[test]
+    fn ecr_denial_hint_names_the_permission() {
+        let msg = access_denied_hint(
+            &req(),
+            "User: arn:aws:sts::1:assumed-role/r/s is not authorized to perform: ecr:GetAuthorizationToken",
+        );
+        assert!(
+            msg.contains("permissions policy must allow ecr:GetAuthorizationToken"),
+            "{msg}"
+        );
+        assert!(!msg.contains("trust policy"), "{msg}");
     }
 
     #[test]

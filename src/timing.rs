@@ -40,8 +40,9 @@ pub fn refresh_at(
     jitter_fraction: f64,
 ) -> Timestamp {
     let lifetime = expiration.duration_since(issued_at).max(SignedDuration::ZERO);
-    let lead = refresh_lead(lifetime, refresh_before);
-    // Whole seconds, like every timestamp the operator writes.
+    // Whole seconds, like every timestamp the operator writes: a fraction (L/3 of an odd
+    // lifetime) would never compare equal to the status read back, and rewrite it each time.
+    let lead = SignedDuration::from_secs(refresh_lead(lifetime, refresh_before).as_secs());
     let jitter = SignedDuration::from_secs(max_jitter(lifetime).mul_f64(jitter_fraction.clamp(0.0, 1.0)).as_secs());
     expiration - lead - jitter
 }
@@ -155,5 +156,14 @@ mod tests {
         // Expired credentials do not constrain the delay.
         let past = ts("2026-11-26T08:00:00Z");
         assert_eq!(backoff_delay(20, 0.999_999, now, Some(past)).as_secs(), 299);
+    }
+
+    #[test]
+    fn refresh_time_is_whole_seconds_for_odd_lifetimes() {
+        let issued: Timestamp = "2026-11-26T09:00:00Z".parse().unwrap();
+        for lifetime in [901, 3599, 3601, 43_199] {
+            let at = refresh_at(issued, issued + SignedDuration::from_secs(lifetime), None, 0.37);
+            assert_eq!(at.subsec_nanosecond(), 0, "lifetime {lifetime}: {at}");
+        }
     }
 }

@@ -1,6 +1,6 @@
 """Creates IAM roles in the local STS peer for tests and the demo (run with admin credentials).
 
-    iam.py create-role --name NAME --principal ARN [--external-id ID] [--no-tag-session] [--allow-assume]
+    iam.py create-role --name NAME --principal ARN [--external-id ID] [--no-tag-session] [--allow-assume] [--allow ACTION ...]
 
 Prints the role ARN. The trust policy allows sts:AssumeRole (and sts:TagSession unless
 --no-tag-session) for PRINCIPAL, with an sts:ExternalId condition when --external-id is given.
@@ -15,7 +15,7 @@ def create_role(args):
     iam = boto3.client("iam")
     actions = ["sts:AssumeRole"] + ([] if args.no_tag_session else ["sts:TagSession"])
     statement = {"Effect": "Allow", "Principal": {"AWS": args.principal}, "Action": actions}
-    allowed = ["sts:GetCallerIdentity"] + (["sts:AssumeRole", "sts:TagSession"] if args.allow_assume else [])
+    allowed = ["sts:GetCallerIdentity"] + (["sts:AssumeRole", "sts:TagSession"] if args.allow_assume else []) + args.allow
     if args.external_id:
         statement["Condition"] = {"StringEquals": {"sts:ExternalId": args.external_id}}
     trust = json.dumps({"Version": "2012-10-17", "Statement": [statement]})
@@ -45,6 +45,7 @@ def main():
     create.add_argument("--external-id")
     create.add_argument("--no-tag-session", action="store_true")
     create.add_argument("--allow-assume", action="store_true", help="let the role assume other roles (a chain's hub)")
+    create.add_argument("--allow", action="append", default=[], metavar="ACTION", help="one more action the role's sessions may call (e.g. ecr:GetAuthorizationToken)")
     create.add_argument("--max-session-duration", type=int, default=43200)
     args = parser.parse_args()
     if args.command == "create-role":

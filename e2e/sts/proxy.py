@@ -13,6 +13,13 @@ A request header ``X-Kube-Sts-Upstream: noauth|enforced`` overrides the routing
 (for test tooling, e.g. reaching the no-auth moto's ``/moto-api`` through the
 proxy); ``--moto-api noauth`` changes the default for ``/moto-api/...``.
 
+ECR ``GetAuthorizationToken`` answers get the token lifetime real ECR gives (12 hours from
+now) in place of moto's fixed ``expiresAt`` of 2015-01-01, which kube-sts (rightly) refuses
+as already expired. Nothing else of the answer changes. moto also answers IAM-enforcement
+denials of JSON-protocol services (ECR) in the XML query shape; those are relayed as the
+JSON error ECR sends (``{"__type": "AccessDeniedException", "message": ...}``), which is
+what the SDKs parse.
+
 Method, path, query, body and ALL request headers (Host included, in order) are
 forwarded unchanged, so SigV4 signatures still verify at the upstream (the one
 exception: a chunked request body is forwarded de-chunked with Content-Length,
@@ -24,12 +31,17 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import json
+import re
 import sys
+import time
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 WEB_IDENTITY_ACTION = "AssumeRoleWithWebIdentity"
+ECR_TOKEN_ACTION = "GetAuthorizationToken"
+ECR_TOKEN_LIFETIME_S = 12 * 3600
 ROUTE_HEADER = "X-Kube-Sts-Upstream"
 HOP_BY_HOP = {
     "connection",
@@ -150,7 +162,12 @@ class Handler(BaseHTTPRequestHandler):
 
         try:
             if resp.status >= 400 and (resp.getheader("Content-Type") or "").startswith("text/html"):
-                self._relay_error(resp)
+                if self.headers.get("X-Amz-Target"):
+                    self._relay_json_error(resp)
+                else:
+                    self._relay_error(resp)
+            elif resp.status == 200 and why == ECR_TOKEN_ACTION:
+                self._relay_ecr_token(resp)
             else:
                 self._relay(resp)
         finally:
@@ -208,6 +225,40 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+        self.wfile.flush()
+
+    def _relay_json_error(self, resp: http.client.HTTPResponse) -> None:
+        """Relays an XML error answer to a JSON-protocol request as the JSON error AWS sends."""
+        body = resp.read().decode("utf-8", "replace")
+        code = re.search(r"<Code>(.*?)</Code>", body)
+        message = re.search(r"<Message>(.*?)</Message>", body, re.S)
+        code = code.group(1) if code else "InternalFailure"
+        if code == "AccessDenied":
+            code = "AccessDeniedException"  # the JSON-protocol services' name for it
+        payload = json.dumps({"__type": code, "message": message.group(1) if message else body}).encode()
+        self.send_response_only(resp.status, resp.reason)
+        self.send_header("Content-Type", "application/x-amz-json-1.1")
+        self.send_header("x-amzn-ErrorType", code)
+        self.send_header("x-amzn-RequestId", resp.getheader("x-amzn-requestid") or "")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+        self.wfile.flush()
+
+    def _relay_ecr_token(self, resp: http.client.HTTPResponse) -> None:
+        """Relays an ECR token answer with a real token lifetime (see the module doc)."""
+        answer = json.loads(resp.read() or b"{}")
+        for entry in answer.get("authorizationData", []):
+            entry["expiresAt"] = int(time.time()) + ECR_TOKEN_LIFETIME_S
+        body = json.dumps(answer).encode()
+        self.send_response_only(resp.status, resp.reason)
+        for key, value in resp.getheaders():
+            if key.lower() in HOP_BY_HOP or key.lower() == "content-length":
+                continue
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
         self.wfile.flush()
 
     def _local(self, status: int, body: bytes) -> None:

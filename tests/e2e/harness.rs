@@ -199,6 +199,17 @@ impl Drop for TestNamespace {
 
 /// Creates an IAM role in the STS peer (as the admin) that trusts `principal`.
 pub fn create_role(name: &str, principal: &str, external_id: Option<&str>, tag_session: bool) -> String {
+    create_role_allowing(name, principal, external_id, tag_session, &[])
+}
+
+/// Like `create_role`; the role's sessions may also call `actions`.
+pub fn create_role_allowing(
+    name: &str,
+    principal: &str,
+    external_id: Option<&str>,
+    tag_session: bool,
+    actions: &[&str],
+) -> String {
     let mut cmd = Command::new(&env().python);
     cmd.arg(env().repo.join("e2e/sts/iam.py"))
         .args(["create-role", "--name", name, "--principal", principal]);
@@ -207,6 +218,9 @@ pub fn create_role(name: &str, principal: &str, external_id: Option<&str>, tag_s
     }
     if !tag_session {
         cmd.arg("--no-tag-session");
+    }
+    for action in actions {
+        cmd.args(["--allow", action]);
     }
     let out = cmd.envs(&env().admin).output().expect("iam.py runs");
     assert!(
@@ -261,16 +275,18 @@ fn url_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The AWS actions in a chunk of requests: query-protocol `Action=` (STS) and JSON-protocol
+/// `X-Amz-Target: <service>.<Action>` headers (ECR).
 fn actions_in(bytes: &[u8]) -> Vec<String> {
     let text = String::from_utf8_lossy(bytes);
-    text.match_indices("Action=")
-        .map(|(i, _)| {
-            text[i + 7..]
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric())
-                .collect()
-        })
-        .collect()
+    let word = |rest: &str| -> String { rest.chars().take_while(|c| c.is_ascii_alphanumeric()).collect() };
+    let query = text.match_indices("Action=").map(|(i, _)| word(&text[i + 7..]));
+    let json = text.lines().filter_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("x-amz-target")
+            .then(|| word(value.trim().rsplit('.').next().unwrap_or_default()))
+    });
+    query.chain(json).collect()
 }
 
 impl Forwarder {
@@ -378,6 +394,17 @@ impl Forwarder {
             .collect()
     }
 
+    /// The raw bytes (as text) of every request chunk that carried `action`: headers
+    /// included, e.g. to see which access key signed it.
+    pub fn raw(&self, action: &str) -> Vec<String> {
+        let bodies = self.bodies.lock().unwrap();
+        bodies
+            .iter()
+            .filter(|raw| actions_in(raw.as_bytes()).iter().any(|a| a == action))
+            .cloned()
+            .collect()
+    }
+
     pub fn total(&self) -> usize {
         self.actions.lock().unwrap().len()
     }
@@ -430,6 +457,7 @@ impl Operator {
             .env("AWS_ACCESS_KEY_ID", &env().aws["AWS_ACCESS_KEY_ID"])
             .env("AWS_SECRET_ACCESS_KEY", &env().aws["AWS_SECRET_ACCESS_KEY"])
             .env("AWS_REGION", &env().aws["AWS_REGION"])
+            .env("AWS_ENDPOINT_URL_ECR", sts.url())
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .stdout(file.try_clone().unwrap())
             .stderr(file)

@@ -289,3 +289,140 @@ async fn role_chain_assumes_each_hop_and_clamps_to_one_hour() {
             .contains(&format!("assumed-role/{target_name}/"))
     );
 }
+
+fn pull_binding(name: &str, role: &str, registries: &[String]) -> String {
+    binding(
+        name,
+        &format!(
+            "  roleArn: {role}\n  subjects: [{{name: app}}]\n  secret: {{type: DockerConfigJson}}\n  ecr: {{registryIds: [{}]}}\n",
+            registries
+                .iter()
+                .map(|r| format!("\"{r}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+}
+
+#[tokio::test]
+async fn ecr_pull_secret_holds_the_token_for_each_registry() {
+    use base64::Engine;
+    let ns = TestNamespace::new("ecr").await;
+    ns.service_account("app").await;
+    let role = create_role_allowing(
+        &unique("puller"),
+        &operator_arn(),
+        None,
+        true,
+        &["ecr:GetAuthorizationToken"],
+    );
+    let no_pull = create_role(&unique("nopull"), &operator_arn(), None, true);
+    apply_grant(&ns, &format!("\"{role}\", \"{no_pull}\""), "AssumeRole");
+    let sts = Forwarder::start().await;
+    let mut first = Operator::start(&ns.name, &sts, &[]);
+
+    // Plain credentials first; then the same binding asks for a pull Secret instead.
+    ns.apply_ok(&binding(
+        "pull",
+        &format!("  roleArn: {role}\n  subjects: [{{name: app}}]\n"),
+    ));
+    wait_ready(&ns.bindings(), "pull", "True", "CredentialsIssued").await;
+    let plain = ns.secrets().get("pull-app").await.unwrap();
+    let other = "210987654321".to_string();
+    ns.apply_ok(&pull_binding("pull", &role, &[account(), other.clone()]));
+    wait_ready(&ns.bindings(), "pull", "True", "CredentialsIssued").await;
+
+    // Kubernetes never changes a Secret's type: the Secret was replaced.
+    let secret = ns.secrets().get("pull-app").await.unwrap();
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/dockerconfigjson"));
+    assert_ne!(secret.metadata.uid, plain.metadata.uid);
+    let keys: Vec<_> = secret.data.as_ref().unwrap().keys().cloned().collect();
+    assert_eq!(keys, [".dockerconfigjson"]);
+    let config: serde_json::Value = serde_json::from_str(&secret_value(&secret, ".dockerconfigjson")).unwrap();
+    let auths = config["auths"].as_object().unwrap();
+    let region = &env().aws["AWS_REGION"];
+    let mut hosts: Vec<&String> = auths.keys().collect();
+    hosts.sort();
+    let mut want = [
+        format!("{}.dkr.ecr.{region}.amazonaws.com", account()),
+        format!("{other}.dkr.ecr.{region}.amazonaws.com"),
+    ];
+    want.sort();
+    assert_eq!(hosts, want.iter().collect::<Vec<_>>());
+    // One token serves every registry the session may pull from (moto's is AWS:<account>-auth-token).
+    let mut tokens = Vec::new();
+    for entry in auths.values() {
+        let auth = entry["auth"].as_str().unwrap();
+        let decoded = base64::engine::general_purpose::STANDARD.decode(auth).unwrap();
+        assert_eq!(
+            String::from_utf8(decoded).unwrap(),
+            format!("AWS:{}-auth-token", account())
+        );
+        tokens.push(auth.to_string());
+    }
+
+    // Status names the session that fetched the token; times are the token's own (12 h),
+    // not the one-hour session's, and the refresh is planned from them.
+    let status = ns.bindings().get("pull").await.unwrap().status.unwrap();
+    let subject = &status.subjects[0];
+    let access_key = subject.access_key_id.clone().unwrap();
+    assert_eq!(
+        secret.metadata.annotations.as_ref().unwrap()["kube-sts.io/access-key-id"],
+        access_key
+    );
+    let issued = subject.issued_at.as_ref().unwrap().0;
+    let expires = subject.expiration.as_ref().unwrap().0;
+    let lifetime = expires.duration_since(issued).as_secs();
+    assert!(
+        (11 * 3600..=12 * 3600).contains(&lifetime),
+        "token lifetime {lifetime} s"
+    );
+    let lead = expires
+        .duration_since(subject.next_refresh_time.as_ref().unwrap().0)
+        .as_secs();
+    let planned = lifetime / 3;
+    assert!(
+        (planned..=planned + 300).contains(&lead),
+        "refresh {lead} s before expiry, planned {planned} s plus jitter"
+    );
+
+    // At the wire: one token request, signed by the issued session, not the operator.
+    assert_eq!(sts.count("AssumeRole"), 2);
+    assert_eq!(sts.count("GetAuthorizationToken"), 1);
+    let request = sts.raw("GetAuthorizationToken").concat();
+    assert!(request.contains(&format!("Credential={access_key}/")), "{request}");
+    assert!(!request.contains(&format!("Credential={}/", env().aws["AWS_ACCESS_KEY_ID"])));
+
+    // A restart adopts the pull Secret: no STS or ECR call, no write.
+    first.stop();
+    let second_sts = Forwarder::start().await;
+    let second = Operator::start(&ns.name, &second_sts, &[]);
+    eventually("second operator synced", Duration::from_secs(30), || async {
+        second.logs().contains("caches synced").then_some(())
+    })
+    .await;
+    eventually("second operator reconciled", Duration::from_secs(30), || async {
+        let m = second.metrics().await;
+        m.lines()
+            .any(|l| l.starts_with("kube_sts_reconcile_duration_seconds_count") && !l.ends_with(" 0"))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(second_sts.total(), 0, "restart called AWS");
+    assert_eq!(
+        ns.secrets().get("pull-app").await.unwrap().metadata.resource_version,
+        secret.metadata.resource_version
+    );
+
+    // A role without ecr:GetAuthorizationToken: AccessDenied naming the permission, no Secret.
+    ns.apply_ok(&pull_binding("nopull", &no_pull, &[account()]));
+    let message = wait_ready(&ns.bindings(), "nopull", "False", "AccessDenied").await;
+    assert!(message.contains("ecr:GetAuthorizationToken"), "{message}");
+    assert!(ns.secrets().get_opt("nopull-app").await.unwrap().is_none());
+
+    for log in [first.logs(), second.logs()] {
+        for token in &tokens {
+            assert!(!log.contains(token.as_str()), "a registry token was logged");
+        }
+    }
+}

@@ -518,3 +518,76 @@ async fn no_secret_material_in_logs_events_or_status() {
         assert!(!status.contains(s.as_str()), "status leaks secret material");
     }
 }
+
+/// The value of a counter family member in Prometheus text, 0 when absent.
+fn counter(metrics: &str, prefix: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::test]
+async fn a_secret_write_that_keeps_failing_does_not_reissue() {
+    let ns = TestNamespace::new("writefail").await;
+    ns.service_account("app").await;
+    let role = granted_role(&ns, None);
+    // A ResourceQuota that says the namespace has used up its Secrets: the apiserver's
+    // quota admission refuses every new Secret until the quota is gone. (No quota
+    // controller runs here to recount, so the usage written into status stays.)
+    ns.apply_ok(
+        "apiVersion: v1\nkind: ResourceQuota\nmetadata: {name: no-secrets}\nspec: {hard: {count/secrets: '1'}}\n",
+    );
+    let out = kubectl(
+        &[
+            "-n",
+            &ns.name,
+            "patch",
+            "resourcequota",
+            "no-secrets",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"hard":{"count/secrets":"1"},"used":{"count/secrets":"1"}}}"#,
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eventually("quota admission refuses Secrets", Duration::from_secs(30), || async {
+        let probe: Secret = serde_json::from_value(serde_json::json!({"metadata": {"name": "probe"}})).unwrap();
+        match ns.secrets().create(&PostParams::default(), &probe).await {
+            Err(e) if e.to_string().contains("exceeded quota") => Some(()),
+            Ok(_) => {
+                // Admission has not seen the quota yet: try again.
+                let _ = ns.secrets().delete("probe", &Default::default()).await;
+                None
+            }
+            Err(_) => None,
+        }
+    })
+    .await;
+    let sts = Forwarder::start().await;
+    let operator = Operator::start(&ns.name, &sts, &[]);
+    ns.apply_ok(&binding_yaml("w", &role, &["app"], ""));
+    eventually("three failed Secret writes", Duration::from_secs(90), || async {
+        (counter(&operator.metrics().await, "kube_sts_reconcile_errors_total{") >= 3).then_some(())
+    })
+    .await;
+    assert!(
+        operator.logs().contains("exceeded quota"),
+        "the write failed for another reason"
+    );
+    assert_eq!(sts.count("AssumeRole"), 1, "a failed write asked STS again");
+
+    let out = kubectl(&["-n", &ns.name, "delete", "resourcequota", "no-secrets"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_ready(&ns.bindings(), "w", "True", "CredentialsIssued").await;
+    let secret = wait_secret(&ns, "w-app").await;
+    assert_eq!(sts.count("AssumeRole"), 1, "the credentials issued first were written");
+    let status = ns.bindings().get("w").await.unwrap().status.unwrap();
+    assert_eq!(
+        status.subjects[0].access_key_id.as_deref(),
+        Some(secret_value(&secret, "AWS_ACCESS_KEY_ID").as_str())
+    );
+}
