@@ -229,14 +229,11 @@ impl StsClient {
 
     /// A client acting as `creds` (for the next hop of a role chain).
     fn client_as(&self, region: Option<&str>, creds: &Credentials) -> Client {
-        let provider = aws_credential_types::Credentials::new(
-            &creds.access_key_id,
-            &creds.secret_access_key,
-            Some(creds.session_token.clone()),
-            None,
-            "kube-sts-chain",
-        );
-        Client::from_conf(self.config_builder(region).credentials_provider(provider).build())
+        Client::from_conf(
+            self.config_builder(region)
+                .credentials_provider(acting_as(creds))
+                .build(),
+        )
     }
 
     async fn call<T, E>(
@@ -391,16 +388,9 @@ impl StsClient {
             .region
             .clone()
             .ok_or_else(|| invalid("GetAuthorizationToken", "an ECR pull Secret needs a region"))?;
-        let provider = aws_credential_types::Credentials::new(
-            &session.access_key_id,
-            &session.secret_access_key,
-            Some(session.session_token.clone()),
-            None,
-            "kube-sts-session",
-        );
         let config = aws_sdk_ecr::config::Builder::from(&self.base)
             .region(Region::new(region.clone()))
-            .credentials_provider(provider)
+            .credentials_provider(acting_as(&session))
             .build();
         // No registryIds: ECR deprecated them, since one token serves every registry the
         // session may pull from; `registry_auths` writes it for each registry asked for.
@@ -537,6 +527,17 @@ pub fn registry_auths(
     registries.sort_by(|a, b| a.host.cmp(&b.host));
     let expiration = expiration.ok_or_else(|| failed("NoRegistry", "no ECR registry requested".into()))?;
     Ok((registries, expiration))
+}
+
+/// SDK credentials for a session the operator obtained (a chain's hop, an ECR call).
+fn acting_as(creds: &Credentials) -> aws_credential_types::Credentials {
+    aws_credential_types::Credentials::new(
+        &creds.access_key_id,
+        &creds.secret_access_key,
+        Some(creds.session_token.clone()),
+        None,
+        "kube-sts-session",
+    )
 }
 
 fn invalid(operation: &'static str, message: &str) -> StsError {

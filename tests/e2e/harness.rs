@@ -495,6 +495,21 @@ impl Operator {
         }
     }
 
+    /// Waits until the process synced its caches and finished at least one reconcile.
+    pub async fn wait_reconciled(&self) {
+        eventually("operator synced its caches", Duration::from_secs(30), || async {
+            self.logs().contains("caches synced").then_some(())
+        })
+        .await;
+        eventually("a reconcile finished", Duration::from_secs(30), || async {
+            let m = self.metrics().await;
+            m.lines()
+                .any(|l| l.starts_with("kube_sts_reconcile_duration_seconds_count") && !l.ends_with(" 0"))
+                .then_some(())
+        })
+        .await;
+    }
+
     /// The exit status once the process has ended by itself.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.as_mut()?.try_wait().unwrap()

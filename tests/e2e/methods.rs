@@ -397,17 +397,7 @@ async fn ecr_pull_secret_holds_the_token_for_each_registry() {
     first.stop();
     let second_sts = Forwarder::start().await;
     let second = Operator::start(&ns.name, &second_sts, &[]);
-    eventually("second operator synced", Duration::from_secs(30), || async {
-        second.logs().contains("caches synced").then_some(())
-    })
-    .await;
-    eventually("second operator reconciled", Duration::from_secs(30), || async {
-        let m = second.metrics().await;
-        m.lines()
-            .any(|l| l.starts_with("kube_sts_reconcile_duration_seconds_count") && !l.ends_with(" 0"))
-            .then_some(())
-    })
-    .await;
+    second.wait_reconciled().await;
     assert_eq!(second_sts.total(), 0, "restart called AWS");
     assert_eq!(
         ns.secrets().get("pull-app").await.unwrap().metadata.resource_version,

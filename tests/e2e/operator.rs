@@ -376,18 +376,7 @@ async fn restart_adopts_fresh_secrets_without_sts_calls_or_writes() {
 
     let second_sts = Forwarder::start().await;
     let second = Operator::start(&ns.name, &second_sts, &[]);
-    // Ready once its caches synced and it reconciled the binding.
-    eventually("second operator reconciled", Duration::from_secs(30), || async {
-        second.logs().contains("caches synced").then_some(())
-    })
-    .await;
-    eventually("reconcile duration recorded", Duration::from_secs(30), || async {
-        let m = second.metrics().await;
-        m.lines()
-            .any(|l| l.starts_with("kube_sts_reconcile_duration_seconds_count") && !l.ends_with(" 0"))
-            .then_some(())
-    })
-    .await;
+    second.wait_reconciled().await;
     assert_eq!(second_sts.total(), 0, "restart called STS");
     assert_eq!(sts.total(), calls_before);
     assert_eq!(resource_versions(&managed_secrets(&ns).await), secrets_before);
