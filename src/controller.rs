@@ -1065,6 +1065,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     settings: Settings,
     instance: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let ns = settings.namespace.clone();
     let controller = Controller::new(
@@ -1158,14 +1159,21 @@ pub async fn run(
     };
     // Decide nothing before every cache is complete (a restart must see every Secret).
     // Waited for once, here: Store::wait_until_ready wakes only the last of several waiters.
-    stores.wait_ready().await;
+    let shutdown = futures::FutureExt::shared(shutdown);
+    tokio::select! {
+        () = stores.wait_ready() => {}
+        () = shutdown.clone() => {
+            tracing::info!("stopped before the caches synced");
+            return;
+        }
+    }
     metrics.set_ready(true);
     tracing::info!("caches synced");
 
     let ctx = Arc::new(Context::new(client, metrics, issuer, settings, stores, instance));
     controller
         .reconcile_on(requested)
-        .shutdown_on_signal()
+        .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {

@@ -149,16 +149,18 @@ async fn run(args: RunArgs) -> RunResult {
     let instance = std::env::var("POD_NAME")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok());
+    // Handled from here on, whatever the process is doing when the signal comes (syncing
+    // caches, standing by, the instant after winning the Lease).
+    let shutdown = shutdown_signal()?;
     if !args.leader_election {
         return tokio::select! {
-            () = controller::run(client, Arc::new(sts), metrics, settings, instance) => Ok(()),
+            () = controller::run(client, Arc::new(sts), metrics, settings, instance, signalled(shutdown)) => Ok(()),
             message = &mut server_failed => Err(message),
         };
     }
 
     // Leader election: serve /healthz and /metrics at once, reconcile only while holding
-    // the Lease. (While leading, the controller handles SIGTERM/SIGINT itself.)
-    let shutdown = shutdown_signal()?;
+    // the Lease.
     let lease_namespace = args
         .lease_namespace
         .clone()
@@ -174,10 +176,9 @@ async fn run(args: RunArgs) -> RunResult {
         // replica while the old one still leads, and a PodDisruptionBudget must count the
         // standby. (Not "caches synced", which only the leader ever gets to.)
         let standby = metrics.clone();
-        let mut shutdown = std::pin::pin!(shutdown);
         tokio::select! {
             () = elector.acquire(|| standby.set_ready(true)) => {}
-            () = &mut shutdown => {
+            () = signalled(shutdown.clone()) => {
                 // An attempt cut short may have made us the holder: give it back.
                 if let Err(e) = elector.release().await {
                     tracing::warn!(error = %e, "releasing the leader Lease failed");
@@ -205,7 +206,7 @@ async fn run(args: RunArgs) -> RunResult {
     };
     tokio::select! {
         // Returns after SIGTERM/SIGINT, once in-flight reconciles finished.
-        () = controller::run(client, Arc::new(sts), metrics, settings, instance) => {
+        () = controller::run(client, Arc::new(sts), metrics, settings, instance, signalled(shutdown)) => {
             let _ = stop.send(());
             match keeper.await {
                 Ok((mut elector, Ok(()))) => {
@@ -228,17 +229,32 @@ async fn run(args: RunArgs) -> RunResult {
     }
 }
 
-/// Completes at the first SIGTERM or SIGINT.
-fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
+/// Starts handling SIGTERM and SIGINT: the receiver turns `true` at the first one; a second
+/// one ends the process at once (as `kubectl delete --force` users expect).
+fn shutdown_signal() -> Result<tokio::sync::watch::Receiver<bool>, String> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("cannot handle SIGINT: {e}"))?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        for _ in 0..2 {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if tx.send_replace(true) {
+                tracing::warn!("second shutdown signal; exiting at once");
+                std::process::exit(1);
+            }
+            tracing::info!("shutdown signal received; finishing in-flight work");
         }
-    })
+    });
+    Ok(rx)
+}
+
+/// Completes once a shutdown signal came.
+async fn signalled(mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|signalled| *signalled).await;
 }
 
 #[tokio::main]

@@ -410,6 +410,24 @@ impl Forwarder {
     }
 }
 
+/// A kubeconfig for the API server of `.e2e/kubeconfig` with a bearer token.
+pub fn token_kubeconfig(path: &Path, token: &str, namespace: &str) {
+    let admin = Kubeconfig::read_from(&env().kubeconfig).unwrap();
+    let cluster = admin.clusters[0].cluster.clone().unwrap();
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "e2e", "cluster": {
+            "server": cluster.server,
+            "certificate-authority-data": cluster.certificate_authority_data,
+        }}],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "e2e", "user": "operator", "namespace": namespace}}],
+        "current-context": "operator",
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+}
+
 /// A `kube-sts run` process watching one namespace, talking to STS through a forwarder.
 pub struct Operator {
     child: Option<Child>,
@@ -470,14 +488,14 @@ impl Operator {
         }
     }
 
-    /// Sends SIGTERM and waits for a clean exit.
-    pub fn stop(&mut self) {
+    /// Sends SIGTERM and waits for the process to end; returns how it ended.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
-                if child.try_wait().unwrap().is_some() {
-                    return;
+                if let Some(status) = child.try_wait().unwrap() {
+                    return Some(status);
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -485,6 +503,7 @@ impl Operator {
             let _ = child.wait();
             panic!("operator did not stop on SIGTERM within 20 s");
         }
+        None
     }
 
     /// SIGKILL: the process gets no chance to clean up (e.g. to release a Lease).

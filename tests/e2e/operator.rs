@@ -580,3 +580,22 @@ async fn a_secret_write_that_keeps_failing_does_not_reissue() {
         Some(secret_value(&secret, "AWS_ACCESS_KEY_ID").as_str())
     );
 }
+
+#[tokio::test]
+async fn sigterm_before_the_caches_sync_stops_cleanly() {
+    let ns = TestNamespace::new("earlystop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    // An identity the apiserver rejects: no watch ever succeeds, so the caches never sync.
+    token_kubeconfig(&kubeconfig, "not-a-valid-token", &ns.name);
+    let sts = Forwarder::start().await;
+    let mut operator = Operator::start_with_kubeconfig(&ns.name, &sts, &[], &kubeconfig);
+    eventually("a watch failed", Duration::from_secs(30), || async {
+        operator.logs().contains("watch failed").then_some(())
+    })
+    .await;
+    let status = operator.stop().expect("the operator was running");
+    assert!(status.success(), "{status:?}\n{}", operator.logs());
+    assert!(operator.logs().contains("stopped before the caches synced"));
+    assert!(!operator.logs().contains(r#""message":"caches synced""#));
+}

@@ -22,7 +22,6 @@ use k8s_openapi::{
 use kube::{
     Api, ResourceExt,
     api::{ListParams, Patch, PatchParams, PostParams},
-    config::Kubeconfig,
 };
 use serde_json::{Value, json};
 
@@ -183,24 +182,6 @@ async fn kubectl_ok(args: &[&str], stdin: Option<String>) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// A kubeconfig for the API server of `.e2e/kubeconfig` with a bearer token.
-fn token_kubeconfig(path: &Path, token: &str, namespace: &str) {
-    let admin = Kubeconfig::read_from(&env().kubeconfig).unwrap();
-    let cluster = admin.clusters[0].cluster.clone().unwrap();
-    let config = json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "e2e", "cluster": {
-            "server": cluster.server,
-            "certificate-authority-data": cluster.certificate_authority_data,
-        }}],
-        "users": [{"name": "operator", "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "e2e", "user": "operator", "namespace": namespace}}],
-        "current-context": "operator",
-    });
-    std::fs::write(path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
 }
 
 /// Cluster-scoped leftovers of one installation, deleted at drop.
