@@ -1021,6 +1021,12 @@ where
     }
 }
 
+/// The caches keep no managedFields: the operator never reads them, and they are often the
+/// largest part of an object's metadata.
+fn strip_managed_fields<K: ResourceExt>(object: &mut K) {
+    object.managed_fields_mut().clear();
+}
+
 /// Drives a reflector in a task of its own (so its cache fills whatever the controller is
 /// doing) and turns every touched object into reconcile requests for the bindings it affects.
 fn drive<K, S, M>(name: &'static str, stream: S, requests: UnboundedSender<ObjectRef<AWSRoleBinding>>, affected: M)
@@ -1068,18 +1074,29 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let ns = settings.namespace.clone();
-    let controller = Controller::new(
-        api_for::<AWSRoleBinding>(&client, ns.as_deref()),
-        watcher::Config::default(),
+    let (bindings, writer) = reflector::store();
+    let binding_events = reflector(
+        writer,
+        watcher(
+            api_for::<AWSRoleBinding>(&client, ns.as_deref()),
+            watcher::Config::default(),
+        )
+        .modify(strip_managed_fields),
     )
-    .with_config(kube::runtime::controller::Config::default().concurrency(settings.concurrency));
-    let bindings = controller.store();
+    .default_backoff()
+    .applied_objects();
+    let controller = Controller::for_stream(binding_events, bindings.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(settings.concurrency));
     let (requests, requested) = futures::channel::mpsc::unbounded();
 
     let (secrets, writer) = reflector::store();
     let selector = managed_selector();
     let api = api_for::<Secret>(&client, ns.as_deref());
-    let stream = reflector(writer, watcher(api, watcher::Config::default().labels(&selector))).default_backoff();
+    let stream = reflector(
+        writer,
+        watcher(api, watcher::Config::default().labels(&selector)).modify(strip_managed_fields),
+    )
+    .default_backoff();
     let secret_owners = Arc::new(Mutex::new(SecretIndex::default()));
     let (index, cache) = (secret_owners.clone(), secrets.clone());
     drive(
@@ -1106,7 +1123,11 @@ pub async fn run(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let stream = reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    let stream = reflector(
+        writer,
+        watcher(api, watcher::Config::default()).modify(strip_managed_fields),
+    )
+    .default_backoff();
     let store = bindings.clone();
     drive(
         "serviceaccounts",
@@ -1126,7 +1147,7 @@ pub async fn run(
         None => watcher::Config::default(),
     };
     let api = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
-    let stream = reflector(writer, watcher(api, config)).default_backoff();
+    let stream = reflector(writer, watcher(api, config).modify(strip_managed_fields)).default_backoff();
     let store = bindings.clone();
     drive(
         "namespaces",
@@ -1140,7 +1161,11 @@ pub async fn run(
 
     let (grants, writer) = reflector::store();
     let api = Api::<AWSRoleGrant>::all(client.clone());
-    let stream = reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    let stream = reflector(
+        writer,
+        watcher(api, watcher::Config::default()).modify(strip_managed_fields),
+    )
+    .default_backoff();
     let store = bindings.clone();
     // A grant may allow or forbid any binding: re-check them all.
     drive(
