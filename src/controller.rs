@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{StreamExt, channel::mpsc::UnboundedSender, future::join_all};
+use futures::{StreamExt, TryStreamExt, channel::mpsc::UnboundedSender, future::join_all};
 use jiff::Timestamp;
 use k8s_openapi::{
     api::core::v1::{Namespace, Secret, ServiceAccount},
@@ -60,6 +60,47 @@ pub struct Stores {
     pub grants: Store<AWSRoleGrant>,
     /// Which cached Secrets each binding controls, kept up to date by the Secret watch.
     pub secret_owners: Arc<Mutex<SecretIndex>>,
+    /// Status this process wrote, by binding, until the binding cache shows the write.
+    pub written_statuses: Arc<Mutex<WrittenStatuses>>,
+}
+
+/// The statuses this process wrote that the binding cache does not show yet, keyed by
+/// binding, each with the resourceVersion the binding had when it was written. A reconcile
+/// triggered by the operator's own Secret write can see the binding before its status
+/// write arrived; it starts from what was written (same lastTransitionTimes) and so does
+/// not write the same status again. An entry goes as soon as a newer version is cached.
+#[derive(Debug, Default)]
+pub struct WrittenStatuses(HashMap<(String, String), (String, AWSRoleBindingStatus)>);
+
+fn binding_key(binding: &AWSRoleBinding) -> (String, String) {
+    (binding.namespace().unwrap_or_default(), binding.name_any())
+}
+
+impl WrittenStatuses {
+    /// The binding's status as far as this process knows.
+    fn current(&mut self, binding: &AWSRoleBinding) -> Option<AWSRoleBindingStatus> {
+        let key = binding_key(binding);
+        match self.0.get(&key) {
+            Some((version, status)) if binding.resource_version().as_ref() == Some(version) => Some(status.clone()),
+            Some(_) => {
+                self.0.remove(&key);
+                binding.status.clone()
+            }
+            None => binding.status.clone(),
+        }
+    }
+
+    /// Forgets what the cache now shows (a version other than the one written from).
+    fn seen(&mut self, binding: &AWSRoleBinding) {
+        let key = binding_key(binding);
+        if self
+            .0
+            .get(&key)
+            .is_some_and(|(version, _)| binding.resource_version().as_ref() != Some(version))
+        {
+            self.0.remove(&key);
+        }
+    }
 }
 
 /// The managed Secrets of each binding (by the binding's UID, from the Secret's controller
@@ -131,14 +172,18 @@ pub struct Context {
     pub settings: Settings,
     pub stores: Stores,
     subjects: Mutex<HashMap<SubjectKey, SubjectState>>,
-    /// Per binding: the resourceVersion it had when this process last wrote its status, and
-    /// a digest of that status. A reconcile triggered by our own Secret write can see the
-    /// binding before our status write reached the cache; it must not write it again.
-    statuses: Mutex<HashMap<(String, String), (String, u64)>>,
     mfa_codes: crate::mfa::CodeLedger,
 }
 
 impl Context {
+    fn current_status(&self, binding: &AWSRoleBinding) -> Option<AWSRoleBindingStatus> {
+        self.stores
+            .written_statuses
+            .lock()
+            .expect("status lock")
+            .current(binding)
+    }
+
     pub fn new(
         client: Client,
         metrics: Arc<Metrics>,
@@ -159,7 +204,6 @@ impl Context {
             settings,
             stores,
             subjects: Mutex::new(HashMap::new()),
-            statuses: Mutex::new(HashMap::new()),
             mfa_codes: crate::mfa::CodeLedger::default(),
         }
     }
@@ -288,7 +332,7 @@ async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -> Result<Ac
     let mut results = results.into_iter().collect::<Result<Vec<_>>>()?;
     delete_stale_secrets(binding, &uid, &plan, ctx).await?;
 
-    let status = build_status(binding, &plan, &mut results, None, now);
+    let status = build_status(binding, ctx.current_status(binding), &plan, &mut results, None, now);
     write_status(binding, status, ctx).await?;
 
     let wake = results.iter().filter_map(|r| r.wake_at).min();
@@ -425,8 +469,8 @@ async fn binding_problem(
 ) -> Result<Action> {
     let namespace = binding.namespace().unwrap_or_default();
     let uid = binding.uid().unwrap_or_default();
-    let changed_reason = binding
-        .status
+    let current = ctx.current_status(binding);
+    let changed_reason = current
         .as_ref()
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY))
         .is_none_or(|c| c.reason != reason.as_str() || c.message != message);
@@ -436,7 +480,7 @@ async fn binding_problem(
             ctx.forget(&(namespace.clone(), binding.name_any(), sa_label(&secret)));
         }
     }
-    let mut status = binding.status.clone().unwrap_or_default();
+    let mut status = current.unwrap_or_default();
     if revoke {
         status.subjects.clear();
         status.expiration = None;
@@ -934,12 +978,13 @@ fn apply_verdict(
 
 fn build_status(
     binding: &AWSRoleBinding,
+    current: Option<AWSRoleBindingStatus>,
     plan: &BindingPlan,
     results: &mut [SubjectResult],
     problem: Option<(Reason, String)>,
     now: Timestamp,
 ) -> AWSRoleBindingStatus {
-    let mut status = binding.status.clone().unwrap_or_default();
+    let mut status = current.unwrap_or_default();
     let outcomes: Vec<SubjectOutcome> = results.iter().map(|r| r.outcome.clone()).collect();
     let mut notes: Vec<String> = plan.note.iter().cloned().collect();
     for note in results.iter().filter_map(|r| r.note.clone()) {
@@ -966,21 +1011,10 @@ fn build_status(
 
 /// Writes status with server-side apply, only when it differs from what is there.
 async fn write_status(binding: &AWSRoleBinding, status: AWSRoleBindingStatus, ctx: &Context) -> Result<()> {
-    if binding.status.as_ref() == Some(&status) {
+    if ctx.current_status(binding).as_ref() == Some(&status) {
         return Ok(());
     }
-    let key = (binding.namespace().unwrap_or_default(), binding.name_any());
-    let digest = {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        serde_json::to_string(&status).unwrap_or_default().hash(&mut hasher);
-        hasher.finish()
-    };
-    let version = binding.resource_version().unwrap_or_default();
-    if ctx.statuses.lock().expect("status lock").get(&key) == Some(&(version.clone(), digest)) {
-        // Written already from this very version of the binding: the cache lags behind.
-        return Ok(());
-    }
+    let key = binding_key(binding);
     let api: Api<AWSRoleBinding> = Api::namespaced(ctx.client.clone(), &key.0);
     let patch = json!({
         "apiVersion": "kube-sts.io/v1alpha1",
@@ -997,7 +1031,13 @@ async fn write_status(binding: &AWSRoleBinding, status: AWSRoleBindingStatus, ct
     {
         Ok(_) => {
             ctx.metrics.api_write("awsrolebindings/status", "apply");
-            ctx.statuses.lock().expect("status lock").insert(key, (version, digest));
+            let version = binding.resource_version().unwrap_or_default();
+            ctx.stores
+                .written_statuses
+                .lock()
+                .expect("status lock")
+                .0
+                .insert(key, (version, status));
             Ok(())
         }
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
@@ -1075,6 +1115,8 @@ pub async fn run(
 ) {
     let ns = settings.namespace.clone();
     let (bindings, writer) = reflector::store();
+    let written_statuses = Arc::new(Mutex::new(WrittenStatuses::default()));
+    let written = written_statuses.clone();
     let binding_events = reflector(
         writer,
         watcher(
@@ -1084,7 +1126,8 @@ pub async fn run(
         .modify(strip_managed_fields),
     )
     .default_backoff()
-    .applied_objects();
+    .applied_objects()
+    .inspect_ok(move |binding| written.lock().expect("status lock").seen(binding));
     let controller = Controller::for_stream(binding_events, bindings.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(settings.concurrency));
     let (requests, requested) = futures::channel::mpsc::unbounded();
@@ -1181,6 +1224,7 @@ pub async fn run(
         namespaces,
         grants,
         secret_owners,
+        written_statuses,
     };
     // Decide nothing before every cache is complete (a restart must see every Secret).
     // Waited for once, here: Store::wait_until_ready wakes only the last of several waiters.
@@ -1231,5 +1275,27 @@ mod tests {
         index.update(a, None);
         assert!(index.owned_by("uid-1").is_empty() && index.owned_by("uid-2").is_empty());
         assert!(index.by_owner.is_empty() && index.owner_of.is_empty());
+    }
+
+    #[test]
+    fn written_status_stands_in_until_the_cache_shows_a_newer_version() {
+        let mut binding =
+            crate::plan::tests::binding("roleArn: arn:aws:iam::123456789012:role/r\nsubjects: [{name: app}]\n");
+        binding.metadata.resource_version = Some("1".into());
+        let written = AWSRoleBindingStatus {
+            observed_generation: Some(1),
+            ..Default::default()
+        };
+        let mut statuses = WrittenStatuses::default();
+        statuses.0.insert(binding_key(&binding), ("1".into(), written.clone()));
+        // The cache still has version 1 (no status): what was written counts.
+        assert_eq!(statuses.current(&binding), Some(written.clone()));
+        statuses.seen(&binding);
+        assert_eq!(statuses.0.len(), 1);
+        // Version 2 arrived: the cached object counts, the entry is gone.
+        binding.metadata.resource_version = Some("2".into());
+        statuses.seen(&binding);
+        assert!(statuses.0.is_empty());
+        assert_eq!(statuses.current(&binding), None);
     }
 }

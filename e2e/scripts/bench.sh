@@ -51,3 +51,9 @@ BENCH_RESULTS="$results" target/release/examples/bench
 
 printf '\nmachine: %s\n' "$machine"
 printf 'results: %s; operator logs: .e2e/logs/bench-*-operator-*.log\n' "$results"
+
+# Leave the control plane as it was found: wait until the namespace controller and the
+# garbage collector have removed everything the bench created (minutes at 10,000
+# bindings), so that a `make test` right after does not queue behind them.
+step "Waiting for the bench's namespaces to be gone"
+kubectl wait --for=delete namespaces -l "$part_of" --timeout=900s >/dev/null 2>&1 || true
