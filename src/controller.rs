@@ -154,6 +154,23 @@ impl Stores {
 
 type SubjectKey = (String, String, String);
 
+/// Forgets what the operator kept about a deleted binding: per-subject state and metric
+/// series (its Secrets go with the garbage collector).
+fn forget_binding(binding: &AWSRoleBinding, subjects: &Mutex<HashMap<SubjectKey, SubjectState>>, metrics: &Metrics) {
+    let (namespace, name) = binding_key(binding);
+    subjects.lock().expect("state lock").retain(|(ns, b, sa), _| {
+        let gone = *ns == namespace && *b == name;
+        if gone {
+            metrics.forget_subject(&SubjectLabels {
+                namespace: ns.clone(),
+                binding: b.clone(),
+                service_account: sa.clone(),
+            });
+        }
+        !gone
+    });
+}
+
 /// What the operator remembers about one subject between reconciles.
 #[derive(Debug, Default, Clone)]
 struct SubjectState {
@@ -171,7 +188,7 @@ pub struct Context {
     pub issuer: Arc<dyn Issuer>,
     pub settings: Settings,
     pub stores: Stores,
-    subjects: Mutex<HashMap<SubjectKey, SubjectState>>,
+    subjects: Arc<Mutex<HashMap<SubjectKey, SubjectState>>>,
     mfa_codes: crate::mfa::CodeLedger,
 }
 
@@ -184,13 +201,14 @@ impl Context {
             .current(binding)
     }
 
-    pub fn new(
+    fn new(
         client: Client,
         metrics: Arc<Metrics>,
         issuer: Arc<dyn Issuer>,
         settings: Settings,
         stores: Stores,
         instance: Option<String>,
+        subjects: Arc<Mutex<HashMap<SubjectKey, SubjectState>>>,
     ) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.into(),
@@ -203,7 +221,7 @@ impl Context {
             issuer,
             settings,
             stores,
-            subjects: Mutex::new(HashMap::new()),
+            subjects,
             mfa_codes: crate::mfa::CodeLedger::default(),
         }
     }
@@ -1117,6 +1135,8 @@ pub async fn run(
     let (bindings, writer) = reflector::store();
     let written_statuses = Arc::new(Mutex::new(WrittenStatuses::default()));
     let written = written_statuses.clone();
+    let subjects = Arc::new(Mutex::new(HashMap::new()));
+    let (kept, meter, statuses) = (subjects.clone(), metrics.clone(), written_statuses.clone());
     let binding_events = reflector(
         writer,
         watcher(
@@ -1126,6 +1146,12 @@ pub async fn run(
         .modify(strip_managed_fields),
     )
     .default_backoff()
+    .inspect_ok(move |event| {
+        if let watcher::Event::Delete(binding) = event {
+            forget_binding(binding, &kept, &meter);
+            statuses.lock().expect("status lock").0.remove(&binding_key(binding));
+        }
+    })
     .applied_objects()
     .inspect_ok(move |binding| written.lock().expect("status lock").seen(binding));
     let controller = Controller::for_stream(binding_events, bindings.clone())
@@ -1239,7 +1265,9 @@ pub async fn run(
     metrics.set_ready(true);
     tracing::info!("caches synced");
 
-    let ctx = Arc::new(Context::new(client, metrics, issuer, settings, stores, instance));
+    let ctx = Arc::new(Context::new(
+        client, metrics, issuer, settings, stores, instance, subjects,
+    ));
     controller
         .reconcile_on(requested)
         .graceful_shutdown_on(shutdown)

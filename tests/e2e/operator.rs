@@ -322,7 +322,7 @@ async fn removed_subject_loses_its_secret_and_deleted_binding_is_collected() {
     ns.service_account("b").await;
     let role = granted_role(&ns, None);
     let sts = Forwarder::start().await;
-    let _operator = Operator::start(&ns.name, &sts, &[]);
+    let operator = Operator::start(&ns.name, &sts, &[]);
     ns.apply_ok(&binding_yaml("two", &role, &["a", "b"], ""));
     wait_ready(&ns.bindings(), "two", "True", "CredentialsIssued").await;
     wait_secret(&ns, "two-a").await;
@@ -337,10 +337,23 @@ async fn removed_subject_loses_its_secret_and_deleted_binding_is_collected() {
     .await;
     assert!(ns.secrets().get_opt("two-a").await.unwrap().is_some());
 
+    let series = |m: &str| {
+        m.lines()
+            .filter(|l| l.starts_with("kube_sts_credential_seconds_until_expiry{") && l.contains("binding=\"two\""))
+            .count()
+    };
+    assert_eq!(series(&operator.metrics().await), 1, "one subject left, one series");
+
     delete_binding(&ns.bindings(), "two").await;
     eventually("Secrets garbage-collected", Duration::from_secs(60), || async {
         managed_secrets(&ns).await.is_empty().then_some(())
     })
+    .await;
+    eventually(
+        "metric series of the deleted binding gone",
+        Duration::from_secs(30),
+        || async { (series(&operator.metrics().await) == 0).then_some(()) },
+    )
     .await;
 }
 
