@@ -1134,9 +1134,8 @@ pub async fn run(
     let ns = settings.namespace.clone();
     let (bindings, writer) = reflector::store();
     let written_statuses = Arc::new(Mutex::new(WrittenStatuses::default()));
-    let written = written_statuses.clone();
     let subjects = Arc::new(Mutex::new(HashMap::new()));
-    let (kept, meter, statuses) = (subjects.clone(), metrics.clone(), written_statuses.clone());
+    let (written, kept, meter) = (written_statuses.clone(), subjects.clone(), metrics.clone());
     let binding_events = reflector(
         writer,
         watcher(
@@ -1146,14 +1145,17 @@ pub async fn run(
         .modify(strip_managed_fields),
     )
     .default_backoff()
-    .inspect_ok(move |event| {
-        if let watcher::Event::Delete(binding) = event {
-            forget_binding(binding, &kept, &meter);
-            statuses.lock().expect("status lock").0.remove(&binding_key(binding));
+    .inspect_ok(move |event| match event {
+        watcher::Event::Apply(binding) | watcher::Event::InitApply(binding) => {
+            written.lock().expect("status lock").seen(binding);
         }
+        watcher::Event::Delete(binding) => {
+            written.lock().expect("status lock").0.remove(&binding_key(binding));
+            forget_binding(binding, &kept, &meter);
+        }
+        watcher::Event::Init | watcher::Event::InitDone => {}
     })
-    .applied_objects()
-    .inspect_ok(move |binding| written.lock().expect("status lock").seen(binding));
+    .applied_objects();
     let controller = Controller::for_stream(binding_events, bindings.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(settings.concurrency));
     let (requests, requested) = futures::channel::mpsc::unbounded();
