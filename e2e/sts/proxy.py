@@ -15,7 +15,8 @@ proxy); ``--moto-api noauth`` changes the default for ``/moto-api/...``.
 
 ECR ``GetAuthorizationToken`` answers get the token lifetime real ECR gives (12 hours from
 now) in place of moto's fixed ``expiresAt`` of 2015-01-01, which kube-sts (rightly) refuses
-as already expired. Nothing else of the answer changes. moto also answers IAM-enforcement
+as already expired; a request with the header ``X-Kube-Sts-Ecr-Expires: upstream`` gets
+moto's answer unchanged (tests of that refusal). Nothing else of the answer changes. moto also answers IAM-enforcement
 denials of JSON-protocol services (ECR) in the XML query shape; those are relayed as the
 JSON error ECR sends (``{"__type": "AccessDeniedException", "message": ...}``), which is
 what the SDKs parse.
@@ -42,6 +43,7 @@ from urllib.parse import parse_qs, urlsplit
 WEB_IDENTITY_ACTION = "AssumeRoleWithWebIdentity"
 ECR_TOKEN_ACTION = "GetAuthorizationToken"
 ECR_TOKEN_LIFETIME_S = 12 * 3600
+ECR_EXPIRES_HEADER = "X-Kube-Sts-Ecr-Expires"
 ROUTE_HEADER = "X-Kube-Sts-Upstream"
 HOP_BY_HOP = {
     "connection",
@@ -166,7 +168,7 @@ class Handler(BaseHTTPRequestHandler):
                     self._relay_json_error(resp)
                 else:
                     self._relay_error(resp)
-            elif resp.status == 200 and why == ECR_TOKEN_ACTION:
+            elif resp.status == 200 and why == ECR_TOKEN_ACTION and self.headers.get(ECR_EXPIRES_HEADER) != "upstream":
                 self._relay_ecr_token(resp)
             else:
                 self._relay(resp)

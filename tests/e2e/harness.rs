@@ -245,6 +245,8 @@ pub fn account() -> String {
 pub struct Forwarder {
     pub addr: SocketAddr,
     up: Arc<AtomicBool>,
+    /// Ask the STS peer for ECR tokens with moto's own (long past) expiry.
+    ecr_upstream_expiry: Arc<AtomicBool>,
     actions: Arc<Mutex<Vec<String>>>,
     bodies: Arc<Mutex<Vec<String>>>,
 }
@@ -289,6 +291,14 @@ fn actions_in(bytes: &[u8]) -> Vec<String> {
     query.chain(json).collect()
 }
 
+/// The request chunk with one more (unsigned) header after the request line.
+fn with_header(chunk: &[u8], header: &str) -> Vec<u8> {
+    match chunk.windows(2).position(|w| w == b"\r\n") {
+        Some(end) => [&chunk[..end + 2], header.as_bytes(), b"\r\n", &chunk[end + 2..]].concat(),
+        None => chunk.to_vec(),
+    }
+}
+
 impl Forwarder {
     pub async fn start() -> Self {
         let upstream: String = env().aws["AWS_ENDPOINT_URL_STS"]
@@ -300,6 +310,7 @@ impl Forwarder {
         let fwd = Forwarder {
             addr: listener.local_addr().unwrap(),
             up: Arc::new(AtomicBool::new(true)),
+            ecr_upstream_expiry: Arc::default(),
             actions: Arc::default(),
             bodies: Arc::default(),
         };
@@ -346,8 +357,14 @@ impl Forwarder {
                                         .unwrap()
                                         .push(String::from_utf8_lossy(&buf[..n]).into_owned());
                                 }
+                                let mut chunk = buf[..n].to_vec();
+                                if f.ecr_upstream_expiry.load(Ordering::SeqCst)
+                                    && actions.iter().any(|a| a == "GetAuthorizationToken")
+                                {
+                                    chunk = with_header(&chunk, "X-Kube-Sts-Ecr-Expires: upstream");
+                                }
                                 f.actions.lock().unwrap().extend(actions);
-                                if wo.write_all(&buf[..n]).await.is_err() {
+                                if wo.write_all(&chunk).await.is_err() {
                                     break;
                                 }
                             }
@@ -367,6 +384,11 @@ impl Forwarder {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// From now on, ECR tokens come with the STS peer's own expiry (moto: 2015-01-01).
+    pub fn ecr_tokens_already_expired(&self) {
+        self.ecr_upstream_expiry.store(true, Ordering::SeqCst);
     }
 
     pub fn set_up(&self, up: bool) {

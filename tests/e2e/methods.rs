@@ -416,3 +416,43 @@ async fn ecr_pull_secret_holds_the_token_for_each_registry() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_already_expired_ecr_token_is_refused_with_backoff() {
+    let ns = TestNamespace::new("ecrold").await;
+    ns.service_account("app").await;
+    let role = create_role_allowing(
+        &unique("puller"),
+        &operator_arn(),
+        None,
+        true,
+        &["ecr:GetAuthorizationToken"],
+    );
+    apply_grant(&ns, &format!("\"{role}\""), "AssumeRole");
+    let sts = Forwarder::start().await;
+    // What moto itself answers: a token that expired on 2015-01-01.
+    sts.ecr_tokens_already_expired();
+    let _operator = Operator::start(&ns.name, &sts, &[]);
+    ns.apply_ok(&pull_binding("old", &role, &[account()]));
+    let subject = eventually("three refused tokens", Duration::from_secs(90), || async {
+        let status = ns.bindings().get("old").await.ok()?.status?;
+        let subject = status.subjects.first()?.clone();
+        (subject.consecutive_failures >= 3).then_some(subject)
+    })
+    .await;
+    assert!(subject.message.contains("2015-01-01T00:00:00Z"), "{}", subject.message);
+    let (ready, reason, _) = ready(&ns.bindings(), "old").await.unwrap();
+    assert_eq!((ready.as_str(), reason.as_str()), ("False", "STSUnavailable"));
+    // Each failure is one attempt after a backoff, not a loop: as many token requests as
+    // failures counted so far (one more may be under way).
+    let failures = ns.bindings().get("old").await.unwrap().status.unwrap().subjects[0].consecutive_failures as usize;
+    let calls = sts.count("GetAuthorizationToken");
+    assert!(
+        (failures..=failures + 1).contains(&calls),
+        "{calls} token requests for {failures} failures"
+    );
+    assert!(
+        ns.secrets().get_opt("old-app").await.unwrap().is_none(),
+        "an expired token was written"
+    );
+}
