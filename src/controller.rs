@@ -54,6 +54,7 @@ pub struct Settings {
 /// and Namespaces, and the grants.
 #[derive(Clone)]
 pub struct Stores {
+    pub bindings: Store<AWSRoleBinding>,
     pub secrets: Store<Secret>,
     pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
@@ -300,6 +301,15 @@ async fn reconcile(binding: Arc<AWSRoleBinding>, ctx: Arc<Context>) -> Result<Ac
     tracing::debug!(binding = %binding.name_any(), "reconciling");
     let result = reconcile_binding(&binding, &ctx).await;
     ctx.metrics.reconciled(started.elapsed());
+    if ctx
+        .stores
+        .bindings
+        .get(&ObjectRef::from_obj(binding.as_ref()))
+        .is_none()
+    {
+        // Deleted while this reconcile ran: what it recorded after the delete event goes too.
+        forget_binding(&binding, &ctx.subjects, &ctx.metrics);
+    }
     result
 }
 
@@ -1247,6 +1257,7 @@ pub async fn run(
     );
 
     let stores = Stores {
+        bindings: bindings.clone(),
         secrets,
         service_accounts,
         namespaces,

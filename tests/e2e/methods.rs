@@ -304,10 +304,10 @@ fn pull_binding(name: &str, role: &str, registries: &[String]) -> String {
     )
 }
 
-#[tokio::test]
-async fn ecr_pull_secret_holds_the_token_for_each_registry() {
-    use base64::Engine;
-    let ns = TestNamespace::new("ecr").await;
+/// A namespace with the ServiceAccount `app` and a role it may pull with (granted, with
+/// `other_roles`, for AssumeRole).
+async fn pull_setup(prefix: &str, other_roles: &[&str]) -> (TestNamespace, String) {
+    let ns = TestNamespace::new(prefix).await;
     ns.service_account("app").await;
     let role = create_role_allowing(
         &unique("puller"),
@@ -316,8 +316,19 @@ async fn ecr_pull_secret_holds_the_token_for_each_registry() {
         true,
         &["ecr:GetAuthorizationToken"],
     );
+    let roles: Vec<String> = std::iter::once(role.as_str())
+        .chain(other_roles.iter().copied())
+        .map(|r| format!("\"{r}\""))
+        .collect();
+    apply_grant(&ns, &roles.join(", "), "AssumeRole");
+    (ns, role)
+}
+
+#[tokio::test]
+async fn ecr_pull_secret_holds_the_token_for_each_registry() {
+    use base64::Engine;
     let no_pull = create_role(&unique("nopull"), &operator_arn(), None, true);
-    apply_grant(&ns, &format!("\"{role}\", \"{no_pull}\""), "AssumeRole");
+    let (ns, role) = pull_setup("ecr", &[&no_pull]).await;
     let sts = Forwarder::start().await;
     let mut first = Operator::start(&ns.name, &sts, &[]);
 
@@ -419,16 +430,7 @@ async fn ecr_pull_secret_holds_the_token_for_each_registry() {
 
 #[tokio::test]
 async fn an_already_expired_ecr_token_is_refused_with_backoff() {
-    let ns = TestNamespace::new("ecrold").await;
-    ns.service_account("app").await;
-    let role = create_role_allowing(
-        &unique("puller"),
-        &operator_arn(),
-        None,
-        true,
-        &["ecr:GetAuthorizationToken"],
-    );
-    apply_grant(&ns, &format!("\"{role}\""), "AssumeRole");
+    let (ns, role) = pull_setup("ecrold", &[]).await;
     let sts = Forwarder::start().await;
     // What moto itself answers: a token that expired on 2015-01-01.
     sts.ecr_tokens_already_expired();
