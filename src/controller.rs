@@ -78,16 +78,12 @@ fn binding_key(binding: &AWSRoleBinding) -> (String, String) {
 }
 
 impl WrittenStatuses {
-    /// The binding's status as far as this process knows.
-    fn current(&mut self, binding: &AWSRoleBinding) -> Option<AWSRoleBindingStatus> {
-        let key = binding_key(binding);
-        match self.0.get(&key) {
+    /// The binding's status as far as this process knows: what it wrote, while the cached
+    /// binding is still the version it wrote from; else the cached status.
+    fn current(&self, binding: &AWSRoleBinding) -> Option<AWSRoleBindingStatus> {
+        match self.0.get(&binding_key(binding)) {
             Some((version, status)) if binding.resource_version().as_ref() == Some(version) => Some(status.clone()),
-            Some(_) => {
-                self.0.remove(&key);
-                binding.status.clone()
-            }
-            None => binding.status.clone(),
+            _ => binding.status.clone(),
         }
     }
 
