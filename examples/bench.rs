@@ -1111,6 +1111,7 @@ async fn baseline_writes(bench: &Bench, namespace: &str, bindings: &[AWSRoleBind
     let settings = IssueSettings {
         cluster_name: "kubernetes".into(),
         session_tags: true,
+        allow_operator_identity: false,
         default_region: bench.aws.get("AWS_REGION").cloned(),
     };
     let account = bench.aws.get("AWS_ACCOUNT_ID").cloned().unwrap_or_default();
@@ -1121,7 +1122,7 @@ async fn baseline_writes(bench: &Bench, namespace: &str, bindings: &[AWSRoleBind
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            let plan = plan::plan_binding(b, &Resolved::default(), &settings).expect("binding plans");
+            let plan = plan::plan_binding(b, &Resolved::default(), &settings, None).expect("binding plans");
             let sp = &plan.subjects[0];
             let arn = format!("arn:aws:sts::{account}:assumed-role/bench/{}", sp.request.session_name);
             let creds = fake_credentials(template, arn, i, now);

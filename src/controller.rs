@@ -34,7 +34,10 @@ use crate::{
     grants::{GrantRequest, GrantVerdict, grant_allows},
     metrics::{Metrics, SubjectLabels},
     plan::{self, BindingPlan, IssueSettings, Resolved, SubjectPlan},
-    render::{self, BINDING_LABEL, Credentials, MANAGED_BY, MANAGED_BY_LABEL, SERVICE_ACCOUNT_LABEL},
+    render::{
+        self, BINDING_LABEL, Credentials, KEY_ACCESS_KEY_ID, KEY_SECRET_ACCESS_KEY, MANAGED_BY, MANAGED_BY_LABEL,
+        SERVICE_ACCOUNT_LABEL,
+    },
     sts::{Issuer, StsError, access_denied_hint},
     timing,
 };
@@ -176,6 +179,8 @@ struct SubjectState {
     failures: u32,
     retry_at: Option<Timestamp>,
     last_error: Option<(Reason, String)>,
+    /// The spec hash whose request STS refused as invalid: not asked again until it changes.
+    refused_spec: Option<String>,
 }
 
 pub struct Context {
@@ -318,15 +323,9 @@ async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -> Result<Ac
     }
     let now = Timestamp::now();
 
-    let resolved = match resolve_references(binding, &namespace, ctx).await? {
-        Ok(resolved) => resolved,
-        Err(message) => return binding_problem(binding, ctx, Reason::InvalidSpec, message, false, now).await,
-    };
-    let plan = match plan::plan_binding(binding, &resolved, &ctx.settings.issue) {
-        Ok(plan) => plan,
-        Err(e) => return binding_problem(binding, ctx, Reason::InvalidSpec, e.0, false, now).await,
-    };
-
+    // Grants first: a binding no grant allows reads nothing (no referenced Secret) and
+    // loses its Secrets, whatever else is wrong with it.
+    let mut duration_cap = None;
     if ctx.settings.require_grants {
         let labels = ctx
             .stores
@@ -334,7 +333,12 @@ async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -> Result<Ac
             .get(&ObjectRef::new(&namespace))
             .map(|ns| ns.labels().clone())
             .unwrap_or_default();
-        let request = GrantRequest::for_binding(&binding.spec, &namespace, &labels);
+        let request = GrantRequest::for_binding(
+            &binding.spec,
+            &namespace,
+            &labels,
+            ctx.settings.issue.allow_operator_identity,
+        );
         let grants = ctx.stores.grants.state();
         let verdict = grant_allows(
             grants
@@ -342,10 +346,24 @@ async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -> Result<Ac
                 .map(|g| (g.metadata.name.as_deref().unwrap_or(""), &g.spec)),
             &request,
         );
-        if let GrantVerdict::Denied { message } = verdict {
-            return binding_problem(binding, ctx, Reason::RoleNotGranted, message, true, now).await;
+        match verdict {
+            GrantVerdict::Allowed(admission) => duration_cap = admission.max_duration_seconds,
+            GrantVerdict::Denied { message } => {
+                return binding_problem(binding, ctx, Reason::RoleNotGranted, message, true, now).await;
+            }
         }
     }
+    if let Err(e) = plan::check_identity_source(&binding.spec, &ctx.settings.issue) {
+        return binding_problem(binding, ctx, Reason::InvalidSpec, e.0, false, now).await;
+    }
+    let resolved = match resolve_references(binding, &namespace, ctx).await? {
+        Ok(resolved) => resolved,
+        Err(message) => return binding_problem(binding, ctx, Reason::InvalidSpec, message, false, now).await,
+    };
+    let plan = match plan::plan_binding(binding, &resolved, &ctx.settings.issue, duration_cap) {
+        Ok(plan) => plan,
+        Err(e) => return binding_problem(binding, ctx, Reason::InvalidSpec, e.0, false, now).await,
+    };
 
     let results = join_all(
         plan.subjects
@@ -427,6 +445,30 @@ async fn resolve_references(
                 )));
             }
         }
+    }
+    if let Some(reference) = &binding.spec.source_credentials_secret_ref {
+        let mut keys = Vec::new();
+        for key in [KEY_ACCESS_KEY_ID, KEY_SECRET_ACCESS_KEY] {
+            let reference = crate::crd::SecretKeyRef {
+                name: reference.name.clone(),
+                key: key.into(),
+            };
+            match read_secret_key(ctx, namespace, "sourceCredentialsSecretRef", &reference).await? {
+                Ok(value) if !value.is_empty() => keys.push(value),
+                Ok(_) => {
+                    return Ok(Err(format!(
+                        "sourceCredentialsSecretRef: key {key} of Secret {} is empty",
+                        reference.name
+                    )));
+                }
+                Err(message) => return Ok(Err(message)),
+            }
+        }
+        let [access_key_id, secret_access_key] = <[String; 2]>::try_from(keys).expect("two keys read");
+        resolved.source_credentials = Some(crate::sts::UserKeys {
+            access_key_id,
+            secret_access_key,
+        });
     }
     Ok(Ok(resolved))
 }
@@ -758,15 +800,34 @@ async fn reconcile_subject(
         return Ok(ready_result(sp, binding, &creds, status, &state, ctx, &labels, now));
     }
 
-    // Issuance is due (new, refresh, spec change, or lost credentials) unless backing off.
+    // Issuance is due (new, refresh, spec change, or lost credentials) unless STS refused
+    // this very request as invalid (asking again cannot help) or backing off.
+    let current_spec = stored_hash.as_deref() == Some(&plan.spec_hash);
+    if state.refused_spec.as_deref() == Some(plan.spec_hash.as_str()) {
+        if expire_credentials(ctx, target, existing.as_deref(), secret_expiration, expired_marker, now).await? {
+            state.creds = None;
+            ctx.set_state(key, state.clone());
+        }
+        return Ok(failed_result(
+            sp,
+            &state,
+            status,
+            secret_expiration,
+            current_spec,
+            None,
+            now,
+            ctx,
+            &labels,
+        ));
+    }
     if let Some(retry_at) = state.retry_at.filter(|at| *at > now) {
         return Ok(failed_result(
             sp,
             &state,
             status,
             secret_expiration,
-            stored_hash.as_deref() == Some(&plan.spec_hash),
-            retry_at,
+            current_spec,
+            Some(retry_at),
             now,
             ctx,
             &labels,
@@ -822,11 +883,19 @@ async fn reconcile_subject(
         Err(err) => {
             let err = describe_failure(sp, err);
             state.failures += 1;
-            let delay = timing::backoff_delay(state.failures, rand::random::<f64>(), now, secret_expiration);
-            let retry_at = now + jiff::SignedDuration::try_from(delay).unwrap_or_default();
-            state.retry_at = Some(retry_at);
             state.last_error = Some((err.reason, err.message.clone()));
-            tracing::warn!(namespace = %target.namespace, binding = %target.binding, service_account = %sp.service_account, reason = err.reason.as_str(), code = %err.code, error = %err.message, failures = state.failures, retry_in_s = delay.as_secs(), "issuing credentials failed");
+            let retry_at = if err.reason == Reason::InvalidSpec {
+                // STS refused the request itself: the same spec will be refused again.
+                state.refused_spec = Some(plan.spec_hash.clone());
+                state.retry_at = None;
+                None
+            } else {
+                let delay = timing::backoff_delay(state.failures, rand::random::<f64>(), now, secret_expiration);
+                let at = now + jiff::SignedDuration::try_from(delay).unwrap_or_default();
+                state.retry_at = Some(at);
+                Some(at)
+            };
+            tracing::warn!(namespace = %target.namespace, binding = %target.binding, service_account = %sp.service_account, reason = err.reason.as_str(), code = %err.code, error = %err.message, failures = state.failures, retry_at = ?retry_at.map(render::rfc3339), "issuing credentials failed");
             ctx.publish(
                 binding,
                 EventType::Warning,
@@ -839,19 +908,7 @@ async fn reconcile_subject(
                 ),
             )
             .await;
-            // Credentials that have run out are never left looking valid.
-            if let (Some(secret), None) = (&existing, secret_expiration.filter(|e| *e > now)) {
-                if !expired_marker {
-                    let expired_at = secret_expiration.unwrap_or(now);
-                    write_secret(
-                        ctx,
-                        &render::render_expired_secret(target, expired_at),
-                        Some(secret.as_ref()),
-                    )
-                    .await?
-                    .ok();
-                    tracing::warn!(secret = %secret.name_any(), namespace = %target.namespace, "credentials expired and could not be refreshed; removed them from the Secret");
-                }
+            if expire_credentials(ctx, target, existing.as_deref(), secret_expiration, expired_marker, now).await? {
                 state.creds = None;
             }
             ctx.set_state(key, state.clone());
@@ -860,7 +917,7 @@ async fn reconcile_subject(
                 &state,
                 status,
                 secret_expiration,
-                stored_hash.as_deref() == Some(&plan.spec_hash),
+                current_spec,
                 retry_at,
                 now,
                 ctx,
@@ -868,6 +925,32 @@ async fn reconcile_subject(
             ))
         }
     }
+}
+
+/// Credentials that have run out are never left looking valid: once the Secret's expiry
+/// has passed they are removed from it. Says whether they have run out.
+async fn expire_credentials(
+    ctx: &Context,
+    target: &render::SecretTarget,
+    existing: Option<&Secret>,
+    secret_expiration: Option<Timestamp>,
+    expired_marker: bool,
+    now: Timestamp,
+) -> Result<bool> {
+    let Some(secret) = existing else {
+        return Ok(false);
+    };
+    if secret_expiration.is_some_and(|e| e > now) {
+        return Ok(false);
+    }
+    if !expired_marker {
+        let expired_at = secret_expiration.unwrap_or(now);
+        write_secret(ctx, &render::render_expired_secret(target, expired_at), Some(secret))
+            .await?
+            .ok();
+        tracing::warn!(secret = %secret.name_any(), namespace = %target.namespace, "credentials expired and could not be refreshed; removed them from the Secret");
+    }
+    Ok(true)
 }
 
 fn binding_ready_reason(binding: &AWSRoleBinding) -> Option<&str> {
@@ -929,7 +1012,7 @@ fn failed_result(
     mut status: SubjectStatus,
     secret_expiration: Option<Timestamp>,
     current_spec: bool,
-    retry_at: Timestamp,
+    retry_at: Option<Timestamp>,
     now: Timestamp,
     ctx: &Context,
     labels: &SubjectLabels,
@@ -949,7 +1032,7 @@ fn failed_result(
     status.consecutive_failures = state.failures;
     status.message = message;
     status.expiration = valid_until.map(Time);
-    status.next_refresh_time = Some(Time(retry_at));
+    status.next_refresh_time = retry_at.map(Time);
     if let Some((_, creds)) = state.creds.as_ref().filter(|_| valid_until.is_some()) {
         status.access_key_id = Some(creds.access_key_id.clone());
         status.arn = creds.arn.clone();
@@ -961,9 +1044,9 @@ fn failed_result(
         state.failures,
     );
     // Wake for the retry, or earlier when the current credentials run out.
-    let wake_at = match valid_until {
-        Some(expiry) => retry_at.min(expiry),
-        None => retry_at,
+    let wake_at = match (retry_at, valid_until) {
+        (Some(retry), Some(expiry)) => Some(retry.min(expiry)),
+        (retry, expiry) => retry.or(expiry),
     };
     SubjectResult {
         outcome: SubjectOutcome {
@@ -973,7 +1056,7 @@ fn failed_result(
             problem: Some(problem),
         },
         status,
-        wake_at: Some(wake_at),
+        wake_at,
         note: None,
     }
 }

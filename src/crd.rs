@@ -23,7 +23,25 @@ const REGION_PATTERN: &str = r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$";
 const ACCOUNT_ID_PATTERN: &str = r"^[0-9]{12}$";
 const DNS_SUBDOMAIN_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 const PROFILE_PATTERN: &str = r"^[A-Za-z0-9_.-]{1,64}$";
-const ABSOLUTE_PATH_PATTERN: &str = r"^/[^\s]*$";
+/// `mountPath` ends up in `credential_process = cat <mountPath>/credentials.json`, which
+/// SDKs run through a shell: only path characters that no shell gives a meaning to.
+const MOUNT_PATH_PATTERN: &str = r"^/[A-Za-z0-9._/-]*$";
+/// AWS's character set for session tag values (keys use the same set, at least one).
+const TAG_VALUE_PATTERN: &str = r"^[\\p{L}\\p{Z}\\p{N}_.:/=+@-]*$";
+
+/// The method a binding uses, as CEL sees it (the field defaults to AssumeRole).
+const CEL_METHOD: &str = "(has(self.method) ? self.method : 'AssumeRole')";
+
+/// A field that only some methods send to STS is refused with the others (rather than
+/// silently ignored), naming the field.
+fn only_with(field: &str, methods: &[&str]) -> kube::core::Rule {
+    let list = methods.iter().map(|m| format!("'{m}'")).collect::<Vec<_>>().join(", ");
+    kube::core::Rule::new(format!("!has(self.{field}) || {CEL_METHOD} in [{list}]"))
+        .message(kube::core::Message::Message(format!(
+            "{field} is only used with method {}",
+            methods.join(" or ")
+        )))
+}
 
 /// How the operator obtains credentials from STS.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema)]
@@ -48,6 +66,11 @@ impl Method {
     /// Methods that assume an IAM role (and so need `roleArn`).
     pub fn assumes_role(self) -> bool {
         matches!(self, Method::AssumeRole | Method::AssumeRoleWithWebIdentity)
+    }
+
+    /// The `DurationSeconds` STS applies when none is sent.
+    pub fn default_duration_seconds(self) -> i32 {
+        if self.assumes_role() { 3_600 } else { 43_200 }
     }
 
     /// The longest `DurationSeconds` STS accepts for this method.
@@ -94,6 +117,13 @@ pub struct SecretKeyRef {
     pub name: String,
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub key: String,
+}
+
+/// A Secret of the binding's namespace, by name.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, KubeSchema)]
+pub struct LocalSecretRef {
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
 }
 
 /// One hop of a role chain, assumed before `roleArn`.
@@ -154,7 +184,8 @@ pub struct SecretTemplate {
     pub profile: Option<String>,
     /// Where pods mount the Secret (default `/var/run/secrets/kube-sts.io`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 1024), regex(pattern = ABSOLUTE_PATH_PATTERN))]
+    #[schemars(length(max = 1024), regex(pattern = MOUNT_PATH_PATTERN))]
+    #[x_kube(validation = Rule::new("!self.split('/').exists(p, p == '..')").message("mountPath must not contain .. segments"))]
     pub mount_path: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
@@ -203,9 +234,20 @@ pub struct Ecr {
     validation = Rule::new("!(has(self.externalId) && has(self.externalIdSecretRef))").message("externalId and externalIdSecretRef are mutually exclusive"),
     validation = Rule::new("!has(self.transitiveTagKeys) || self.transitiveTagKeys.all(k, has(self.sessionTags) && k in self.sessionTags)").message("transitiveTagKeys must be keys of sessionTags"),
     validation = Rule::new("!has(self.method) || self.method != 'GetFederationToken' || has(self.sessionPolicy) || has(self.policyArns)").message("GetFederationToken needs sessionPolicy or policyArns"),
-    validation = Rule::new("!has(self.chain) || !has(self.method) || self.method == 'AssumeRole'").message("chain is only supported with method AssumeRole"),
-    validation = Rule::new("!has(self.mfa) || !has(self.method) || self.method in ['AssumeRole', 'GetSessionToken']").message("mfa is only supported with AssumeRole and GetSessionToken"),
-    validation = Rule::new("!has(self.method) || self.method != 'GetSessionToken' || !has(self.roleArn)").message("roleArn must not be set with GetSessionToken"),
+    validation = only_with("chain", &["AssumeRole"]),
+    validation = only_with("mfa", &["AssumeRole", "GetSessionToken"]),
+    validation = only_with("roleArn", &["AssumeRole", "AssumeRoleWithWebIdentity"]),
+    validation = only_with("sessionName", &["AssumeRole", "AssumeRoleWithWebIdentity"]),
+    validation = only_with("externalId", &["AssumeRole"]),
+    validation = only_with("externalIdSecretRef", &["AssumeRole"]),
+    validation = only_with("sessionPolicy", &["AssumeRole", "AssumeRoleWithWebIdentity", "GetFederationToken"]),
+    validation = only_with("policyArns", &["AssumeRole", "AssumeRoleWithWebIdentity", "GetFederationToken"]),
+    validation = only_with("sessionTags", &["AssumeRole", "GetFederationToken"]),
+    validation = only_with("transitiveTagKeys", &["AssumeRole"]),
+    validation = only_with("sourceIdentity", &["AssumeRole"]),
+    validation = only_with("webIdentity", &["AssumeRoleWithWebIdentity"]),
+    validation = only_with("federation", &["GetFederationToken"]),
+    validation = only_with("sourceCredentialsSecretRef", &["GetSessionToken", "GetFederationToken"]),
     validation = Rule::new("(has(self.secret) && has(self.secret.type) && self.secret.type == 'DockerConfigJson') == has(self.ecr)").message("ecr is required exactly when secret.type is DockerConfigJson"),
     validation = Rule::new("!has(self.secret) || !has(self.secret.name) || size(self.subjects) == 1").message("secret.name can only be set with a single subject")
 )]
@@ -247,6 +289,12 @@ pub struct AWSRoleBindingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_id_secret_ref: Option<SecretKeyRef>,
 
+    /// For GetSessionToken and GetFederationToken: a Secret of this namespace with
+    /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` of the IAM user whose session is
+    /// issued (the team's own user; an MFA device belongs to that user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_credentials_secret_ref: Option<LocalSecretRef>,
+
     /// Inline session policy (JSON).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
@@ -264,7 +312,10 @@ pub struct AWSRoleBindingSpec {
     #[x_kube(
         validation = Rule::new("self.all(k, size(k) >= 1 && size(k) <= 128 && k.matches('^[\\\\p{L}\\\\p{Z}\\\\p{N}_.:/=+@-]+$'))").message("session tag keys must be 1..128 characters of letters, digits, spaces and _.:/=+-@"),
         validation = Rule::new("self.all(k, !k.lowerAscii().startsWith('kubernetes-'))").message("session tag keys starting with kubernetes- are reserved"),
-        validation = Rule::new("self.all(k, size(self[k]) <= 256)").message("session tag values must be at most 256 characters")
+        validation = Rule::new("self.all(k, !k.lowerAscii().startsWith('aws:'))").message("session tag keys starting with aws: are reserved by AWS"),
+        validation = Rule::new("self.all(k, size(self[k]) <= 256)").message("session tag values must be at most 256 characters"),
+        validation = Rule::new(format!("self.all(k, self[k].matches('{TAG_VALUE_PATTERN}'))")).message("session tag values may hold only letters, digits, spaces and _.:/=+-@"),
+        validation = Rule::new("self.all(k, self.filter(j, j.lowerAscii() == k.lowerAscii()).size() == 1)").message("session tag keys must differ in more than case (AWS treats them case-insensitively)")
     )]
     pub session_tags: Option<BTreeMap<String, String>>,
 
@@ -365,7 +416,10 @@ pub struct SubjectStatus {
     printcolumn(name = "Namespaces", type_ = "string", json_path = ".spec.namespaces"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
-#[x_kube(validation = Rule::new("has(self.namespaces) || has(self.namespaceSelector)").message("at least one of namespaces and namespaceSelector is required"))]
+#[x_kube(
+    validation = Rule::new("has(self.namespaces) || has(self.namespaceSelector)").message("at least one of namespaces and namespaceSelector is required"),
+    validation = Rule::new("!has(self.namespaceSelector) || (has(self.namespaceSelector.matchLabels) && size(self.namespaceSelector.matchLabels) > 0) || (has(self.namespaceSelector.matchExpressions) && size(self.namespaceSelector.matchExpressions) > 0)").message("namespaceSelector must not be empty (an empty selector matches every namespace)")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct AWSRoleGrantSpec {
     /// Exact namespace names.
@@ -398,6 +452,26 @@ pub struct AWSRoleGrantSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 900, max = 129600))]
     pub max_duration_seconds: Option<i32>,
+
+    /// Globs for session tag keys a binding may set itself (`sessionTags`); default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 50), inner(length(min = 1, max = 128)))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub session_tag_keys: Option<Vec<String>>,
+
+    /// Globs a custom `sessionName`, `sourceIdentity` or `federation.name` may match
+    /// besides the default rule (it starts with `<namespace>.`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 50), inner(length(min = 1, max = 128)))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub session_names: Option<Vec<String>>,
+
+    /// Let GetSessionToken and GetFederationToken bindings without
+    /// `sourceCredentialsSecretRef` use the operator's own IAM identity. Takes effect only
+    /// when the operator runs with `--allow-operator-identity`; hands out sessions of the
+    /// operator's user (see the README's security model).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_operator_identity: bool,
 }
 
 impl AWSRoleGrantSpec {

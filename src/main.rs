@@ -54,6 +54,10 @@ struct RunArgs {
     /// Require an AWSRoleGrant for every binding.
     #[arg(long, env = "KUBE_STS_REQUIRE_GRANTS", default_value_t = true, action = clap::ArgAction::Set)]
     require_grants: bool,
+    /// Let GetSessionToken/GetFederationToken bindings without sourceCredentialsSecretRef
+    /// use the operator's own IAM identity (a grant must set allowOperatorIdentity too).
+    #[arg(long, env = "KUBE_STS_ALLOW_OPERATOR_IDENTITY", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    allow_operator_identity: bool,
     /// Add kubernetes-* session tags to AssumeRole (auto) or not (off).
     #[arg(long, env = "KUBE_STS_SESSION_TAGS", value_enum, default_value_t = SessionTags::Auto)]
     session_tags: SessionTags,
@@ -126,6 +130,7 @@ async fn run(args: RunArgs) -> RunResult {
             cluster_name: args.cluster_name.clone(),
             session_tags: args.session_tags == SessionTags::Auto,
             default_region: sts.default_region(),
+            allow_operator_identity: args.allow_operator_identity,
         },
         concurrency: args.concurrency,
     };

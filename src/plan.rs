@@ -11,7 +11,7 @@ use crate::{
     crd::{AWSRoleBinding, AWSRoleBindingSpec, Method, SecretType},
     naming,
     render::{DEFAULT_MOUNT_PATH, DEFAULT_PROFILE, SecretTarget},
-    sts::IssueRequest,
+    sts::{IssueRequest, UserKeys},
 };
 
 /// AWS caps sessions obtained by role chaining at one hour.
@@ -28,6 +28,9 @@ pub struct IssueSettings {
     pub cluster_name: String,
     pub session_tags: bool,
     pub default_region: Option<String>,
+    /// `--allow-operator-identity`: GetSessionToken and GetFederationToken may be called
+    /// with the operator's own identity (when a grant allows it too).
+    pub allow_operator_identity: bool,
 }
 
 /// Values a binding references in other objects, read before planning.
@@ -37,6 +40,8 @@ pub struct Resolved {
     pub external_id: Option<String>,
     /// The TOTP seed read through `mfa.totpSecretRef`.
     pub totp_seed: Option<crate::mfa::Seed>,
+    /// The IAM user keys read through `sourceCredentialsSecretRef`.
+    pub source_credentials: Option<UserKeys>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,7 +66,12 @@ pub struct InvalidSpec(pub String);
 
 /// Hash over everything that decides what STS issues and what the Secret holds, so any
 /// change reissues at once. The resolved external ID enters as a digest only.
-pub fn spec_hash(spec: &AWSRoleBindingSpec, resolved: &Resolved, settings: &IssueSettings) -> String {
+pub fn spec_hash(
+    spec: &AWSRoleBindingSpec,
+    resolved: &Resolved,
+    settings: &IssueSettings,
+    duration: Option<i32>,
+) -> String {
     // The subject list stays out: adding or removing one subject must not reissue the others.
     let without_subjects = AWSRoleBindingSpec {
         subjects: Vec::new(),
@@ -81,6 +91,18 @@ pub fn spec_hash(spec: &AWSRoleBindingSpec, resolved: &Resolved, settings: &Issu
         "\0{}\0{}\0{:?}",
         settings.cluster_name, settings.session_tags, settings.default_region
     ));
+    // Later inputs enter only when they are in play, so the hash of a binding that does not
+    // use them stays what earlier versions wrote (an upgrade reissues nothing).
+    if let Some(keys) = &resolved.source_credentials {
+        hasher.update(b"\0source\0");
+        hasher.update(Sha256::digest(format!(
+            "{}\0{}",
+            keys.access_key_id, keys.secret_access_key
+        )));
+    }
+    if duration != spec.duration_seconds {
+        hasher.update(format!("\0duration\0{duration:?}"));
+    }
     hex::encode(hasher.finalize())[..16].to_string()
 }
 
@@ -92,15 +114,43 @@ fn check_policy_json(policy: &str) -> Result<(), InvalidSpec> {
     }
 }
 
+/// GetSessionToken and GetFederationToken issue a session of whoever calls them: the
+/// team's own IAM user (`sourceCredentialsSecretRef`), or the operator's identity only when
+/// the operator was started to allow it.
+pub fn check_identity_source(spec: &AWSRoleBindingSpec, settings: &IssueSettings) -> Result<(), InvalidSpec> {
+    if spec.method.assumes_role() || spec.source_credentials_secret_ref.is_some() || settings.allow_operator_identity {
+        return Ok(());
+    }
+    Err(InvalidSpec(format!(
+        "{} needs sourceCredentialsSecretRef: a Secret of this namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY of the IAM user whose session is issued (the operator's own identity is used only when it runs with --allow-operator-identity)",
+        spec.method
+    )))
+}
+
+/// `durationSeconds` to request: the binding's own, else the method's default lowered to
+/// the grants' cap (STS would otherwise apply a default above the cap).
+pub fn requested_duration(spec: &AWSRoleBindingSpec, cap: Option<i32>) -> Option<i32> {
+    spec.duration_seconds
+        .or_else(|| cap.filter(|cap| *cap < spec.method.default_duration_seconds()))
+}
+
+/// Plans every subject of `binding`. `duration_cap` is the highest `maxDurationSeconds` of
+/// the grants that allow it (`None`: uncapped).
 pub fn plan_binding(
     binding: &AWSRoleBinding,
     resolved: &Resolved,
     settings: &IssueSettings,
+    duration_cap: Option<i32>,
 ) -> Result<BindingPlan, InvalidSpec> {
     let spec = &binding.spec;
     let namespace = binding.namespace().unwrap_or_default();
     let name = binding.name_any();
     let uid = binding.uid().unwrap_or_default();
+
+    check_identity_source(spec, settings)?;
+    if spec.source_credentials_secret_ref.is_some() && resolved.source_credentials.is_none() {
+        return Err(InvalidSpec("sourceCredentialsSecretRef could not be read".into()));
+    }
 
     if spec.mfa.is_some() && resolved.totp_seed.is_none() {
         return Err(InvalidSpec("mfa.totpSecretRef could not be read".into()));
@@ -119,7 +169,7 @@ pub fn plan_binding(
     let external_id = spec.external_id.clone().or_else(|| resolved.external_id.clone());
 
     let mut note = None;
-    let mut duration = spec.duration_seconds;
+    let mut duration = requested_duration(spec, duration_cap);
     let chain: Vec<(String, Option<String>)> = spec
         .chain
         .iter()
@@ -151,7 +201,7 @@ pub fn plan_binding(
         }
         (SecretType::Credentials, _) => Vec::new(),
     };
-    let hash = spec_hash(spec, resolved, settings);
+    let hash = spec_hash(spec, resolved, settings, requested_duration(spec, duration_cap));
     let subjects = spec
         .subjects
         .iter()
@@ -192,6 +242,7 @@ pub fn plan_binding(
                         .unwrap_or_else(|| naming::default_federated_name(&namespace, &sa))
                 }),
                 ecr_registry_ids: ecr_registry_ids.clone(),
+                source_credentials: resolved.source_credentials.clone(),
             };
             let target = SecretTarget {
                 namespace: namespace.clone(),
@@ -251,6 +302,7 @@ pub(crate) mod tests {
             cluster_name: "prod".into(),
             session_tags: true,
             default_region: Some("us-east-1".into()),
+            allow_operator_identity: false,
         }
     }
 
@@ -258,7 +310,7 @@ pub(crate) mod tests {
 
     #[test]
     fn plans_every_subject_with_defaults() {
-        let plan = plan_binding(&binding(BASIC), &Resolved::default(), &settings()).unwrap();
+        let plan = plan_binding(&binding(BASIC), &Resolved::default(), &settings(), None).unwrap();
         assert_eq!(plan.subjects.len(), 2);
         let app = &plan.subjects[0];
         assert_eq!(app.target.name, "reports-app");
@@ -282,7 +334,7 @@ pub(crate) mod tests {
         s.session_tags = false;
         let mut b = binding(BASIC);
         b.spec.session_tags = Some([("team".to_string(), "a".to_string())].into());
-        let plan = plan_binding(&b, &Resolved::default(), &s).unwrap();
+        let plan = plan_binding(&b, &Resolved::default(), &s, None).unwrap();
         assert_eq!(
             plan.subjects[0].request.tags,
             vec![("team".to_string(), "a".to_string())]
@@ -293,17 +345,17 @@ pub(crate) mod tests {
     fn invalid_policy_json_is_invalid_spec() {
         let mut b = binding(BASIC);
         b.spec.session_policy = Some("{not json".into());
-        let err = plan_binding(&b, &Resolved::default(), &settings()).unwrap_err();
+        let err = plan_binding(&b, &Resolved::default(), &settings(), None).unwrap_err();
         assert!(err.0.contains("sessionPolicy is not valid JSON"), "{err}");
         b.spec.session_policy = Some("[1]".into());
-        assert!(plan_binding(&b, &Resolved::default(), &settings()).is_err());
+        assert!(plan_binding(&b, &Resolved::default(), &settings(), None).is_err());
     }
 
     #[test]
     fn too_many_tags_with_automatic_ones() {
         let mut b = binding(BASIC);
         b.spec.session_tags = Some((0..48).map(|i| (format!("k{i}"), "v".to_string())).collect());
-        assert!(plan_binding(&b, &Resolved::default(), &settings()).is_err());
+        assert!(plan_binding(&b, &Resolved::default(), &settings(), None).is_err());
     }
 
     #[test]
@@ -314,7 +366,7 @@ pub(crate) mod tests {
             role_arn: "arn:aws:iam::111111111111:role/hub".into(),
             external_id: None,
         }]);
-        let plan = plan_binding(&b, &Resolved::default(), &settings()).unwrap();
+        let plan = plan_binding(&b, &Resolved::default(), &settings(), None).unwrap();
         assert_eq!(plan.subjects[0].request.duration_seconds, Some(3600));
         assert!(plan.note.unwrap().contains("clamped to 3600"));
     }
@@ -329,6 +381,7 @@ pub(crate) mod tests {
                 ..Default::default()
             },
             &settings(),
+            None,
         )
         .unwrap();
         let c = plan_binding(
@@ -338,6 +391,7 @@ pub(crate) mod tests {
                 ..Default::default()
             },
             &settings(),
+            None,
         )
         .unwrap();
         assert_eq!(a.subjects[0].request.external_id.as_deref(), Some("one"));
@@ -348,23 +402,23 @@ pub(crate) mod tests {
     #[test]
     fn hash_is_stable_and_follows_spec_changes() {
         let b = binding(BASIC);
-        let h1 = plan_binding(&b, &Resolved::default(), &settings()).unwrap().spec_hash;
+        let h1 = plan_binding(&b, &Resolved::default(), &settings(), None).unwrap().spec_hash;
         assert_eq!(
             h1,
-            plan_binding(&b, &Resolved::default(), &settings()).unwrap().spec_hash
+            plan_binding(&b, &Resolved::default(), &settings(), None).unwrap().spec_hash
         );
         let mut changed = b.clone();
         changed.spec.duration_seconds = Some(1800);
         assert_ne!(
             h1,
-            plan_binding(&changed, &Resolved::default(), &settings())
+            plan_binding(&changed, &Resolved::default(), &settings(), None)
                 .unwrap()
                 .spec_hash
         );
 
         let mut fewer = b.clone();
         fewer.spec.subjects.pop();
-        let h2 = plan_binding(&fewer, &Resolved::default(), &settings())
+        let h2 = plan_binding(&fewer, &Resolved::default(), &settings(), None)
             .unwrap()
             .spec_hash;
         assert_eq!(h1, h2, "subjects stay out of the hash");
@@ -373,7 +427,9 @@ pub(crate) mod tests {
     #[test]
     fn federation_gets_a_derived_name_and_no_automatic_tags() {
         let mut b = binding("method: GetFederationToken\nsessionPolicy: '{}'\nsubjects: [{name: app}]\n");
-        let plan = plan_binding(&b, &Resolved::default(), &settings()).unwrap();
+        let mut s = settings();
+        s.allow_operator_identity = true;
+        let plan = plan_binding(&b, &Resolved::default(), &s, None).unwrap();
         let r = &plan.subjects[0].request;
         assert_eq!(r.federated_name.as_deref(), Some("team-a.app"));
         assert!(r.tags.is_empty());
@@ -381,7 +437,7 @@ pub(crate) mod tests {
         b.spec.federation = Some(crate::crd::Federation {
             name: Some("reports".into()),
         });
-        let plan = plan_binding(&b, &Resolved::default(), &settings()).unwrap();
+        let plan = plan_binding(&b, &Resolved::default(), &s, None).unwrap();
         assert_eq!(plan.subjects[0].request.federated_name.as_deref(), Some("reports"));
     }
 
@@ -390,15 +446,15 @@ pub(crate) mod tests {
         let b = binding(
             "roleArn: arn:aws:iam::123456789012:role/r\nsubjects: [{name: app}]\nsecret: {type: DockerConfigJson}\necr: {registryIds: ['111111111111']}\n",
         );
-        let plan = plan_binding(&b, &Resolved::default(), &settings()).unwrap();
+        let plan = plan_binding(&b, &Resolved::default(), &settings(), None).unwrap();
         assert_eq!(plan.subjects[0].request.ecr_registry_ids, ["111111111111"]);
         assert_eq!(plan.subjects[0].target.secret_type, SecretType::DockerConfigJson);
         let mut no_region = settings();
         no_region.default_region = None;
-        let err = plan_binding(&b, &Resolved::default(), &no_region).unwrap_err();
+        let err = plan_binding(&b, &Resolved::default(), &no_region, None).unwrap_err();
         assert!(err.0.contains("spec.region"), "{err}");
         // Plain credentials never ask ECR.
-        let plan = plan_binding(&binding(BASIC), &Resolved::default(), &settings()).unwrap();
+        let plan = plan_binding(&binding(BASIC), &Resolved::default(), &settings(), None).unwrap();
         assert!(plan.subjects[0].request.ecr_registry_ids.is_empty());
     }
 
@@ -407,18 +463,27 @@ pub(crate) mod tests {
         let b = binding(
             "method: AssumeRoleWithWebIdentity\nroleArn: arn:aws:iam::123456789012:role/r\nsubjects: [{name: app}]\n",
         );
-        let plan = plan_binding(&b, &Resolved::default(), &settings()).unwrap();
+        let plan = plan_binding(&b, &Resolved::default(), &settings(), None).unwrap();
         assert!(plan.subjects[0].request.tags.is_empty());
         let mfa = binding(
-            "method: GetSessionToken\nsubjects: [{name: app}]\nmfa: {serialNumber: arn:aws:iam::123456789012:mfa/ops, totpSecretRef: {name: s, key: k}}\n",
+            "method: GetSessionToken\nsubjects: [{name: app}]\nsourceCredentialsSecretRef: {name: keys}\nmfa: {serialNumber: arn:aws:iam::123456789012:mfa/ops, totpSecretRef: {name: s, key: k}}\n",
         );
-        assert!(plan_binding(&mfa, &Resolved::default(), &settings()).is_err());
+        let keys = Some(UserKeys {
+            access_key_id: "AKIAEXAMPLE".into(),
+            secret_access_key: "secret".into(),
+        });
+        let no_seed = Resolved {
+            source_credentials: keys.clone(),
+            ..Default::default()
+        };
+        assert!(plan_binding(&mfa, &no_seed, &settings(), None).is_err());
         let seed = crate::mfa::Seed::parse("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ").unwrap();
         let resolved = Resolved {
             totp_seed: Some(seed),
+            source_credentials: keys,
             ..Default::default()
         };
-        plan_binding(&mfa, &resolved, &settings()).unwrap();
+        plan_binding(&mfa, &resolved, &settings(), None).unwrap();
     }
 
     #[test]
@@ -430,7 +495,7 @@ pub(crate) mod tests {
             mount_path: Some("/aws".into()),
             ..Default::default()
         });
-        let plan = plan_binding(&b, &Resolved::default(), &settings()).unwrap();
+        let plan = plan_binding(&b, &Resolved::default(), &settings(), None).unwrap();
         let t = &plan.subjects[0].target;
         assert_eq!(
             (t.name.as_str(), t.profile.as_str(), t.mount_path.as_str()),
@@ -443,5 +508,80 @@ pub(crate) mod tests {
                 name: "app".into()
             }
         );
+    }
+
+    #[test]
+    fn session_methods_need_the_teams_own_keys_unless_the_operator_allows_its_identity() {
+        let b = binding("method: GetSessionToken\nsubjects: [{name: app}]\n");
+        let err = plan_binding(&b, &Resolved::default(), &settings(), None).unwrap_err();
+        assert!(err.0.contains("needs sourceCredentialsSecretRef"), "{err}");
+        let mut allowed = settings();
+        allowed.allow_operator_identity = true;
+        let plan = plan_binding(&b, &Resolved::default(), &allowed, None).unwrap();
+        assert_eq!(plan.subjects[0].request.source_credentials, None);
+
+        let with_ref = binding("method: GetSessionToken\nsubjects: [{name: app}]\nsourceCredentialsSecretRef: {name: keys}\n");
+        let err = plan_binding(&with_ref, &Resolved::default(), &settings(), None).unwrap_err();
+        assert!(err.0.contains("sourceCredentialsSecretRef could not be read"), "{err}");
+        let keys = UserKeys {
+            access_key_id: "AKIAEXAMPLE".into(),
+            secret_access_key: "secret".into(),
+        };
+        let resolved = |secret: &str| Resolved {
+            source_credentials: Some(UserKeys {
+                secret_access_key: secret.into(),
+                ..keys.clone()
+            }),
+            ..Default::default()
+        };
+        let plan = plan_binding(&with_ref, &resolved("secret"), &settings(), None).unwrap();
+        assert_eq!(plan.subjects[0].request.source_credentials, Some(keys.clone()));
+        // New user keys issue anew; the hash shows nothing of them.
+        let rotated = plan_binding(&with_ref, &resolved("other"), &settings(), None).unwrap();
+        assert_ne!(plan.spec_hash, rotated.spec_hash);
+        assert!(!plan.spec_hash.contains("AKIA"));
+        // Role methods never need them.
+        plan_binding(&binding(BASIC), &Resolved::default(), &settings(), None).unwrap();
+    }
+
+    #[test]
+    fn an_unset_duration_is_lowered_to_the_grants_cap() {
+        // (method, durationSeconds, cap) -> requested
+        let table = [
+            ("AssumeRole", None, None, None),
+            ("AssumeRole", None, Some(900), Some(900)),
+            ("AssumeRole", None, Some(3600), None),
+            ("AssumeRole", None, Some(7200), None),
+            ("AssumeRole", Some(1200), Some(900), Some(1200)),
+            ("GetSessionToken", None, Some(3600), Some(3600)),
+            ("GetSessionToken", None, Some(43200), None),
+            ("GetFederationToken", None, Some(7200), Some(7200)),
+        ];
+        let mut s = settings();
+        s.allow_operator_identity = true;
+        for (method, duration, cap, want) in table {
+            let mut b = binding(&format!("method: {method}\nsubjects: [{{name: app}}]\nsessionPolicy: '{{}}'\n"));
+            if method == "AssumeRole" {
+                b.spec.role_arn = Some("arn:aws:iam::123456789012:role/r".into());
+            }
+            b.spec.duration_seconds = duration;
+            let plan = plan_binding(&b, &Resolved::default(), &s, cap).unwrap();
+            assert_eq!(plan.subjects[0].request.duration_seconds, want, "{method} {duration:?} cap {cap:?}");
+        }
+        // A cap that changes what is requested changes the hash (the Secret is reissued).
+        let b = binding(BASIC);
+        let uncapped = plan_binding(&b, &Resolved::default(), &settings(), None).unwrap();
+        let capped = plan_binding(&b, &Resolved::default(), &settings(), Some(900)).unwrap();
+        assert_ne!(uncapped.spec_hash, capped.spec_hash);
+    }
+
+    #[test]
+    fn the_hash_of_a_binding_without_new_inputs_is_what_earlier_versions_wrote() {
+        // Pinned from the version before sourceCredentialsSecretRef and grant caps: an
+        // upgrade must not reissue every binding.
+        let plan = plan_binding(&binding(BASIC), &Resolved::default(), &settings(), None).unwrap();
+        assert_eq!(plan.spec_hash, "feca5d578c401c0f");
+        let uncapped = plan_binding(&binding(BASIC), &Resolved::default(), &settings(), Some(7200)).unwrap();
+        assert_eq!(uncapped.spec_hash, "feca5d578c401c0f");
     }
 }

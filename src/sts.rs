@@ -43,6 +43,23 @@ pub struct IssueRequest {
     pub federated_name: Option<String>,
     /// ECR registries to fetch a pull token for with the issued session (DockerConfigJson).
     pub ecr_registry_ids: Vec<String>,
+    /// The IAM user that calls GetSessionToken / GetFederationToken (`None`: the operator).
+    pub source_credentials: Option<UserKeys>,
+}
+
+/// Long-term access keys of an IAM user (read from a Secret of the binding's namespace).
+#[derive(Clone, PartialEq, Eq)]
+pub struct UserKeys {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for UserKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserKeys")
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Credentials as issued (their `note` says anything the user should know about how).
@@ -66,6 +83,7 @@ impl std::fmt::Debug for IssueRequest {
             .field("mfa_device", &self.mfa.as_ref().map(|(serial, _)| serial))
             .field("federated_name", &self.federated_name)
             .field("ecr_registry_ids", &self.ecr_registry_ids)
+            .field("source_credentials", &self.source_credentials)
             .finish_non_exhaustive()
     }
 }
@@ -132,8 +150,12 @@ pub fn access_denied_hint(req: &IssueRequest, message: &str) -> String {
             hints.push("with session tags the trust policy must allow sts:TagSession too");
         }
     }
-    if req.method == Method::GetFederationToken {
-        hints.push("GetFederationToken must be called with an IAM user's long-term keys: run the operator as an IAM user, not with a role's session");
+    if !req.method.assumes_role() {
+        hints.push(if req.source_credentials.is_some() {
+            "the IAM user of sourceCredentialsSecretRef must exist, its keys be active, and its identity policy allow this action"
+        } else {
+            "this method is called with the operator's own identity, which must be an IAM user with long-term keys (not a role's session)"
+        });
     }
     if req.method == Method::AssumeRoleWithWebIdentity {
         hints.push("the role's trust policy must trust the cluster's OIDC provider for this ServiceAccount (sub system:serviceaccount:<namespace>:<name>) and audience");
@@ -341,9 +363,28 @@ impl StsClient {
         to_credentials("AssumeRoleWithWebIdentity", out.credentials(), arn)
     }
 
+    /// The client GetSessionToken and GetFederationToken are called with: the team's IAM
+    /// user when the binding names its keys, else the operator's own identity.
+    fn session_client(&self, req: &IssueRequest) -> Client {
+        match &req.source_credentials {
+            Some(keys) => Client::from_conf(
+                self.config_builder(req.region.as_deref())
+                    .credentials_provider(aws_credential_types::Credentials::new(
+                        &keys.access_key_id,
+                        &keys.secret_access_key,
+                        None,
+                        None,
+                        "kube-sts-source-credentials",
+                    ))
+                    .build(),
+            ),
+            None => self.client(req.region.as_deref()),
+        }
+    }
+
     async fn session_token(&self, req: &IssueRequest) -> Result<Credentials, StsError> {
         let mut call = self
-            .client(req.region.as_deref())
+            .session_client(req)
             .get_session_token()
             .set_duration_seconds(req.duration_seconds);
         if let Some((serial, code)) = &req.mfa {
@@ -359,7 +400,7 @@ impl StsClient {
             .clone()
             .unwrap_or_else(|| req.session_name.chars().take(32).collect());
         let call = self
-            .client(req.region.as_deref())
+            .session_client(req)
             .get_federation_token()
             .name(name)
             .set_duration_seconds(req.duration_seconds)
@@ -649,6 +690,7 @@ mod tests {
             mfa: None,
             federated_name: None,
             ecr_registry_ids: vec![],
+            source_credentials: None,
         }
     }
 

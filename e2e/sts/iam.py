@@ -1,8 +1,9 @@
 """Creates IAM roles in the local STS peer for tests and the demo (run with admin credentials).
 
     iam.py create-role --name NAME --principal ARN [--external-id ID] [--no-tag-session] [--allow-assume] [--allow ACTION ...]
+    iam.py create-user --name NAME [--allow ACTION ...]
 
-Prints the role ARN. The trust policy allows sts:AssumeRole (and sts:TagSession unless
+create-role prints the role ARN. The trust policy allows sts:AssumeRole (and sts:TagSession unless
 --no-tag-session) for PRINCIPAL, with an sts:ExternalId condition when --external-id is given.
 """
 import argparse
@@ -36,6 +37,25 @@ def create_role(args):
     print(role["Arn"])
 
 
+def create_user(args):
+    """An IAM user with long-term keys (a team's own identity); prints its ARN, access key ID
+    and secret access key, one per line."""
+    iam = boto3.client("iam")
+    user = iam.create_user(UserName=args.name)["User"]
+    allowed = ["sts:GetCallerIdentity"] + args.allow
+    iam.put_user_policy(
+        UserName=args.name,
+        PolicyName="allowed",
+        PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": allowed, "Resource": "*"}]}
+        ),
+    )
+    key = iam.create_access_key(UserName=args.name)["AccessKey"]
+    print(user["Arn"])
+    print(key["AccessKeyId"])
+    print(key["SecretAccessKey"])
+
+
 def main():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,9 +67,14 @@ def main():
     create.add_argument("--allow-assume", action="store_true", help="let the role assume other roles (a chain's hub)")
     create.add_argument("--allow", action="append", default=[], metavar="ACTION", help="one more action the role's sessions may call (e.g. ecr:GetAuthorizationToken)")
     create.add_argument("--max-session-duration", type=int, default=43200)
+    user = sub.add_parser("create-user")
+    user.add_argument("--name", required=True)
+    user.add_argument("--allow", action="append", default=[], metavar="ACTION", help="an action the user may call (e.g. sts:GetSessionToken)")
     args = parser.parse_args()
     if args.command == "create-role":
         create_role(args)
+    elif args.command == "create-user":
+        create_user(args)
 
 
 if __name__ == "__main__":

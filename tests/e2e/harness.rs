@@ -231,6 +231,36 @@ pub fn create_role_allowing(
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// An IAM user of the STS peer with long-term keys, allowed `actions` (besides
+/// GetCallerIdentity).
+pub struct IamUser {
+    pub arn: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+pub fn create_user(name: &str, actions: &[&str]) -> IamUser {
+    let mut cmd = Command::new(&env().python);
+    cmd.arg(env().repo.join("e2e/sts/iam.py"))
+        .args(["create-user", "--name", name]);
+    for action in actions {
+        cmd.args(["--allow", action]);
+    }
+    let out = cmd.envs(&env().admin).output().expect("iam.py runs");
+    assert!(
+        out.status.success(),
+        "create-user failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    IamUser {
+        arn: lines[0].into(),
+        access_key_id: lines[1].into(),
+        secret_access_key: lines[2].into(),
+    }
+}
+
 pub fn operator_arn() -> String {
     env().aws["KUBE_STS_OPERATOR_ARN"].clone()
 }
@@ -249,6 +279,8 @@ pub struct Forwarder {
     ecr_upstream_expiry: Arc<AtomicBool>,
     actions: Arc<Mutex<Vec<String>>>,
     bodies: Arc<Mutex<Vec<String>>>,
+    /// Answer every STS request with this error `(code, message)` instead of forwarding it.
+    failure: Arc<Mutex<Option<(String, String)>>>,
 }
 
 fn url_decode(s: &str) -> String {
@@ -313,6 +345,7 @@ impl Forwarder {
             ecr_upstream_expiry: Arc::default(),
             actions: Arc::default(),
             bodies: Arc::default(),
+            failure: Arc::default(),
         };
         let f = fwd.clone();
         // A runtime of its own: tests block their thread on kubectl, which must not stall STS.
@@ -335,9 +368,26 @@ impl Forwarder {
                     let upstream = upstream.clone();
                     let f = f.clone();
                     tokio::spawn(async move {
+                        // The first chunk decides whether the peer is asked at all (each
+                        // connection is checked when it opens; injected answers close it).
+                        let mut first = vec![0u8; 64 * 1024];
+                        let n = match inbound.read(&mut first).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        let failure = f.failure.lock().unwrap().clone();
+                        if let Some((code, message)) = failure.filter(|_| !actions_in(&first[..n]).is_empty()) {
+                            f.record(&first[..n]);
+                            let _ = inbound.write_all(sts_error_response(&code, &message).as_bytes()).await;
+                            let _ = inbound.shutdown().await;
+                            return;
+                        }
                         let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
                             return;
                         };
+                        if outbound.write_all(&f.record(&first[..n])).await.is_err() {
+                            return;
+                        }
                         let (mut ri, mut wi) = inbound.split();
                         let (mut ro, mut wo) = outbound.split();
                         let client_to_peer = async {
@@ -350,21 +400,7 @@ impl Forwarder {
                                 if !f.up.load(Ordering::SeqCst) {
                                     break;
                                 }
-                                let actions = actions_in(&buf[..n]);
-                                if !actions.is_empty() {
-                                    f.bodies
-                                        .lock()
-                                        .unwrap()
-                                        .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-                                }
-                                let mut chunk = buf[..n].to_vec();
-                                if f.ecr_upstream_expiry.load(Ordering::SeqCst)
-                                    && actions.iter().any(|a| a == "GetAuthorizationToken")
-                                {
-                                    chunk = with_header(&chunk, "X-Kube-Sts-Ecr-Expires: upstream");
-                                }
-                                f.actions.lock().unwrap().extend(actions);
-                                if wo.write_all(&chunk).await.is_err() {
+                                if wo.write_all(&f.record(&buf[..n])).await.is_err() {
                                     break;
                                 }
                             }
@@ -380,6 +416,29 @@ impl Forwarder {
             })
         });
         fwd
+    }
+
+    /// Counts the actions of a request chunk and keeps it; returns what to send upstream.
+    fn record(&self, chunk: &[u8]) -> Vec<u8> {
+        let actions = actions_in(chunk);
+        if actions.is_empty() {
+            return chunk.to_vec();
+        }
+        self.bodies.lock().unwrap().push(String::from_utf8_lossy(chunk).into_owned());
+        let ask_upstream_expiry = self.ecr_upstream_expiry.load(Ordering::SeqCst)
+            && actions.iter().any(|a| a == "GetAuthorizationToken");
+        self.actions.lock().unwrap().extend(actions);
+        if ask_upstream_expiry {
+            with_header(chunk, "X-Kube-Sts-Ecr-Expires: upstream")
+        } else {
+            chunk.to_vec()
+        }
+    }
+
+    /// From now on (for connections opened from now on), STS requests are answered with
+    /// the error `code` as STS sends it, without reaching the peer; `None` forwards again.
+    pub fn fail_with(&self, failure: Option<(&str, &str)>) {
+        *self.failure.lock().unwrap() = failure.map(|(c, m)| (c.to_string(), m.to_string()));
     }
 
     pub fn url(&self) -> String {
@@ -430,6 +489,17 @@ impl Forwarder {
     pub fn total(&self) -> usize {
         self.actions.lock().unwrap().len()
     }
+}
+
+/// An STS query-protocol error answer (what STS sends for a refused request).
+fn sts_error_response(code: &str, message: &str) -> String {
+    let body = format!(
+        "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error><RequestId>00000000-0000-0000-0000-000000000000</RequestId></ErrorResponse>"
+    );
+    format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// A kubeconfig for the API server of `.e2e/kubeconfig` with a bearer token.

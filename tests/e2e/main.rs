@@ -5,3 +5,4 @@ mod leader;
 mod methods;
 mod operator;
 mod rbac;
+mod security;
