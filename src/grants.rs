@@ -47,7 +47,10 @@ impl<'a> GrantRequest<'a> {
         let chosen_names = [
             ("sessionName", spec.session_name.as_deref()),
             ("sourceIdentity", spec.source_identity.as_deref()),
-            ("federation.name", spec.federation.as_ref().and_then(|f| f.name.as_deref())),
+            (
+                "federation.name",
+                spec.federation.as_ref().and_then(|f| f.name.as_deref()),
+            ),
         ]
         .into_iter()
         .filter_map(|(field, value)| Some((field, value?)))
@@ -104,7 +107,9 @@ pub struct Admission {
 pub enum GrantVerdict {
     Allowed(Admission),
     /// Denied; the message says which check no grant passed.
-    Denied { message: String },
+    Denied {
+        message: String,
+    },
 }
 
 /// Compiles a grant glob: `*` matches any run of characters (slashes included), `?` one
@@ -426,7 +431,10 @@ mod tests {
         g.namespaces = None;
         g.namespace_selector = Some(LabelSelector::default());
         let labels: BTreeMap<_, _> = [("team".to_string(), "a".to_string())].into();
-        assert!(matches!(check(&g, &req("team-a", &labels)), GrantVerdict::Denied { .. }));
+        assert!(matches!(
+            check(&g, &req("team-a", &labels)),
+            GrantVerdict::Denied { .. }
+        ));
     }
 
     #[test]
@@ -467,7 +475,10 @@ mod tests {
                 GrantVerdict::Allowed(_) => assert!(allowed, "{field} {value} allowed"),
                 GrantVerdict::Denied { message } => {
                     assert!(!allowed, "{field} {value} denied: {message}");
-                    assert!(message.contains(&format!("{field} {value} must start with \"team-a.\"")), "{message}");
+                    assert!(
+                        message.contains(&format!("{field} {value} must start with \"team-a.\"")),
+                        "{message}"
+                    );
                 }
             }
         }
@@ -512,7 +523,10 @@ mod tests {
             GrantVerdict::Denied { message } => panic!("{message}"),
         };
         assert_eq!(admitted(&[("a", &capped(Some(900)))]), Some(900));
-        assert_eq!(admitted(&[("a", &capped(Some(900))), ("b", &capped(Some(1800)))]), Some(1800));
+        assert_eq!(
+            admitted(&[("a", &capped(Some(900))), ("b", &capped(Some(1800)))]),
+            Some(1800)
+        );
         assert_eq!(admitted(&[("a", &capped(Some(900))), ("b", &capped(None))]), None);
         // A grant that does not allow the binding lends it nothing.
         assert_eq!(admitted(&[("a", &capped(Some(900))), ("z", &other_ns)]), Some(900));

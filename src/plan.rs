@@ -127,6 +127,20 @@ pub fn check_identity_source(spec: &AWSRoleBindingSpec, settings: &IssueSettings
     )))
 }
 
+/// AWS treats session tag keys case-insensitively and refuses two that differ only in
+/// case. (The schema cannot say so within the apiserver's CEL cost budget.)
+fn check_tag_keys_differ_in_case(tags: &BTreeMap<String, String>) -> Result<(), InvalidSpec> {
+    let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+    for key in tags.keys() {
+        if let Some(other) = seen.insert(key.to_lowercase(), key) {
+            return Err(InvalidSpec(format!(
+                "session tag keys {other} and {key} differ only in case; AWS treats them as the same key"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// `durationSeconds` to request: the binding's own, else the method's default lowered to
 /// the grants' cap (STS would otherwise apply a default above the cap).
 pub fn requested_duration(spec: &AWSRoleBindingSpec, cap: Option<i32>) -> Option<i32> {
@@ -159,6 +173,7 @@ pub fn plan_binding(
         check_policy_json(policy)?;
     }
     let user_tags = spec.session_tags.clone().unwrap_or_default();
+    check_tag_keys_differ_in_case(&user_tags)?;
     let auto_tags = settings.session_tags && spec.method == Method::AssumeRole;
     if auto_tags && user_tags.len() + 3 > MAX_SESSION_TAGS {
         return Err(InvalidSpec(format!(
@@ -402,10 +417,14 @@ pub(crate) mod tests {
     #[test]
     fn hash_is_stable_and_follows_spec_changes() {
         let b = binding(BASIC);
-        let h1 = plan_binding(&b, &Resolved::default(), &settings(), None).unwrap().spec_hash;
+        let h1 = plan_binding(&b, &Resolved::default(), &settings(), None)
+            .unwrap()
+            .spec_hash;
         assert_eq!(
             h1,
-            plan_binding(&b, &Resolved::default(), &settings(), None).unwrap().spec_hash
+            plan_binding(&b, &Resolved::default(), &settings(), None)
+                .unwrap()
+                .spec_hash
         );
         let mut changed = b.clone();
         changed.spec.duration_seconds = Some(1800);
@@ -520,7 +539,8 @@ pub(crate) mod tests {
         let plan = plan_binding(&b, &Resolved::default(), &allowed, None).unwrap();
         assert_eq!(plan.subjects[0].request.source_credentials, None);
 
-        let with_ref = binding("method: GetSessionToken\nsubjects: [{name: app}]\nsourceCredentialsSecretRef: {name: keys}\n");
+        let with_ref =
+            binding("method: GetSessionToken\nsubjects: [{name: app}]\nsourceCredentialsSecretRef: {name: keys}\n");
         let err = plan_binding(&with_ref, &Resolved::default(), &settings(), None).unwrap_err();
         assert!(err.0.contains("sourceCredentialsSecretRef could not be read"), "{err}");
         let keys = UserKeys {
@@ -560,13 +580,18 @@ pub(crate) mod tests {
         let mut s = settings();
         s.allow_operator_identity = true;
         for (method, duration, cap, want) in table {
-            let mut b = binding(&format!("method: {method}\nsubjects: [{{name: app}}]\nsessionPolicy: '{{}}'\n"));
+            let mut b = binding(&format!(
+                "method: {method}\nsubjects: [{{name: app}}]\nsessionPolicy: '{{}}'\n"
+            ));
             if method == "AssumeRole" {
                 b.spec.role_arn = Some("arn:aws:iam::123456789012:role/r".into());
             }
             b.spec.duration_seconds = duration;
             let plan = plan_binding(&b, &Resolved::default(), &s, cap).unwrap();
-            assert_eq!(plan.subjects[0].request.duration_seconds, want, "{method} {duration:?} cap {cap:?}");
+            assert_eq!(
+                plan.subjects[0].request.duration_seconds, want,
+                "{method} {duration:?} cap {cap:?}"
+            );
         }
         // A cap that changes what is requested changes the hash (the Secret is reissued).
         let b = binding(BASIC);
@@ -583,5 +608,15 @@ pub(crate) mod tests {
         assert_eq!(plan.spec_hash, "feca5d578c401c0f");
         let uncapped = plan_binding(&binding(BASIC), &Resolved::default(), &settings(), Some(7200)).unwrap();
         assert_eq!(uncapped.spec_hash, "feca5d578c401c0f");
+    }
+
+    #[test]
+    fn tag_keys_that_differ_only_in_case_are_invalid() {
+        let mut b = binding(BASIC);
+        b.spec.session_tags = Some([("Team".to_string(), "a".to_string()), ("team".into(), "b".into())].into());
+        let err = plan_binding(&b, &Resolved::default(), &settings(), None).unwrap_err();
+        assert!(err.0.contains("Team and team differ only in case"), "{err}");
+        b.spec.session_tags = Some([("Team".to_string(), "a".to_string()), ("teams".into(), "b".into())].into());
+        plan_binding(&b, &Resolved::default(), &settings(), None).unwrap();
     }
 }

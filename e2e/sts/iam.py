@@ -38,10 +38,10 @@ def create_role(args):
 
 
 def create_user(args):
-    """An IAM user with long-term keys (a team's own identity); prints its ARN, access key ID
-    and secret access key, one per line."""
+    """An IAM user with long-term keys (a team's own identity); prints its access key ID and
+    secret access key, one per line."""
     iam = boto3.client("iam")
-    user = iam.create_user(UserName=args.name)["User"]
+    iam.create_user(UserName=args.name)
     allowed = ["sts:GetCallerIdentity"] + args.allow
     iam.put_user_policy(
         UserName=args.name,
@@ -51,7 +51,6 @@ def create_user(args):
         ),
     )
     key = iam.create_access_key(UserName=args.name)["AccessKey"]
-    print(user["Arn"])
     print(key["AccessKeyId"])
     print(key["SecretAccessKey"])
 

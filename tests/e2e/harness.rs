@@ -234,7 +234,6 @@ pub fn create_role_allowing(
 /// An IAM user of the STS peer with long-term keys, allowed `actions` (besides
 /// GetCallerIdentity).
 pub struct IamUser {
-    pub arn: String,
     pub access_key_id: String,
     pub secret_access_key: String,
 }
@@ -255,9 +254,8 @@ pub fn create_user(name: &str, actions: &[&str]) -> IamUser {
     let out = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = out.lines().collect();
     IamUser {
-        arn: lines[0].into(),
-        access_key_id: lines[1].into(),
-        secret_access_key: lines[2].into(),
+        access_key_id: lines[0].into(),
+        secret_access_key: lines[1].into(),
     }
 }
 
@@ -424,9 +422,12 @@ impl Forwarder {
         if actions.is_empty() {
             return chunk.to_vec();
         }
-        self.bodies.lock().unwrap().push(String::from_utf8_lossy(chunk).into_owned());
-        let ask_upstream_expiry = self.ecr_upstream_expiry.load(Ordering::SeqCst)
-            && actions.iter().any(|a| a == "GetAuthorizationToken");
+        self.bodies
+            .lock()
+            .unwrap()
+            .push(String::from_utf8_lossy(chunk).into_owned());
+        let ask_upstream_expiry =
+            self.ecr_upstream_expiry.load(Ordering::SeqCst) && actions.iter().any(|a| a == "GetAuthorizationToken");
         self.actions.lock().unwrap().extend(actions);
         if ask_upstream_expiry {
             with_header(chunk, "X-Kube-Sts-Ecr-Expires: upstream")

