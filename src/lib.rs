@@ -2,6 +2,7 @@
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod decision;
 pub mod grants;
 pub mod leader;
 pub mod metrics;

@@ -1,0 +1,328 @@
+//! The reconcile loop: read → plan (pure) → act (STS, Secret writes) → status.
+//!
+//! - `mod.rs`: settings, the shared [`Context`], and [`run`], which wires the watches to the
+//!   controller;
+//! - `caches`: the caches and indexes the reconciler reads from, and the watch plumbing;
+//! - `reconcile`: one binding end to end (grants, references, plan, subjects, status);
+//! - `subject`: one subject: the pure decision (`crate::decision`) and acting on it;
+//! - `secrets`: Secret I/O; `status`: conditions and the status write.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, TryStreamExt, channel::mpsc::UnboundedSender, future::join_all};
+use jiff::Timestamp;
+use k8s_openapi::{
+    api::core::v1::{Namespace, Secret, ServiceAccount},
+    apimachinery::pkg::apis::meta::v1::Time,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
+    core::PartialObjectMeta,
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector,
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
+};
+use serde_json::json;
+
+use crate::{
+    Error, Result,
+    conditions::{self, DEGRADED, READY, Reason, SubjectOutcome},
+    crd::{AWSRoleBinding, AWSRoleBindingStatus, AWSRoleGrant, SubjectStatus},
+    decision::{self, Decision, SubjectState},
+    grants::{GrantRequest, GrantVerdict, grant_allows},
+    metrics::{Metrics, SubjectLabels},
+    plan::{self, BindingPlan, IssueSettings, Resolved, SubjectPlan},
+    render::{
+        self, BINDING_LABEL, Credentials, KEY_ACCESS_KEY_ID, KEY_SECRET_ACCESS_KEY, MANAGED_BY, MANAGED_BY_LABEL,
+        SERVICE_ACCOUNT_LABEL,
+    },
+    sts::{Issuer, StsError, access_denied_hint},
+    timing,
+};
+
+mod caches;
+mod reconcile;
+mod secrets;
+mod status;
+mod subject;
+
+use self::{caches::*, reconcile::*, secrets::*, status::*, subject::*};
+pub use caches::{SecretIndex, Stores, WrittenStatuses};
+
+pub const FIELD_MANAGER: &str = "kube-sts";
+
+/// How the operator runs (from the command line).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub namespace: Option<String>,
+    pub require_grants: bool,
+    pub issue: IssueSettings,
+    pub concurrency: u16,
+}
+
+type SubjectKey = (String, String, String);
+
+/// Forgets what the operator kept about a deleted binding: per-subject state and metric
+/// series (its Secrets go with the garbage collector).
+fn forget_binding(binding: &AWSRoleBinding, subjects: &Mutex<HashMap<SubjectKey, SubjectState>>, metrics: &Metrics) {
+    let (namespace, name) = binding_key(binding);
+    subjects.lock().expect("state lock").retain(|(ns, b, sa), _| {
+        let gone = *ns == namespace && *b == name;
+        if gone {
+            metrics.forget_subject(&SubjectLabels {
+                namespace: ns.clone(),
+                binding: b.clone(),
+                service_account: sa.clone(),
+            });
+        }
+        !gone
+    });
+}
+
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub issuer: Arc<dyn Issuer>,
+    pub settings: Settings,
+    pub stores: Stores,
+    subjects: Arc<Mutex<HashMap<SubjectKey, SubjectState>>>,
+    mfa_codes: crate::mfa::CodeLedger,
+}
+
+impl Context {
+    fn current_status(&self, binding: &AWSRoleBinding) -> Option<AWSRoleBindingStatus> {
+        self.stores
+            .written_statuses
+            .lock()
+            .expect("status lock")
+            .current(binding)
+    }
+
+    fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        issuer: Arc<dyn Issuer>,
+        settings: Settings,
+        stores: Stores,
+        instance: Option<String>,
+        subjects: Arc<Mutex<HashMap<SubjectKey, SubjectState>>>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance,
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            issuer,
+            settings,
+            stores,
+            subjects,
+            mfa_codes: crate::mfa::CodeLedger::default(),
+        }
+    }
+
+    fn state(&self, key: &SubjectKey) -> SubjectState {
+        self.subjects
+            .lock()
+            .expect("state lock")
+            .get(key)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn set_state(&self, key: SubjectKey, state: SubjectState) {
+        self.subjects.lock().expect("state lock").insert(key, state);
+    }
+
+    fn forget(&self, key: &SubjectKey) {
+        self.subjects.lock().expect("state lock").remove(key);
+    }
+
+    async fn publish(&self, binding: &AWSRoleBinding, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &binding.object_ref(&())).await {
+            tracing::warn!(error = %e, "publishing event failed");
+        }
+    }
+}
+
+/// Runs the controller until a shutdown signal.
+pub async fn run(
+    client: Client,
+    issuer: Arc<dyn Issuer>,
+    metrics: Arc<Metrics>,
+    settings: Settings,
+    instance: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let ns = settings.namespace.clone();
+    let (bindings, writer) = reflector::store();
+    let written_statuses = Arc::new(Mutex::new(WrittenStatuses::default()));
+    let subjects = Arc::new(Mutex::new(HashMap::new()));
+    let (written, kept, meter) = (written_statuses.clone(), subjects.clone(), metrics.clone());
+    let binding_events = reflector(
+        writer,
+        watcher(
+            api_for::<AWSRoleBinding>(&client, ns.as_deref()),
+            watcher::Config::default(),
+        )
+        .modify(strip_managed_fields),
+    )
+    .default_backoff()
+    .inspect_ok(move |event| match event {
+        watcher::Event::Apply(binding) | watcher::Event::InitApply(binding) => {
+            written.lock().expect("status lock").seen(binding);
+        }
+        watcher::Event::Delete(binding) => {
+            written.lock().expect("status lock").0.remove(&binding_key(binding));
+            forget_binding(binding, &kept, &meter);
+        }
+        watcher::Event::Init | watcher::Event::InitDone => {}
+    })
+    .applied_objects();
+    let controller = Controller::for_stream(binding_events, bindings.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(settings.concurrency));
+    let (requests, requested) = futures::channel::mpsc::unbounded();
+
+    let (secrets, writer) = reflector::store();
+    let selector = managed_selector();
+    let api = api_for::<Secret>(&client, ns.as_deref());
+    let stream = reflector(
+        writer,
+        watcher(api, watcher::Config::default().labels(&selector)).modify(strip_managed_fields),
+    )
+    .default_backoff();
+    let secret_owners = Arc::new(Mutex::new(SecretIndex::default()));
+    let (index, cache) = (secret_owners.clone(), secrets.clone());
+    drive(
+        "secrets",
+        stream.touched_objects(),
+        requests.clone(),
+        move |secret: Secret| {
+            let namespace = secret.namespace().unwrap_or_default();
+            // The reflector has applied the event already: the cache says whether it is gone.
+            let at = ObjectRef::from(&secret);
+            let owner = cache.get(&at).as_deref().and_then(controller_uid);
+            index.lock().expect("index lock").update(at, owner);
+            secret
+                .owner_references()
+                .iter()
+                .filter(|o| o.controller == Some(true) && o.kind == "AWSRoleBinding")
+                .map(|o| ObjectRef::new(&o.name).within(&namespace))
+                .collect()
+        },
+    );
+
+    let (service_accounts, writer) = reflector::store();
+    let api: Api<PartialObjectMeta<ServiceAccount>> = match ns.as_deref() {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let stream = reflector(
+        writer,
+        watcher(api, watcher::Config::default()).modify(strip_managed_fields),
+    )
+    .default_backoff();
+    let store = bindings.clone();
+    drive(
+        "serviceaccounts",
+        stream.touched_objects(),
+        requests.clone(),
+        move |sa: PartialObjectMeta<ServiceAccount>| {
+            let (namespace, name) = (sa.namespace(), sa.name_any());
+            bindings_where(&store, |b| {
+                b.namespace() == namespace && b.spec.subjects.iter().any(|s| s.name == name)
+            })
+        },
+    );
+
+    let (namespaces, writer) = reflector::store();
+    let config = match &ns {
+        Some(name) => watcher::Config::default().fields(&format!("metadata.name={name}")),
+        None => watcher::Config::default(),
+    };
+    let api = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
+    let stream = reflector(writer, watcher(api, config).modify(strip_managed_fields)).default_backoff();
+    let store = bindings.clone();
+    drive(
+        "namespaces",
+        stream.touched_objects(),
+        requests.clone(),
+        move |namespace: PartialObjectMeta<Namespace>| {
+            let name = namespace.name_any();
+            bindings_where(&store, |b| b.namespace().as_deref() == Some(name.as_str()))
+        },
+    );
+
+    let (grants, writer) = reflector::store();
+    let api = Api::<AWSRoleGrant>::all(client.clone());
+    let stream = reflector(
+        writer,
+        watcher(api, watcher::Config::default()).modify(strip_managed_fields),
+    )
+    .default_backoff();
+    let store = bindings.clone();
+    // A grant may allow or forbid any binding: re-check them all.
+    drive(
+        "awsrolegrants",
+        stream.touched_objects(),
+        requests,
+        move |_: AWSRoleGrant| bindings_where(&store, |_| true),
+    );
+
+    let stores = Stores {
+        bindings: bindings.clone(),
+        secrets,
+        service_accounts,
+        namespaces,
+        grants,
+        secret_owners,
+        written_statuses,
+    };
+    // Decide nothing before every cache is complete (a restart must see every Secret).
+    // Waited for once, here: Store::wait_until_ready wakes only the last of several waiters.
+    let shutdown = futures::FutureExt::shared(shutdown);
+    tokio::select! {
+        () = stores.wait_ready() => {}
+        () = shutdown.clone() => {
+            tracing::info!("stopped before the caches synced");
+            return;
+        }
+    }
+    metrics.set_ready(true);
+    tracing::info!("caches synced");
+
+    let ctx = Arc::new(Context::new(
+        client, metrics, issuer, settings, stores, instance, subjects,
+    ));
+    controller
+        .reconcile_on(requested)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
+        .await;
+    tracing::info!("controller stopped");
+}

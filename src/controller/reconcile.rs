@@ -1,0 +1,255 @@
+//! The reconcile driver for one binding: grants, references, plan, every subject, status.
+
+use super::*;
+
+pub(super) async fn reconcile(binding: Arc<AWSRoleBinding>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    tracing::debug!(binding = %binding.name_any(), "reconciling");
+    let result = reconcile_binding(&binding, &ctx).await;
+    ctx.metrics.reconciled(started.elapsed());
+    if ctx
+        .stores
+        .bindings
+        .get(&ObjectRef::from_obj(binding.as_ref()))
+        .is_none()
+    {
+        // Deleted while this reconcile ran: what it recorded after the delete event goes too.
+        forget_binding(&binding, &ctx.subjects, &ctx.metrics);
+    }
+    result
+}
+
+pub(super) async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -> Result<Action> {
+    let namespace = binding.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let uid = binding.uid().ok_or(Error::MissingField("metadata.uid"))?;
+    if binding.metadata.deletion_timestamp.is_some() {
+        // The garbage collector removes the Secrets through their owner references.
+        return Ok(Action::await_change());
+    }
+    let now = Timestamp::now();
+
+    // Grants first: a binding no grant allows reads nothing (no referenced Secret) and
+    // loses its Secrets, whatever else is wrong with it.
+    let mut duration_cap = None;
+    if ctx.settings.require_grants {
+        let labels = ctx
+            .stores
+            .namespaces
+            .get(&ObjectRef::new(&namespace))
+            .map(|ns| ns.labels().clone())
+            .unwrap_or_default();
+        let request = GrantRequest::for_binding(
+            &binding.spec,
+            &namespace,
+            &labels,
+            ctx.settings.issue.allow_operator_identity,
+        );
+        let grants = ctx.stores.grants.state();
+        let verdict = grant_allows(
+            grants
+                .iter()
+                .map(|g| (g.metadata.name.as_deref().unwrap_or(""), &g.spec)),
+            &request,
+        );
+        match verdict {
+            GrantVerdict::Allowed(admission) => duration_cap = admission.max_duration_seconds,
+            GrantVerdict::Denied { message } => {
+                return binding_problem(binding, ctx, Reason::RoleNotGranted, message, true, now).await;
+            }
+        }
+    }
+    if let Err(e) = plan::check_identity_source(&binding.spec, &ctx.settings.issue) {
+        return binding_problem(binding, ctx, Reason::InvalidSpec, e.0, false, now).await;
+    }
+    let resolved = match resolve_references(binding, &namespace, ctx).await? {
+        Ok(resolved) => resolved,
+        Err(message) => return binding_problem(binding, ctx, Reason::InvalidSpec, message, false, now).await,
+    };
+    let plan = match plan::plan_binding(binding, &resolved, &ctx.settings.issue, duration_cap) {
+        Ok(plan) => plan,
+        Err(e) => return binding_problem(binding, ctx, Reason::InvalidSpec, e.0, false, now).await,
+    };
+
+    let results = join_all(
+        plan.subjects
+            .iter()
+            .map(|sp| reconcile_subject(binding, &plan, sp, &resolved, ctx, now)),
+    )
+    .await;
+    let mut results = results.into_iter().collect::<Result<Vec<_>>>()?;
+    delete_stale_secrets(binding, &uid, &plan, ctx).await?;
+
+    let status = build_status(binding, ctx.current_status(binding), &plan, &mut results, None, now);
+    write_status(binding, status, ctx).await?;
+
+    let wake = results.iter().filter_map(|r| r.wake_at).min();
+    Ok(match wake {
+        Some(at) => Action::requeue(
+            Duration::try_from(at.duration_since(Timestamp::now()))
+                .unwrap_or_default()
+                .max(Duration::from_secs(1)),
+        ),
+        None => Action::await_change(),
+    })
+}
+
+/// Reads what the binding references in other objects; `Ok(Err(msg))` is an InvalidSpec.
+pub(super) async fn resolve_references(
+    binding: &AWSRoleBinding,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<std::result::Result<Resolved, String>> {
+    let mut resolved = Resolved::default();
+    if let Some(reference) = &binding.spec.external_id_secret_ref {
+        let value = match read_secret_key(ctx, namespace, "externalIdSecretRef", reference).await? {
+            Ok(value) => value,
+            Err(message) => return Ok(Err(message)),
+        };
+        let valid = (2..=1224).contains(&value.len())
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_+=,.@:/-".contains(c));
+        if !valid {
+            return Ok(Err(format!(
+                "externalIdSecretRef: key {} of Secret {} is not a valid external ID (2..1224 characters of [\\w+=,.@:/-])",
+                reference.key, reference.name
+            )));
+        }
+        resolved.external_id = Some(value);
+    }
+    if let Some(mfa) = &binding.spec.mfa {
+        let value = match read_secret_key(ctx, namespace, "mfa.totpSecretRef", &mfa.totp_secret_ref).await? {
+            Ok(value) => value,
+            Err(message) => return Ok(Err(message)),
+        };
+        match crate::mfa::Seed::parse(&value) {
+            Ok(seed) => resolved.totp_seed = Some(seed),
+            Err(e) => {
+                return Ok(Err(format!(
+                    "mfa.totpSecretRef: key {} of Secret {}: {e}",
+                    mfa.totp_secret_ref.key, mfa.totp_secret_ref.name
+                )));
+            }
+        }
+    }
+    if let Some(reference) = &binding.spec.source_credentials_secret_ref {
+        let mut keys = Vec::new();
+        for key in [KEY_ACCESS_KEY_ID, KEY_SECRET_ACCESS_KEY] {
+            let reference = crate::crd::SecretKeyRef {
+                name: reference.name.clone(),
+                key: key.into(),
+            };
+            match read_secret_key(ctx, namespace, "sourceCredentialsSecretRef", &reference).await? {
+                Ok(value) if !value.is_empty() => keys.push(value),
+                Ok(_) => {
+                    return Ok(Err(format!(
+                        "sourceCredentialsSecretRef: key {key} of Secret {} is empty",
+                        reference.name
+                    )));
+                }
+                Err(message) => return Ok(Err(message)),
+            }
+        }
+        let [access_key_id, secret_access_key] = <[String; 2]>::try_from(keys).expect("two keys read");
+        resolved.source_credentials = Some(crate::sts::UserKeys {
+            access_key_id,
+            secret_access_key,
+        });
+    }
+    Ok(Ok(resolved))
+}
+
+/// What an issuance needs at the moment it happens: a fresh ServiceAccount token for web
+/// identity, an unused TOTP code for MFA.
+pub(super) async fn prepare_request(
+    binding: &AWSRoleBinding,
+    sp: &SubjectPlan,
+    resolved: &Resolved,
+    ctx: &Context,
+) -> std::result::Result<crate::sts::IssueRequest, StsError> {
+    let mut request = sp.request.clone();
+    if request.method == crate::crd::Method::AssumeRoleWithWebIdentity {
+        let web = binding.spec.web_identity.clone();
+        let audience = web
+            .as_ref()
+            .and_then(|w| w.audience.clone())
+            .unwrap_or_else(|| "sts.amazonaws.com".into());
+        let expiration = web.as_ref().and_then(|w| w.token_expiration_seconds).unwrap_or(3600);
+        let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &sp.target.namespace);
+        let token_request = k8s_openapi::api::authentication::v1::TokenRequest {
+            spec: k8s_openapi::api::authentication::v1::TokenRequestSpec {
+                audiences: vec![audience],
+                expiration_seconds: Some(expiration),
+                bound_object_ref: None,
+            },
+            ..Default::default()
+        };
+        let token = api
+            .create_token_request(&sp.service_account, &PostParams::default(), &token_request)
+            .await
+            .map_err(|e| StsError {
+                reason: Reason::AccessDenied,
+                operation: "TokenRequest",
+                code: "TokenRequestFailed".into(),
+                message: format!("cannot get a token for ServiceAccount {}: {e}", sp.service_account),
+            })?;
+        request.web_identity_token = token.status.map(|s| s.token);
+    }
+    if let (Some(mfa), Some(seed)) = (&binding.spec.mfa, &resolved.totp_seed) {
+        // STS refuses a code it has seen: wait for the next 30 s step when this one is used.
+        let code = loop {
+            let now = Timestamp::now().as_second().max(0) as u64;
+            if let Some(code) = ctx.mfa_codes.take(&mfa.serial_number, seed, now) {
+                break code;
+            }
+            tokio::time::sleep(ctx.mfa_codes.wait_before(&mfa.serial_number, now)).await;
+        };
+        request.mfa = Some((mfa.serial_number.clone(), code));
+    }
+    Ok(request)
+}
+
+/// The whole binding cannot proceed (invalid spec or not granted). Not granted revokes:
+/// the binding's Secrets are deleted. An invalid spec keeps the Secrets it has.
+pub(super) async fn binding_problem(
+    binding: &AWSRoleBinding,
+    ctx: &Context,
+    reason: Reason,
+    message: String,
+    revoke: bool,
+    now: Timestamp,
+) -> Result<Action> {
+    let namespace = binding.namespace().unwrap_or_default();
+    let uid = binding.uid().unwrap_or_default();
+    let current = ctx.current_status(binding);
+    let changed_reason = current
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY))
+        .is_none_or(|c| c.reason != reason.as_str() || c.message != message);
+    if revoke {
+        for secret in owned_secrets(ctx, &namespace, &binding.name_any(), &uid) {
+            delete_secret(ctx, &secret).await?;
+            ctx.forget(&(namespace.clone(), binding.name_any(), sa_label(&secret)));
+        }
+    }
+    let mut status = current.unwrap_or_default();
+    if revoke {
+        status.subjects.clear();
+        status.expiration = None;
+        status.next_refresh_time = None;
+    }
+    let verdict = conditions::binding_verdict(Some((reason, message.clone())), &[], None);
+    apply_verdict(&mut status, binding, &verdict, now);
+    write_status(binding, status, ctx).await?;
+    if changed_reason {
+        tracing::info!(binding = %binding.name_any(), namespace, reason = reason.as_str(), %message, "binding cannot proceed");
+        ctx.publish(binding, EventType::Warning, reason.as_str(), message).await;
+    }
+    Ok(Action::await_change())
+}
+
+pub(super) fn error_policy(_binding: Arc<AWSRoleBinding>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, "reconcile failed; retrying");
+    ctx.metrics.reconcile_error(error.metric_label());
+    Action::requeue(Duration::from_secs(5))
+}

@@ -1,0 +1,412 @@
+//! One subject of a binding: decide (pure, `crate::decision`), then act on the decision
+//! (keep, restore, issue, wait) and report the outcome.
+
+use super::*;
+
+/// When credentials should be refreshed (stable across restarts).
+pub(super) fn refresh_time(plan: &SubjectPlan, binding: &AWSRoleBinding, creds: &Credentials) -> Timestamp {
+    let key = format!(
+        "{}/{}/{}/{}",
+        plan.target.namespace, plan.target.binding, plan.service_account, creds.issued_at
+    );
+    let lead = binding
+        .spec
+        .refresh_before_seconds
+        .map(|s| jiff::SignedDuration::from_secs(i64::from(s)));
+    timing::refresh_at(
+        creds.issued_at,
+        creds.expiration,
+        lead,
+        timing::stable_jitter_fraction(&key),
+    )
+}
+
+/// What one subject ended up as, plus when to look at it again.
+pub(super) struct SubjectResult {
+    pub(super) outcome: SubjectOutcome,
+    pub(super) status: SubjectStatus,
+    pub(super) wake_at: Option<Timestamp>,
+    /// A note from issuance the Ready message should carry.
+    pub(super) note: Option<String>,
+}
+
+pub(super) async fn reconcile_subject(
+    binding: &AWSRoleBinding,
+    plan: &BindingPlan,
+    sp: &SubjectPlan,
+    resolved: &Resolved,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<SubjectResult> {
+    let target = &sp.target;
+    let key: SubjectKey = (
+        target.namespace.clone(),
+        target.binding.clone(),
+        sp.service_account.clone(),
+    );
+    let labels = SubjectLabels {
+        namespace: target.namespace.clone(),
+        binding: target.binding.clone(),
+        service_account: sp.service_account.clone(),
+    };
+    let mut status = SubjectStatus {
+        name: sp.service_account.clone(),
+        secret_name: Some(target.name.clone()),
+        ..Default::default()
+    };
+    let not_ready = |reason: Reason, message: String| SubjectOutcome {
+        name: sp.service_account.clone(),
+        ready: false,
+        has_valid_credentials: false,
+        problem: Some((reason, message)),
+    };
+
+    let existing = current_secret(ctx, target).await?;
+    let stored = existing.as_deref().map(|secret| stored_secret(secret, target));
+    let mut state = ctx.state(&key);
+    let decision = decision::decide(
+        &decision::Inputs {
+            secret: stored.as_ref(),
+            service_account_exists: ctx
+                .stores
+                .service_accounts
+                .get(&ObjectRef::new(&sp.service_account).within(&target.namespace))
+                .is_some(),
+            remembered: &state,
+            spec_hash: &plan.spec_hash,
+            now,
+        },
+        |creds| refresh_time(sp, binding, creds),
+        |creds| {
+            existing
+                .as_deref()
+                .is_some_and(|s| render::secret_matches(s, &render::render_secret(creds, target)))
+        },
+    );
+    // The Secret's credentials while they are still valid (for status and backoff).
+    let secret_expiration = stored.as_ref().and_then(|s| s.expiration);
+    let current_spec = stored
+        .as_ref()
+        .is_some_and(|s| s.spec_hash.as_deref() == Some(plan.spec_hash.as_str()));
+
+    match decision {
+        Decision::Conflict => {
+            let message = format!(
+                "Secret {} exists and is not owned by this binding; it is left untouched",
+                target.name
+            );
+            if binding_ready_reason(binding) != Some(Reason::SecretConflict.as_str()) {
+                ctx.publish(
+                    binding,
+                    EventType::Warning,
+                    Reason::SecretConflict.as_str(),
+                    message.clone(),
+                )
+                .await;
+            }
+            status.message = message.clone();
+            Ok(SubjectResult {
+                outcome: not_ready(Reason::SecretConflict, message),
+                status,
+                wake_at: None,
+                note: None,
+            })
+        }
+        Decision::ServiceAccountGone => {
+            if let Some(secret) = &existing {
+                delete_secret(ctx, secret).await?;
+            }
+            ctx.forget(&key);
+            ctx.metrics.forget_subject(&labels);
+            let message = format!(
+                "ServiceAccount {} not found in namespace {}",
+                sp.service_account, target.namespace
+            );
+            status.message = message.clone();
+            Ok(SubjectResult {
+                outcome: not_ready(Reason::ServiceAccountNotFound, message),
+                status,
+                wake_at: None,
+                note: None,
+            })
+        }
+        Decision::Keep { creds, restore, .. } => {
+            if restore {
+                // Deleted or edited by someone, or the cache lags behind: write back what
+                // was issued, no STS call.
+                let desired = render::render_secret(&creds, target);
+                if let Err(message) = write_secret(ctx, &desired, existing.as_deref()).await? {
+                    status.message = message.clone();
+                    return Ok(SubjectResult {
+                        outcome: not_ready(Reason::SecretConflict, message),
+                        status,
+                        wake_at: None,
+                        note: None,
+                    });
+                }
+                tracing::info!(secret = %target.name, namespace = %target.namespace, "restored managed Secret");
+            }
+            state.creds = Some((plan.spec_hash.clone(), creds.clone()));
+            ctx.set_state(key, state.clone());
+            Ok(ready_result(sp, binding, &creds, status, &state, ctx, &labels, now))
+        }
+        Decision::Wait { retry_at, expire, .. } => {
+            if expire && expire_credentials(ctx, target, existing.as_deref(), secret_expiration).await? {
+                state.creds = None;
+                ctx.set_state(key, state.clone());
+            }
+            Ok(failed_result(
+                sp,
+                &state,
+                status,
+                secret_expiration,
+                current_spec,
+                retry_at,
+                now,
+                ctx,
+                &labels,
+            ))
+        }
+        Decision::Issue => {
+            issue(
+                binding,
+                plan,
+                sp,
+                resolved,
+                ctx,
+                existing.as_deref(),
+                status,
+                state,
+                now,
+            )
+            .await
+        }
+    }
+}
+
+/// Asks STS, writes the Secret, and records the outcome.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn issue(
+    binding: &AWSRoleBinding,
+    plan: &BindingPlan,
+    sp: &SubjectPlan,
+    resolved: &Resolved,
+    ctx: &Context,
+    existing: Option<&Secret>,
+    mut status: SubjectStatus,
+    mut state: SubjectState,
+    now: Timestamp,
+) -> Result<SubjectResult> {
+    let target = &sp.target;
+    let key: SubjectKey = (
+        target.namespace.clone(),
+        target.binding.clone(),
+        sp.service_account.clone(),
+    );
+    let labels = SubjectLabels {
+        namespace: target.namespace.clone(),
+        binding: target.binding.clone(),
+        service_account: sp.service_account.clone(),
+    };
+    let stored = existing.map(|s| stored_secret(s, target));
+    let secret_expiration = stored.as_ref().and_then(|s| s.expiration);
+    let current_spec = stored
+        .as_ref()
+        .is_some_and(|s| s.spec_hash.as_deref() == Some(plan.spec_hash.as_str()));
+    tracing::debug!(service_account = %sp.service_account, "issuing credentials");
+    let issued = match prepare_request(binding, sp, resolved, ctx).await {
+        Ok(request) => ctx.issuer.issue(&request).await,
+        Err(e) => Err(e),
+    };
+    match issued {
+        Ok(crate::sts::Issued { creds }) => {
+            // Remembered before writing: should the write fail, the retry writes these
+            // credentials again instead of asking STS for new ones.
+            let state = SubjectState {
+                creds: Some((plan.spec_hash.clone(), creds.clone())),
+                ..Default::default()
+            };
+            ctx.set_state(key, state.clone());
+            let desired = render::render_secret(&creds, target);
+            if let Err(message) = write_secret(ctx, &desired, existing).await? {
+                status.message = message.clone();
+                return Ok(SubjectResult {
+                    outcome: SubjectOutcome {
+                        name: sp.service_account.clone(),
+                        ready: false,
+                        has_valid_credentials: false,
+                        problem: Some((Reason::SecretConflict, message)),
+                    },
+                    status,
+                    wake_at: None,
+                    note: None,
+                });
+            }
+            let refreshed = secret_expiration.is_some();
+            let note = format!(
+                "{} credentials for ServiceAccount {} into Secret {} (access key {}, expires {})",
+                if refreshed { "refreshed" } else { "issued" },
+                sp.service_account,
+                target.name,
+                creds.access_key_id,
+                render::rfc3339(creds.expiration)
+            );
+            tracing::info!(namespace = %target.namespace, binding = %target.binding, service_account = %sp.service_account, access_key_id = %creds.access_key_id, expiration = %render::rfc3339(creds.expiration), refreshed, "credentials written");
+            ctx.publish(
+                binding,
+                EventType::Normal,
+                if refreshed {
+                    "CredentialsRefreshed"
+                } else {
+                    "CredentialsIssued"
+                },
+                note,
+            )
+            .await;
+            Ok(ready_result(sp, binding, &creds, status, &state, ctx, &labels, now))
+        }
+        Err(err) => {
+            let err = describe_failure(sp, err);
+            state.failures += 1;
+            state.last_error = Some((err.reason, err.message.clone()));
+            let retry_at = if err.reason == Reason::InvalidSpec {
+                // STS refused the request itself: the same spec will be refused again.
+                state.refused_spec = Some(plan.spec_hash.clone());
+                state.retry_at = None;
+                None
+            } else {
+                let delay = timing::backoff_delay(state.failures, rand::random::<f64>(), now, secret_expiration);
+                let at = now + jiff::SignedDuration::try_from(delay).unwrap_or_default();
+                state.retry_at = Some(at);
+                Some(at)
+            };
+            tracing::warn!(namespace = %target.namespace, binding = %target.binding, service_account = %sp.service_account, reason = err.reason.as_str(), code = %err.code, error = %err.message, failures = state.failures, retry_at = ?retry_at.map(render::rfc3339), "issuing credentials failed");
+            ctx.publish(
+                binding,
+                EventType::Warning,
+                "IssueFailed",
+                format!(
+                    "{} for ServiceAccount {}: {}",
+                    err.reason.as_str(),
+                    sp.service_account,
+                    err.message
+                ),
+            )
+            .await;
+            let run_out = secret_expiration.is_none_or(|e| e <= now);
+            if run_out && expire_credentials(ctx, target, existing, secret_expiration).await? {
+                state.creds = None;
+            }
+            ctx.set_state(key, state.clone());
+            Ok(failed_result(
+                sp,
+                &state,
+                status,
+                secret_expiration,
+                current_spec,
+                retry_at,
+                now,
+                ctx,
+                &labels,
+            ))
+        }
+    }
+}
+
+pub(super) fn describe_failure(sp: &SubjectPlan, mut err: StsError) -> StsError {
+    if err.reason == Reason::AccessDenied {
+        err.message = access_denied_hint(&sp.request, &err.message);
+    }
+    err
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn ready_result(
+    sp: &SubjectPlan,
+    binding: &AWSRoleBinding,
+    creds: &Credentials,
+    mut status: SubjectStatus,
+    state: &SubjectState,
+    ctx: &Context,
+    labels: &SubjectLabels,
+    now: Timestamp,
+) -> SubjectResult {
+    let refresh = refresh_time(sp, binding, creds);
+    status.arn = creds.arn.clone();
+    status.access_key_id = Some(creds.access_key_id.clone());
+    status.issued_at = Some(Time(creds.issued_at));
+    status.expiration = Some(Time(creds.expiration));
+    status.next_refresh_time = Some(Time(refresh));
+    ctx.metrics.subject(
+        labels,
+        Some(creds.expiration.duration_since(now).as_secs()),
+        state.failures,
+    );
+    SubjectResult {
+        outcome: SubjectOutcome {
+            name: sp.service_account.clone(),
+            ready: true,
+            has_valid_credentials: true,
+            problem: None,
+        },
+        status,
+        wake_at: Some(refresh),
+        note: creds.note.clone(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn failed_result(
+    sp: &SubjectPlan,
+    state: &SubjectState,
+    mut status: SubjectStatus,
+    secret_expiration: Option<Timestamp>,
+    current_spec: bool,
+    retry_at: Option<Timestamp>,
+    now: Timestamp,
+    ctx: &Context,
+    labels: &SubjectLabels,
+) -> SubjectResult {
+    let valid_until = secret_expiration.filter(|e| *e > now);
+    let (reason, message) = state
+        .last_error
+        .clone()
+        .unwrap_or((Reason::Pending, "waiting to retry".into()));
+    let problem = match (valid_until, secret_expiration) {
+        (None, Some(_)) => (
+            Reason::CredentialsExpired,
+            format!("credentials expired and refreshing failed: {message}"),
+        ),
+        _ => (reason, message.clone()),
+    };
+    status.consecutive_failures = state.failures;
+    status.message = message;
+    status.expiration = valid_until.map(Time);
+    status.next_refresh_time = retry_at.map(Time);
+    if let Some((_, creds)) = state.creds.as_ref().filter(|_| valid_until.is_some()) {
+        status.access_key_id = Some(creds.access_key_id.clone());
+        status.arn = creds.arn.clone();
+        status.issued_at = Some(Time(creds.issued_at));
+    }
+    ctx.metrics.subject(
+        labels,
+        valid_until.map(|e| e.duration_since(now).as_secs()),
+        state.failures,
+    );
+    // Wake for the retry, or earlier when the current credentials run out.
+    let wake_at = match (retry_at, valid_until) {
+        (Some(retry), Some(expiry)) => Some(retry.min(expiry)),
+        (retry, expiry) => retry.or(expiry),
+    };
+    SubjectResult {
+        outcome: SubjectOutcome {
+            name: sp.service_account.clone(),
+            ready: valid_until.is_some() && current_spec,
+            has_valid_credentials: valid_until.is_some(),
+            problem: Some(problem),
+        },
+        status,
+        wake_at,
+        note: None,
+    }
+}
