@@ -21,9 +21,30 @@ pub enum Reason {
     Throttled,
     StsUnavailable,
     CredentialsExpired,
+    TokenRequestFailed,
 }
 
 impl Reason {
+    const ALL: [Reason; 12] = [
+        Reason::CredentialsIssued,
+        Reason::AsExpected,
+        Reason::Pending,
+        Reason::RoleNotGranted,
+        Reason::InvalidSpec,
+        Reason::ServiceAccountNotFound,
+        Reason::SecretConflict,
+        Reason::AccessDenied,
+        Reason::Throttled,
+        Reason::StsUnavailable,
+        Reason::CredentialsExpired,
+        Reason::TokenRequestFailed,
+    ];
+
+    /// The reason a condition names (as written by [`Reason::as_str`]).
+    pub fn parse(text: &str) -> Option<Reason> {
+        Self::ALL.into_iter().find(|r| r.as_str() == text)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::CredentialsIssued => "CredentialsIssued",
@@ -37,6 +58,7 @@ impl Reason {
             Reason::Throttled => "Throttled",
             Reason::StsUnavailable => "STSUnavailable",
             Reason::CredentialsExpired => "CredentialsExpired",
+            Reason::TokenRequestFailed => "TokenRequestFailed",
         }
     }
 
@@ -47,7 +69,7 @@ impl Reason {
             Reason::SecretConflict => 9,
             Reason::InvalidSpec => 8,
             Reason::ServiceAccountNotFound => 7,
-            Reason::AccessDenied => 6,
+            Reason::AccessDenied | Reason::TokenRequestFailed => 6,
             Reason::CredentialsExpired => 5,
             Reason::Throttled => 4,
             Reason::StsUnavailable => 3,
@@ -239,5 +261,13 @@ mod tests {
         assert_eq!(conds[0].observed_generation, Some(2));
         set_condition(&mut conds, READY, true, Reason::CredentialsIssued, "", Some(2), t1);
         assert_eq!(conds[0].last_transition_time, Time(t1));
+    }
+
+    #[test]
+    fn reasons_parse_back() {
+        for reason in Reason::ALL {
+            assert_eq!(Reason::parse(reason.as_str()), Some(reason));
+        }
+        assert_eq!(Reason::parse("Whatever"), None);
     }
 }

@@ -32,6 +32,26 @@ pub struct SubjectState {
     pub refused_spec: Option<String>,
 }
 
+impl SubjectState {
+    /// What a new process (a restart, a new leader) takes over from the status a previous
+    /// one wrote: the failure count and the planned retry, so a rolling restart does not
+    /// retry every failing subject at once. `reason` is the binding's Ready reason.
+    pub fn resumed(status: &crate::crd::SubjectStatus, reason: Option<Reason>) -> SubjectState {
+        if status.consecutive_failures == 0 {
+            return SubjectState::default();
+        }
+        let reason = reason
+            .filter(|r| !matches!(r, Reason::CredentialsIssued | Reason::Pending))
+            .unwrap_or(Reason::StsUnavailable);
+        SubjectState {
+            failures: status.consecutive_failures,
+            retry_at: status.next_refresh_time.as_ref().map(|t| t.0),
+            last_error: Some((reason, status.message.clone())),
+            ..Default::default()
+        }
+    }
+}
+
 /// Why no STS call is made now although the credentials are due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hold {
@@ -396,5 +416,38 @@ mod tests {
         for (name, stored, sa, state, in_secret, want) in cases {
             assert_eq!(run(stored.as_ref(), sa, &state, in_secret), want, "{name}");
         }
+    }
+
+    #[test]
+    fn a_new_process_resumes_the_backoff_status_recorded() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let failing = crate::crd::SubjectStatus {
+            name: "app".into(),
+            consecutive_failures: 3,
+            next_refresh_time: Some(Time(at(40))),
+            message: "AccessDenied: not trusted".into(),
+            ..Default::default()
+        };
+        let state = SubjectState::resumed(&failing, Some(Reason::AccessDenied));
+        assert_eq!(state.failures, 3);
+        assert_eq!(state.retry_at, Some(at(40)));
+        assert_eq!(state.last_error, Some((Reason::AccessDenied, "AccessDenied: not trusted".into())));
+        // Resumed, the decision waits for the recorded retry instead of asking at once.
+        assert_eq!(
+            run(None, true, &state, ""),
+            Decision::Wait {
+                hold: Hold::BackingOff,
+                retry_at: Some(at(40)),
+                expire: false
+            }
+        );
+        let healthy = crate::crd::SubjectStatus {
+            name: "app".into(),
+            next_refresh_time: Some(Time(at(40))),
+            ..Default::default()
+        };
+        assert_eq!(SubjectState::resumed(&healthy, Some(Reason::CredentialsIssued)).retry_at, None);
+        let generic = SubjectState::resumed(&failing, Some(Reason::Pending));
+        assert_eq!(generic.last_error.unwrap().0, Reason::StsUnavailable);
     }
 }

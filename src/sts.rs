@@ -180,11 +180,28 @@ pub trait Issuer: Send + Sync {
     fn issue<'a>(&'a self, req: &'a IssueRequest) -> BoxFuture<'a, Result<Issued, StsError>>;
 }
 
-/// STS refused the duration because the role's MaxSessionDuration is lower.
-pub fn is_duration_above_role_maximum(err: &StsError) -> bool {
-    err.reason == Reason::InvalidSpec
-        && err.message.contains("DurationSeconds")
-        && err.message.contains("MaxSessionDuration")
+/// Why STS refused a `DurationSeconds` that every role allows an hour of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DurationRefusal {
+    /// Above the role's MaxSessionDuration.
+    RoleMaximum,
+    /// The caller is itself a role session (IRSA, Pod Identity, a chain): AWS caps role
+    /// chaining at one hour.
+    RoleChaining,
+}
+
+/// Whether (and why) STS refused the requested duration.
+pub fn duration_refusal(err: &StsError) -> Option<DurationRefusal> {
+    if err.reason != Reason::InvalidSpec || !err.message.contains("DurationSeconds") {
+        return None;
+    }
+    if err.message.contains("MaxSessionDuration") {
+        Some(DurationRefusal::RoleMaximum)
+    } else if err.message.contains("role chaining") {
+        Some(DurationRefusal::RoleChaining)
+    } else {
+        None
+    }
 }
 
 /// Talks to AWS STS with the operator's own identity (the standard SDK chain), through one
@@ -211,7 +228,11 @@ impl StsClient {
             .operation_attempt_timeout(std::time::Duration::from_secs(15))
             .operation_timeout(std::time::Duration::from_secs(45))
             .build();
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(timeouts);
+        // One attempt per call: every request to STS passes the process-wide limit and is
+        // counted; retries are the operator's own per-subject backoff.
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .timeout_config(timeouts)
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1));
         if let Some(region) = region {
             loader = loader.region(Region::new(region));
         }
@@ -477,17 +498,29 @@ impl StsClient {
                 if req.method.assumes_role()
                     && req.mfa.is_none()
                     && req.duration_seconds.is_some_and(|d| d > SAFE_ROLE_DURATION)
-                    && is_duration_above_role_maximum(&err) =>
+                    && duration_refusal(&err).is_some() =>
             {
                 let mut creds = self.issue_once(req, Some(SAFE_ROLE_DURATION)).await?;
-                creds.note = Some(format!(
-                    "durationSeconds {} exceeds the role's maximum session duration; issued for {SAFE_ROLE_DURATION} s",
-                    req.duration_seconds.unwrap_or_default()
+                creds.note = Some(duration_note(
+                    req.duration_seconds.unwrap_or_default(),
+                    duration_refusal(&err).expect("checked above"),
                 ));
                 Ok(Issued { creds })
             }
             Err(err) => Err(err),
         }
+    }
+}
+
+/// What the Ready message says when the duration fell back to an hour.
+pub fn duration_note(asked: i32, refusal: DurationRefusal) -> String {
+    match refusal {
+        DurationRefusal::RoleMaximum => format!(
+            "durationSeconds {asked} exceeds the role's maximum session duration; issued for {SAFE_ROLE_DURATION} s"
+        ),
+        DurationRefusal::RoleChaining => format!(
+            "durationSeconds {asked} exceeds the one hour AWS allows role chaining (the operator's own identity is a role session, e.g. IRSA or Pod Identity); issued for {SAFE_ROLE_DURATION} s"
+        ),
     }
 }
 
@@ -830,12 +863,19 @@ mod tests {
             code: "ValidationError".into(),
             message: "The requested DurationSeconds exceeds the MaxSessionDuration set for this role.".into(),
         };
-        assert!(is_duration_above_role_maximum(&err));
+        assert_eq!(duration_refusal(&err), Some(DurationRefusal::RoleMaximum));
+        // What AWS answers a role session (IRSA, Pod Identity) asking for more than an hour.
+        let chained = StsError {
+            message: "The requested DurationSeconds exceeds the 1 hour session limit for roles assumed by role chaining.".into(),
+            ..err.clone()
+        };
+        assert_eq!(duration_refusal(&chained), Some(DurationRefusal::RoleChaining));
+        assert!(duration_note(7200, DurationRefusal::RoleChaining).contains("role chaining"));
         let other = StsError {
             message: "1 validation error detected".into(),
             ..err
         };
-        assert!(!is_duration_above_role_maximum(&other));
+        assert_eq!(duration_refusal(&other), None);
     }
 
     #[test]

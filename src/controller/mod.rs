@@ -98,6 +98,8 @@ pub struct Context {
     pub stores: Stores,
     subjects: Arc<Mutex<HashMap<SubjectKey, SubjectState>>>,
     mfa_codes: crate::mfa::CodeLedger,
+    /// Consecutive failed reconciles (Kubernetes errors) by binding, for their backoff.
+    failed_reconciles: Mutex<HashMap<ObjectRef<AWSRoleBinding>, u32>>,
 }
 
 impl Context {
@@ -131,15 +133,30 @@ impl Context {
             stores,
             subjects,
             mfa_codes: crate::mfa::CodeLedger::default(),
+            failed_reconciles: Mutex::default(),
         }
     }
 
-    fn state(&self, key: &SubjectKey) -> SubjectState {
-        self.subjects
-            .lock()
-            .expect("state lock")
-            .get(key)
-            .cloned()
+    /// What this process remembers of a subject. One that remembers nothing (it just
+    /// started, or just became leader) takes over the failure count and retry time that the
+    /// binding's status records.
+    fn state(&self, key: &SubjectKey, binding: &AWSRoleBinding) -> SubjectState {
+        if let Some(state) = self.subjects.lock().expect("state lock").get(key).cloned() {
+            return state;
+        }
+        let Some(status) = self.current_status(binding) else {
+            return SubjectState::default();
+        };
+        let reason = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == READY)
+            .and_then(|c| Reason::parse(&c.reason));
+        status
+            .subjects
+            .iter()
+            .find(|s| s.name == key.2)
+            .map(|s| SubjectState::resumed(s, reason))
             .unwrap_or_default()
     }
 

@@ -7,12 +7,12 @@ pub(super) async fn reconcile(binding: Arc<AWSRoleBinding>, ctx: Arc<Context>) -
     tracing::debug!(binding = %binding.name_any(), "reconciling");
     let result = reconcile_binding(&binding, &ctx).await;
     ctx.metrics.reconciled(started.elapsed());
-    if ctx
-        .stores
-        .bindings
-        .get(&ObjectRef::from_obj(binding.as_ref()))
-        .is_none()
-    {
+    let at = ObjectRef::from_obj(binding.as_ref());
+    let gone = ctx.stores.bindings.get(&at).is_none();
+    if result.is_ok() || gone {
+        ctx.failed_reconciles.lock().expect("failure lock").remove(&at);
+    }
+    if gone {
         // Deleted while this reconcile ran: what it recorded after the delete event goes too.
         forget_binding(&binding, &ctx.subjects, &ctx.metrics);
     }
@@ -83,14 +83,7 @@ pub(super) async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -
     write_status(binding, status, ctx).await?;
 
     let wake = results.iter().filter_map(|r| r.wake_at).min();
-    Ok(match wake {
-        Some(at) => Action::requeue(
-            Duration::try_from(at.duration_since(Timestamp::now()))
-                .unwrap_or_default()
-                .max(Duration::from_secs(1)),
-        ),
-        None => Action::await_change(),
-    })
+    Ok(wake.map_or_else(Action::await_change, requeue_at))
 }
 
 /// Reads what the binding references in other objects; `Ok(Err(msg))` is an InvalidSpec.
@@ -159,6 +152,14 @@ pub(super) async fn resolve_references(
     Ok(Ok(resolved))
 }
 
+/// Why an issuance cannot be prepared now.
+pub(super) enum NotPrepared {
+    Failed(StsError),
+    /// The MFA device's current TOTP code was sent already: try again at this time (the
+    /// next 30 s step), without holding a worker.
+    NextCodeAt(Timestamp),
+}
+
 /// What an issuance needs at the moment it happens: a fresh ServiceAccount token for web
 /// identity, an unused TOTP code for MFA.
 pub(super) async fn prepare_request(
@@ -166,8 +167,21 @@ pub(super) async fn prepare_request(
     sp: &SubjectPlan,
     resolved: &Resolved,
     ctx: &Context,
-) -> std::result::Result<crate::sts::IssueRequest, StsError> {
+) -> std::result::Result<crate::sts::IssueRequest, NotPrepared> {
     let mut request = sp.request.clone();
+    if let (Some(mfa), Some(seed)) = (&binding.spec.mfa, &resolved.totp_seed) {
+        // STS refuses a code it has seen. Devices are told apart by namespace too: a serial
+        // number is only what a binding says it is.
+        let device = format!("{}/{}", sp.target.namespace, mfa.serial_number);
+        let now = Timestamp::now().as_second().max(0) as u64;
+        let Some(code) = ctx.mfa_codes.take(&device, seed, now) else {
+            let wait = ctx.mfa_codes.wait_before(&device, now);
+            return Err(NotPrepared::NextCodeAt(
+                Timestamp::now() + jiff::SignedDuration::try_from(wait).unwrap_or_default(),
+            ));
+        };
+        request.mfa = Some((mfa.serial_number.clone(), code));
+    }
     if request.method == crate::crd::Method::AssumeRoleWithWebIdentity {
         let web = binding.spec.web_identity.clone();
         let audience = web
@@ -187,26 +201,27 @@ pub(super) async fn prepare_request(
         let token = api
             .create_token_request(&sp.service_account, &PostParams::default(), &token_request)
             .await
-            .map_err(|e| StsError {
-                reason: Reason::AccessDenied,
-                operation: "TokenRequest",
-                code: "TokenRequestFailed".into(),
-                message: format!("cannot get a token for ServiceAccount {}: {e}", sp.service_account),
-            })?;
+            .map_err(|e| NotPrepared::Failed(token_request_failed(&sp.service_account, &e)))?;
         request.web_identity_token = token.status.map(|s| s.token);
     }
-    if let (Some(mfa), Some(seed)) = (&binding.spec.mfa, &resolved.totp_seed) {
-        // STS refuses a code it has seen: wait for the next 30 s step when this one is used.
-        let code = loop {
-            let now = Timestamp::now().as_second().max(0) as u64;
-            if let Some(code) = ctx.mfa_codes.take(&mfa.serial_number, seed, now) {
-                break code;
-            }
-            tokio::time::sleep(ctx.mfa_codes.wait_before(&mfa.serial_number, now)).await;
-        };
-        request.mfa = Some((mfa.serial_number.clone(), code));
-    }
     Ok(request)
+}
+
+/// A TokenRequest failure is the operator's own permission problem (or the apiserver's),
+/// not the role's trust policy.
+fn token_request_failed(service_account: &str, error: &kube::Error) -> StsError {
+    let hint = match error {
+        kube::Error::Api(e) if e.code == 403 => {
+            " (the operator may not create ServiceAccount tokens: install the chart with rbac.serviceAccountTokens=true, or grant serviceaccounts/token create)"
+        }
+        _ => "",
+    };
+    StsError {
+        reason: Reason::TokenRequestFailed,
+        operation: "TokenRequest",
+        code: "TokenRequestFailed".into(),
+        message: format!("cannot get a token for ServiceAccount {service_account}: {error}{hint}"),
+    }
 }
 
 /// The whole binding cannot proceed (invalid spec or not granted). Not granted revokes:
@@ -232,6 +247,16 @@ pub(super) async fn binding_problem(
             ctx.forget(&(namespace.clone(), binding.name_any(), sa_label(&secret)));
         }
     }
+    // An invalid spec keeps credentials while they are valid, never past their expiry.
+    let mut next_expiry: Option<Timestamp> = None;
+    if !revoke {
+        for secret in owned_secrets(ctx, &namespace, &binding.name_any(), &uid) {
+            match render::annotation_time(&secret, render::EXPIRATION_ANNOTATION) {
+                Some(expiry) if expiry > now => next_expiry = Some(next_expiry.map_or(expiry, |n| n.min(expiry))),
+                _ => expire_secret_in_place(ctx, binding, &secret).await?,
+            }
+        }
+    }
     let mut status = current.unwrap_or_default();
     if revoke {
         status.subjects.clear();
@@ -245,11 +270,37 @@ pub(super) async fn binding_problem(
         tracing::info!(binding = %binding.name_any(), namespace, reason = reason.as_str(), %message, "binding cannot proceed");
         ctx.publish(binding, EventType::Warning, reason.as_str(), message).await;
     }
-    Ok(Action::await_change())
+    if revoke {
+        // Grants are watched: a grant that allows the binding wakes it.
+        return Ok(Action::await_change());
+    }
+    // What an invalid spec references (a Secret) is not watched: look again soon, and at
+    // the latest when the credentials still held run out.
+    let recheck = now + RECHECK;
+    Ok(requeue_at(next_expiry.map_or(recheck, |e| e.min(recheck))))
 }
 
-pub(super) fn error_policy(_binding: Arc<AWSRoleBinding>, error: &Error, ctx: Arc<Context>) -> Action {
-    tracing::warn!(error = %error, "reconcile failed; retrying");
+/// A requeue at `at` (at least a second away).
+pub(super) fn requeue_at(at: Timestamp) -> Action {
+    Action::requeue(
+        Duration::try_from(at.duration_since(Timestamp::now()))
+            .unwrap_or_default()
+            .max(Duration::from_secs(1)),
+    )
+}
+
+/// A reconcile that failed on a Kubernetes request is retried with its own exponential
+/// backoff (full jitter, 5 s doubling to 5 min), so a binding the apiserver keeps refusing
+/// does not cost a request every few seconds forever.
+pub(super) fn error_policy(binding: Arc<AWSRoleBinding>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error(error.metric_label());
-    Action::requeue(Duration::from_secs(5))
+    let failures = {
+        let mut failed = ctx.failed_reconciles.lock().expect("failure lock");
+        let count = failed.entry(ObjectRef::from_obj(binding.as_ref())).or_default();
+        *count += 1;
+        *count
+    };
+    let delay = timing::backoff_delay(failures, rand::random::<f64>(), Timestamp::now(), None);
+    tracing::warn!(binding = %binding.name_any(), namespace = binding.namespace().unwrap_or_default(), error = %error, failures, retry_in_s = delay.as_secs(), "reconcile failed; retrying");
+    Action::requeue(delay)
 }

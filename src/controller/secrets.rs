@@ -181,3 +181,40 @@ pub(super) async fn expire_credentials(
     }
     Ok(true)
 }
+
+/// Removes run-out credentials from a Secret the binding owns when there is no plan to
+/// render it from (the spec became invalid): its identity comes from the Secret itself.
+pub(super) async fn expire_secret_in_place(ctx: &Context, binding: &AWSRoleBinding, secret: &Secret) -> Result<()> {
+    if secret.annotations().contains_key(render::EXPIRED_ANNOTATION) {
+        return Ok(());
+    }
+    let template = binding.spec.secret.clone().unwrap_or_default();
+    let target = render::SecretTarget {
+        namespace: secret.namespace().unwrap_or_default(),
+        name: secret.name_any(),
+        binding: binding.name_any(),
+        binding_uid: binding.uid().unwrap_or_default(),
+        service_account: sa_label(secret),
+        spec_hash: secret
+            .annotations()
+            .get(render::SPEC_HASH_ANNOTATION)
+            .cloned()
+            .unwrap_or_default(),
+        role_arn: secret.annotations().get(render::ROLE_ARN_ANNOTATION).cloned(),
+        region: None,
+        profile: render::DEFAULT_PROFILE.into(),
+        mount_path: render::DEFAULT_MOUNT_PATH.into(),
+        secret_type: match secret.type_.as_deref() {
+            Some("kubernetes.io/dockerconfigjson") => crate::crd::SecretType::DockerConfigJson,
+            _ => crate::crd::SecretType::Credentials,
+        },
+        extra_labels: template.labels,
+        extra_annotations: template.annotations,
+    };
+    let expired_at = render::annotation_time(secret, render::EXPIRATION_ANNOTATION).unwrap_or(Timestamp::now());
+    write_secret(ctx, &render::render_expired_secret(&target, expired_at), Some(secret))
+        .await?
+        .ok();
+    tracing::warn!(secret = %secret.name_any(), namespace = %target.namespace, "credentials expired while the binding's spec is invalid; removed them from the Secret");
+    Ok(())
+}

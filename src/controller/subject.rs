@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// What the operator cannot watch cheaply (a foreign Secret of the wanted name going away)
+/// is looked at again this often.
+pub(super) const RECHECK: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
+
 /// When credentials should be refreshed (stable across restarts).
 pub(super) fn refresh_time(plan: &SubjectPlan, binding: &AWSRoleBinding, creds: &Credentials) -> Timestamp {
     let key = format!(
@@ -63,7 +67,7 @@ pub(super) async fn reconcile_subject(
 
     let existing = current_secret(ctx, target).await?;
     let stored = existing.as_deref().map(|secret| stored_secret(secret, target));
-    let mut state = ctx.state(&key);
+    let mut state = ctx.state(&key, binding);
     let decision = decision::decide(
         &decision::Inputs {
             secret: stored.as_ref(),
@@ -108,7 +112,7 @@ pub(super) async fn reconcile_subject(
             Ok(SubjectResult {
                 outcome: not_ready(Reason::SecretConflict, message),
                 status,
-                wake_at: None,
+                wake_at: Some(now + RECHECK),
                 note: None,
             })
         }
@@ -135,14 +139,8 @@ pub(super) async fn reconcile_subject(
                 // Deleted or edited by someone, or the cache lags behind: write back what
                 // was issued, no STS call.
                 let desired = render::render_secret(&creds, target);
-                if let Err(message) = write_secret(ctx, &desired, existing.as_deref()).await? {
-                    status.message = message.clone();
-                    return Ok(SubjectResult {
-                        outcome: not_ready(Reason::SecretConflict, message),
-                        status,
-                        wake_at: None,
-                        note: None,
-                    });
+                if let Err(refused) = write_subject_secret(ctx, &desired, existing.as_deref()).await? {
+                    return Ok(unwritten(sp, status, refused, now));
                 }
                 tracing::info!(secret = %target.name, namespace = %target.namespace, "restored managed Secret");
             }
@@ -193,7 +191,7 @@ pub(super) async fn issue(
     resolved: &Resolved,
     ctx: &Context,
     existing: Option<&Secret>,
-    mut status: SubjectStatus,
+    status: SubjectStatus,
     mut state: SubjectState,
     now: Timestamp,
 ) -> Result<SubjectResult> {
@@ -216,7 +214,21 @@ pub(super) async fn issue(
     tracing::debug!(service_account = %sp.service_account, "issuing credentials");
     let issued = match prepare_request(binding, sp, resolved, ctx).await {
         Ok(request) => ctx.issuer.issue(&request).await,
-        Err(e) => Err(e),
+        Err(NotPrepared::Failed(e)) => Err(e),
+        Err(NotPrepared::NextCodeAt(at)) => {
+            // Not a failure: the next TOTP step comes within 30 s.
+            return Ok(failed_result(
+                sp,
+                &state,
+                status,
+                secret_expiration,
+                current_spec,
+                Some(at),
+                now,
+                ctx,
+                &labels,
+            ));
+        }
     };
     match issued {
         Ok(crate::sts::Issued { creds }) => {
@@ -228,19 +240,8 @@ pub(super) async fn issue(
             };
             ctx.set_state(key, state.clone());
             let desired = render::render_secret(&creds, target);
-            if let Err(message) = write_secret(ctx, &desired, existing).await? {
-                status.message = message.clone();
-                return Ok(SubjectResult {
-                    outcome: SubjectOutcome {
-                        name: sp.service_account.clone(),
-                        ready: false,
-                        has_valid_credentials: false,
-                        problem: Some((Reason::SecretConflict, message)),
-                    },
-                    status,
-                    wake_at: None,
-                    note: None,
-                });
+            if let Err(refused) = write_subject_secret(ctx, &desired, existing).await? {
+                return Ok(unwritten(sp, status, refused, now));
             }
             let refreshed = secret_expiration.is_some();
             let note = format!(
@@ -293,11 +294,13 @@ pub(super) async fn issue(
                 ),
             )
             .await;
+            // Recorded before the Secret write below: should it fail, the backoff stands.
+            ctx.set_state(key.clone(), state.clone());
             let run_out = secret_expiration.is_none_or(|e| e <= now);
             if run_out && expire_credentials(ctx, target, existing, secret_expiration).await? {
                 state.creds = None;
+                ctx.set_state(key, state.clone());
             }
-            ctx.set_state(key, state.clone());
             Ok(failed_result(
                 sp,
                 &state,
@@ -407,6 +410,43 @@ pub(super) fn failed_result(
         },
         status,
         wake_at,
+        note: None,
+    }
+}
+
+/// Writes a subject's Secret; `Ok(Err(..))` says why it was not written, as a reason for
+/// status: someone else's Secret of that name (`SecretConflict`), or a Secret the apiserver
+/// refuses as invalid (`InvalidSpec`, e.g. `spec.secret.labels` that are no valid labels),
+/// which no retry can fix.
+async fn write_subject_secret(
+    ctx: &Context,
+    desired: &Secret,
+    existing: Option<&Secret>,
+) -> Result<std::result::Result<(), (Reason, String)>> {
+    match write_secret(ctx, desired, existing).await {
+        Ok(Ok(())) => Ok(Ok(())),
+        Ok(Err(message)) => Ok(Err((Reason::SecretConflict, message))),
+        Err(Error::Kube(kube::Error::Api(e))) if e.code == 422 => Ok(Err((
+            Reason::InvalidSpec,
+            format!("the apiserver refuses Secret {}: {}", desired.name_any(), e.message),
+        ))),
+        Err(e) => Err(e),
+    }
+}
+
+/// The result of a subject whose Secret could not be written for `reason`.
+fn unwritten(sp: &SubjectPlan, mut status: SubjectStatus, (reason, message): (Reason, String), now: Timestamp) -> SubjectResult {
+    status.message = message.clone();
+    SubjectResult {
+        outcome: SubjectOutcome {
+            name: sp.service_account.clone(),
+            ready: false,
+            has_valid_credentials: false,
+            problem: Some((reason, message)),
+        },
+        status,
+        // A foreign Secret is not watched: look again. An invalid one waits for a new spec.
+        wake_at: (reason == Reason::SecretConflict).then(|| now + RECHECK),
         note: None,
     }
 }
