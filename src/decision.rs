@@ -431,7 +431,10 @@ mod tests {
         let state = SubjectState::resumed(&failing, Some(Reason::AccessDenied));
         assert_eq!(state.failures, 3);
         assert_eq!(state.retry_at, Some(at(40)));
-        assert_eq!(state.last_error, Some((Reason::AccessDenied, "AccessDenied: not trusted".into())));
+        assert_eq!(
+            state.last_error,
+            Some((Reason::AccessDenied, "AccessDenied: not trusted".into()))
+        );
         // Resumed, the decision waits for the recorded retry instead of asking at once.
         assert_eq!(
             run(None, true, &state, ""),
@@ -446,7 +449,10 @@ mod tests {
             next_refresh_time: Some(Time(at(40))),
             ..Default::default()
         };
-        assert_eq!(SubjectState::resumed(&healthy, Some(Reason::CredentialsIssued)).retry_at, None);
+        assert_eq!(
+            SubjectState::resumed(&healthy, Some(Reason::CredentialsIssued)).retry_at,
+            None
+        );
         let generic = SubjectState::resumed(&failing, Some(Reason::Pending));
         assert_eq!(generic.last_error.unwrap().0, Reason::StsUnavailable);
     }

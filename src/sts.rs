@@ -866,7 +866,9 @@ mod tests {
         assert_eq!(duration_refusal(&err), Some(DurationRefusal::RoleMaximum));
         // What AWS answers a role session (IRSA, Pod Identity) asking for more than an hour.
         let chained = StsError {
-            message: "The requested DurationSeconds exceeds the 1 hour session limit for roles assumed by role chaining.".into(),
+            message:
+                "The requested DurationSeconds exceeds the 1 hour session limit for roles assumed by role chaining."
+                    .into(),
             ..err.clone()
         };
         assert_eq!(duration_refusal(&chained), Some(DurationRefusal::RoleChaining));

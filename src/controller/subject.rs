@@ -435,7 +435,12 @@ async fn write_subject_secret(
 }
 
 /// The result of a subject whose Secret could not be written for `reason`.
-fn unwritten(sp: &SubjectPlan, mut status: SubjectStatus, (reason, message): (Reason, String), now: Timestamp) -> SubjectResult {
+fn unwritten(
+    sp: &SubjectPlan,
+    mut status: SubjectStatus,
+    (reason, message): (Reason, String),
+    now: Timestamp,
+) -> SubjectResult {
     status.message = message.clone();
     SubjectResult {
         outcome: SubjectOutcome {

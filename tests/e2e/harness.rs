@@ -277,8 +277,9 @@ pub struct Forwarder {
     ecr_upstream_expiry: Arc<AtomicBool>,
     actions: Arc<Mutex<Vec<String>>>,
     bodies: Arc<Mutex<Vec<String>>>,
-    /// Answer every STS request with this error `(code, message)` instead of forwarding it.
-    failure: Arc<Mutex<Option<(String, String)>>>,
+    /// Answer STS requests with this error `(code, message)` instead of forwarding them
+    /// (only those containing the third part, when given).
+    failure: Arc<Mutex<Option<InjectedFailure>>>,
 }
 
 fn url_decode(s: &str) -> String {
@@ -374,7 +375,12 @@ impl Forwarder {
                             Ok(n) => n,
                         };
                         let failure = f.failure.lock().unwrap().clone();
-                        if let Some((code, message)) = failure.filter(|_| !actions_in(&first[..n]).is_empty()) {
+                        let text = String::from_utf8_lossy(&first[..n]).into_owned();
+                        let refused = failure.filter(|(_, _, needle)| {
+                            !actions_in(&first[..n]).is_empty()
+                                && needle.as_ref().is_none_or(|n| text.contains(n.as_str()))
+                        });
+                        if let Some((code, message, _)) = refused {
                             f.record(&first[..n]);
                             let _ = inbound.write_all(sts_error_response(&code, &message).as_bytes()).await;
                             let _ = inbound.shutdown().await;
@@ -439,7 +445,13 @@ impl Forwarder {
     /// From now on (for connections opened from now on), STS requests are answered with
     /// the error `code` as STS sends it, without reaching the peer; `None` forwards again.
     pub fn fail_with(&self, failure: Option<(&str, &str)>) {
-        *self.failure.lock().unwrap() = failure.map(|(c, m)| (c.to_string(), m.to_string()));
+        *self.failure.lock().unwrap() = failure.map(|(c, m)| (c.to_string(), m.to_string(), None));
+    }
+
+    /// Like `fail_with`, only for requests whose text contains `needle` (e.g.
+    /// `DurationSeconds=7200`); the others reach the peer.
+    pub fn fail_requests_containing(&self, needle: &str, code: &str, message: &str) {
+        *self.failure.lock().unwrap() = Some((code.to_string(), message.to_string(), Some(needle.to_string())));
     }
 
     pub fn url(&self) -> String {
@@ -491,6 +503,10 @@ impl Forwarder {
         self.actions.lock().unwrap().len()
     }
 }
+
+/// An error the forwarder answers instead of the peer: `(code, message, only requests
+/// containing this)`.
+type InjectedFailure = (String, String, Option<String>);
 
 /// An STS query-protocol error answer (what STS sends for a refused request).
 fn sts_error_response(code: &str, message: &str) -> String {
