@@ -59,6 +59,17 @@ pub enum Hold {
     Refused,
     /// Backing off after a failure.
     BackingOff,
+    /// Issued for this spec too recently: whatever the clocks say, a subject is never issued
+    /// for more often than [`reissue_floor`].
+    Floor,
+}
+
+/// The shortest time between two issuances of the same spec for a subject: a tenth of the
+/// lifetime, at least a minute (a quarter of the lifetime for very short ones), so no
+/// clock, cache or bug can make the operator call STS in a loop. Refreshes come later than
+/// this by design (at least 45 % into the lifetime).
+pub fn reissue_floor(lifetime: jiff::SignedDuration) -> jiff::SignedDuration {
+    (lifetime / 10).max(jiff::SignedDuration::from_secs(60).min(lifetime / 4))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,6 +152,16 @@ pub fn decide(
     }
     // Credentials in the Secret that have run out are never left looking valid.
     let expire = secret.is_some_and(|s| s.expiration.is_none_or(|e| e <= now));
+    if let Some(creds) = current {
+        let earliest = creds.issued_at + reissue_floor(creds.expiration.duration_since(creds.issued_at));
+        if now < earliest {
+            return Decision::Wait {
+                hold: Hold::Floor,
+                retry_at: Some(earliest),
+                expire,
+            };
+        }
+    }
     if remembered.refused_spec.as_deref() == Some(spec_hash) {
         return Decision::Wait {
             hold: Hold::Refused,
@@ -412,6 +433,14 @@ mod tests {
                 "",
                 Decision::Issue,
             ),
+            (
+                "a new spec is not held by the floor",
+                Some(secret(Some(creds("NOW", -10, 3590)), "older")),
+                true,
+                nothing.clone(),
+                "NOW",
+                Decision::Issue,
+            ),
         ];
         for (name, stored, sa, state, in_secret, want) in cases {
             assert_eq!(run(stored.as_ref(), sa, &state, in_secret), want, "{name}");
@@ -455,5 +484,46 @@ mod tests {
         );
         let generic = SubjectState::resumed(&failing, Some(Reason::Pending));
         assert_eq!(generic.last_error.unwrap().0, Reason::StsUnavailable);
+    }
+
+    #[test]
+    fn the_floor_stays_below_the_earliest_refresh() {
+        for (lifetime, floor) in [(60, 15), (120, 30), (900, 90), (3600, 360), (43200, 4320)] {
+            let got = reissue_floor(SignedDuration::from_secs(lifetime));
+            assert_eq!(got, SignedDuration::from_secs(floor), "lifetime {lifetime}");
+            // The refresh policy never refreshes earlier than 45 % into the lifetime.
+            assert!(got.as_secs() * 100 < lifetime * 45, "lifetime {lifetime}");
+        }
+    }
+
+    #[test]
+    fn a_refresh_that_looks_due_right_after_issuance_waits_for_the_floor() {
+        // Whatever makes a refresh look due (a clock that jumped, a bug), the same spec is not
+        // issued again within the floor: a tenth of the hour here.
+        let state = remembered(Some(creds("NOW", -10, 3590)), HASH);
+        let decide_due = |state: &SubjectState| {
+            decide(
+                &Inputs {
+                    secret: None,
+                    service_account_exists: true,
+                    remembered: state,
+                    spec_hash: HASH,
+                    now: at(0),
+                },
+                |_| at(-1),
+                |_| false,
+            )
+        };
+        assert_eq!(
+            decide_due(&state),
+            Decision::Wait {
+                hold: Hold::Floor,
+                retry_at: Some(at(350)),
+                expire: false
+            }
+        );
+        // Past the floor it issues.
+        let state = remembered(Some(creds("EARLIER", -400, 3200)), HASH);
+        assert_eq!(decide_due(&state), Decision::Issue);
     }
 }

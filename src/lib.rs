@@ -1,4 +1,5 @@
 //! kube-sts: a Kubernetes operator that keeps short-lived AWS STS credentials in Secrets.
+pub mod clock;
 pub mod conditions;
 pub mod controller;
 pub mod crd;

@@ -115,12 +115,14 @@ async fn run(args: RunArgs) -> RunResult {
         .await
         .map_err(|e| format!("cannot build a Kubernetes client: {e}"))?;
     let metrics = Arc::new(Metrics::default());
+    let clock = Arc::new(kube_sts::clock::Clock::default());
     let sts = StsClient::new(
         args.region.clone(),
         args.sts_endpoint.clone(),
         args.sts_qps,
         args.sts_burst,
         metrics.clone(),
+        clock.clone(),
     )
     .await;
     let settings = Settings {
@@ -133,6 +135,7 @@ async fn run(args: RunArgs) -> RunResult {
             allow_operator_identity: args.allow_operator_identity,
         },
         concurrency: args.concurrency,
+        clock,
     };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),

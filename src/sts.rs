@@ -208,6 +208,7 @@ pub fn duration_refusal(err: &StsError) -> Option<DurationRefusal> {
 /// process-wide token bucket.
 pub struct StsClient {
     base: SdkConfig,
+    clock: Arc<crate::clock::Clock>,
     endpoint: Option<String>,
     clients: Mutex<HashMap<Option<String>, Client>>,
     limiter: DefaultDirectRateLimiter,
@@ -221,6 +222,7 @@ impl StsClient {
         qps: NonZeroU32,
         burst: NonZeroU32,
         metrics: Arc<Metrics>,
+        clock: Arc<crate::clock::Clock>,
     ) -> Self {
         // A hung STS must fail (and be retried with backoff), never stall a reconcile.
         let timeouts = aws_config::timeout::TimeoutConfig::builder()
@@ -239,6 +241,7 @@ impl StsClient {
         let base = loader.load().await;
         StsClient {
             base,
+            clock,
             endpoint,
             clients: Mutex::new(HashMap::new()),
             limiter: RateLimiter::direct(Quota::per_second(qps).allow_burst(burst)),
@@ -246,12 +249,19 @@ impl StsClient {
         }
     }
 
+    /// When an answer just received was issued: STS does not say, so its arrival (in STS's
+    /// time, from the answer's `Date`) is the best clock there is.
+    fn issued_now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
     pub fn default_region(&self) -> Option<String> {
         self.base.region().map(|r| r.to_string())
     }
 
     fn config_builder(&self, region: Option<&str>) -> aws_sdk_sts::config::Builder {
-        let mut builder = aws_sdk_sts::config::Builder::from(&self.base);
+        let mut builder =
+            aws_sdk_sts::config::Builder::from(&self.base).interceptor(crate::clock::DateObserver(self.clock.clone()));
         if let Some(region) = region {
             builder = builder.region(Region::new(region.to_string()));
         }
@@ -327,7 +337,7 @@ impl StsClient {
         }
         let out = self.call("AssumeRole", call.send()).await?;
         let arn = out.assumed_role_user().map(|u| u.arn().to_string());
-        to_credentials("AssumeRole", out.credentials(), arn)
+        to_credentials("AssumeRole", out.credentials(), arn, self.issued_now())
     }
 
     async fn assume_chain(&self, req: &IssueRequest, duration: Option<i32>) -> Result<Credentials, StsError> {
@@ -381,7 +391,7 @@ impl StsClient {
             .set_policy_arns(policy_arns(&req.policy_arns));
         let out = self.call("AssumeRoleWithWebIdentity", call.send()).await?;
         let arn = out.assumed_role_user().map(|u| u.arn().to_string());
-        to_credentials("AssumeRoleWithWebIdentity", out.credentials(), arn)
+        to_credentials("AssumeRoleWithWebIdentity", out.credentials(), arn, self.issued_now())
     }
 
     /// The client GetSessionToken and GetFederationToken are called with: the team's IAM
@@ -412,7 +422,7 @@ impl StsClient {
             call = call.serial_number(serial).token_code(code);
         }
         let out = self.call("GetSessionToken", call.send()).await?;
-        to_credentials("GetSessionToken", out.credentials(), None)
+        to_credentials("GetSessionToken", out.credentials(), None, self.issued_now())
     }
 
     async fn federation_token(&self, req: &IssueRequest) -> Result<Credentials, StsError> {
@@ -430,7 +440,7 @@ impl StsClient {
             .set_tags(tags(&req.tags));
         let out = self.call("GetFederationToken", call.send()).await?;
         let arn = out.federated_user().map(|u| u.arn().to_string());
-        to_credentials("GetFederationToken", out.credentials(), arn)
+        to_credentials("GetFederationToken", out.credentials(), arn, self.issued_now())
     }
 
     async fn issue_once(&self, req: &IssueRequest, duration: Option<i32>) -> Result<Credentials, StsError> {
@@ -451,6 +461,7 @@ impl StsClient {
             .clone()
             .ok_or_else(|| invalid("GetAuthorizationToken", "an ECR pull Secret needs a region"))?;
         let config = aws_sdk_ecr::config::Builder::from(&self.base)
+            .interceptor(crate::clock::DateObserver(self.clock.clone()))
             .region(Region::new(region.clone()))
             .credentials_provider(acting_as(&session))
             .build();
@@ -467,7 +478,7 @@ impl StsClient {
                 expires_at: a.expires_at().and_then(|t| Timestamp::from_second(t.secs()).ok()),
             })
             .collect();
-        let now = Timestamp::from_second(Timestamp::now().as_second()).expect("now is a valid timestamp");
+        let now = self.clock.now();
         let (registries, expiration) = registry_auths(&answer, &req.ecr_registry_ids, &region, now)?;
         Ok(Credentials {
             secret_access_key: String::new(),
@@ -674,6 +685,7 @@ fn to_credentials(
     operation: &'static str,
     creds: Option<&aws_sdk_sts::types::Credentials>,
     arn: Option<String>,
+    issued_at: Timestamp,
 ) -> Result<Credentials, StsError> {
     let creds = creds.ok_or_else(|| StsError {
         reason: Reason::StsUnavailable,
@@ -691,9 +703,7 @@ fn to_credentials(
         access_key_id: creds.access_key_id().to_string(),
         secret_access_key: creds.secret_access_key().to_string(),
         session_token: creds.session_token().to_string(),
-        // STS does not say when it issued; the answer's arrival is the best clock we have.
-        // Whole seconds, as written into the Secret's annotations.
-        issued_at: Timestamp::from_second(Timestamp::now().as_second()).expect("now is a valid timestamp"),
+        issued_at,
         expiration,
         arn,
         note: None,

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Checks for (and where possible installs) what `make demo` and `make test` need:
-# cargo, go, python3 with venv, kubectl, curl. Everything else is built or installed
+# cargo, go, python3 with venv, kubectl, make, faketime (the e2e suite runs an operator with a
+# shifted clock). Everything else is built or installed
 # by the scripts themselves into a cache outside the work tree.
 set -euo pipefail
 missing=()
-for tool in cargo go python3 kubectl make; do
+for tool in cargo go python3 kubectl make faketime; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); fi
@@ -15,7 +16,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     for m in "${missing[@]}"; do
       case "$m" in
         cargo) pkgs+=(cargo) ;; go) pkgs+=(golang-go) ;; python3|python3-venv) pkgs+=(python3 python3-venv) ;;
-        kubectl) pkgs+=(kubernetes-client) ;; make) pkgs+=(make) ;;
+        kubectl) pkgs+=(kubernetes-client) ;; make) pkgs+=(make) ;; faketime) pkgs+=(faketime) ;;
       esac
     done
     apt-get update -qq && apt-get install -y -qq "${pkgs[@]}"
@@ -24,4 +25,4 @@ if [ "${#missing[@]}" -gt 0 ]; then
     exit 1
   fi
 fi
-echo "install-prereqs: cargo, go, python3, kubectl and make are present" >&2
+echo "install-prereqs: cargo, go, python3, kubectl, make and faketime are present" >&2

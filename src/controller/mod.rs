@@ -68,6 +68,8 @@ pub struct Settings {
     pub require_grants: bool,
     pub issue: IssueSettings,
     pub concurrency: u16,
+    /// STS's time, shared with the STS client that keeps it.
+    pub clock: Arc<crate::clock::Clock>,
 }
 
 type SubjectKey = (String, String, String);

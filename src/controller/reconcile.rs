@@ -26,7 +26,7 @@ pub(super) async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -
         // The garbage collector removes the Secrets through their owner references.
         return Ok(Action::await_change());
     }
-    let now = Timestamp::now();
+    let now = ctx.settings.clock.now();
 
     // Grants first: a binding no grant allows reads nothing (no referenced Secret) and
     // loses its Secrets, whatever else is wrong with it.
@@ -83,7 +83,7 @@ pub(super) async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -
     write_status(binding, status, ctx).await?;
 
     let wake = results.iter().filter_map(|r| r.wake_at).min();
-    Ok(wake.map_or_else(Action::await_change, requeue_at))
+    Ok(wake.map_or_else(Action::await_change, |at| requeue_at(at, now)))
 }
 
 /// Reads what the binding references in other objects; `Ok(Err(msg))` is an InvalidSpec.
@@ -173,11 +173,13 @@ pub(super) async fn prepare_request(
         // STS refuses a code it has seen. Devices are told apart by namespace too: a serial
         // number is only what a binding says it is.
         let device = format!("{}/{}", sp.target.namespace, mfa.serial_number);
-        let now = Timestamp::now().as_second().max(0) as u64;
-        let Some(code) = ctx.mfa_codes.take(&device, seed, now) else {
-            let wait = ctx.mfa_codes.wait_before(&device, now);
+        // TOTP codes follow AWS's clock, not a local one that may be wrong.
+        let now = ctx.settings.clock.now();
+        let unix = now.as_second().max(0) as u64;
+        let Some(code) = ctx.mfa_codes.take(&device, seed, unix) else {
+            let wait = ctx.mfa_codes.wait_before(&device, unix);
             return Err(NotPrepared::NextCodeAt(
-                Timestamp::now() + jiff::SignedDuration::try_from(wait).unwrap_or_default(),
+                now + jiff::SignedDuration::try_from(wait).unwrap_or_default(),
             ));
         };
         request.mfa = Some((mfa.serial_number.clone(), code));
@@ -277,13 +279,13 @@ pub(super) async fn binding_problem(
     // What an invalid spec references (a Secret) is not watched: look again soon, and at
     // the latest when the credentials still held run out.
     let recheck = now + RECHECK;
-    Ok(requeue_at(next_expiry.map_or(recheck, |e| e.min(recheck))))
+    Ok(requeue_at(next_expiry.map_or(recheck, |e| e.min(recheck)), now))
 }
 
-/// A requeue at `at` (at least a second away).
-pub(super) fn requeue_at(at: Timestamp) -> Action {
+/// A requeue at `at` (at least a second after `now`, both in STS's time).
+pub(super) fn requeue_at(at: Timestamp, now: Timestamp) -> Action {
     Action::requeue(
-        Duration::try_from(at.duration_since(Timestamp::now()))
+        Duration::try_from(at.duration_since(now))
             .unwrap_or_default()
             .max(Duration::from_secs(1)),
     )
@@ -300,7 +302,7 @@ pub(super) fn error_policy(binding: Arc<AWSRoleBinding>, error: &Error, ctx: Arc
         *count += 1;
         *count
     };
-    let delay = timing::backoff_delay(failures, rand::random::<f64>(), Timestamp::now(), None);
+    let delay = timing::backoff_delay(failures, rand::random::<f64>(), ctx.settings.clock.now(), None);
     tracing::warn!(binding = %binding.name_any(), namespace = binding.namespace().unwrap_or_default(), error = %error, failures, retry_in_s = delay.as_secs(), "reconcile failed; retrying");
     Action::requeue(delay)
 }

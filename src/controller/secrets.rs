@@ -173,7 +173,7 @@ pub(super) async fn expire_credentials(
     };
     let emptied = secret.annotations().contains_key(render::EXPIRED_ANNOTATION);
     if !emptied {
-        let expired_at = secret_expiration.unwrap_or(Timestamp::now());
+        let expired_at = secret_expiration.unwrap_or_else(|| ctx.settings.clock.now());
         write_secret(ctx, &render::render_expired_secret(target, expired_at), Some(secret))
             .await?
             .ok();
@@ -211,7 +211,8 @@ pub(super) async fn expire_secret_in_place(ctx: &Context, binding: &AWSRoleBindi
         extra_labels: template.labels,
         extra_annotations: template.annotations,
     };
-    let expired_at = render::annotation_time(secret, render::EXPIRATION_ANNOTATION).unwrap_or(Timestamp::now());
+    let expired_at =
+        render::annotation_time(secret, render::EXPIRATION_ANNOTATION).unwrap_or_else(|| ctx.settings.clock.now());
     write_secret(ctx, &render::render_expired_secret(&target, expired_at), Some(secret))
         .await?
         .ok();

@@ -560,12 +560,30 @@ impl Operator {
     /// Like `start`, with the Kubernetes identity of another kubeconfig (e.g. a
     /// ServiceAccount token).
     pub fn start_with_kubeconfig(namespace: &str, sts: &Forwarder, extra: &[&str], kubeconfig: &Path) -> Self {
+        Self::spawn(namespace, sts, extra, kubeconfig, None)
+    }
+
+    /// Like `start`, with the process's clock shifted by `offset` (libfaketime's `faketime`,
+    /// e.g. `+2h`): the wall clock only, timers run as usual.
+    pub fn start_with_clock_offset(namespace: &str, sts: &Forwarder, extra: &[&str], offset: &str) -> Self {
+        Self::spawn(namespace, sts, extra, &env().kubeconfig, Some(offset))
+    }
+
+    fn spawn(namespace: &str, sts: &Forwarder, extra: &[&str], kubeconfig: &Path, clock_offset: Option<&str>) -> Self {
         let logs = env().repo.join(".e2e/logs");
         std::fs::create_dir_all(&logs).unwrap();
         let log = logs.join(format!("operator-{namespace}-{}.log", unique("run")));
         let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kube-sts"))
+        let mut command = match clock_offset {
+            Some(offset) => {
+                let mut c = Command::new("faketime");
+                c.args(["-f", offset, env!("CARGO_BIN_EXE_kube-sts")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_kube-sts")),
+        };
+        let child = command
             .arg("run")
             .args(["--namespace", namespace, "--log-format", "json", "--log-level"])
             .arg(std::env::var("E2E_OPERATOR_LOG").unwrap_or_else(|_| "kube_sts=debug,info".into()))
@@ -579,6 +597,8 @@ impl Operator {
             ])
             .args(extra)
             .env_clear()
+            // Read only by libfaketime, when the clock is shifted: timers stay real.
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("KUBECONFIG", kubeconfig)
             .env("AWS_ACCESS_KEY_ID", &env().aws["AWS_ACCESS_KEY_ID"])

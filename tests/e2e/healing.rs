@@ -239,3 +239,52 @@ async fn a_role_session_operator_falls_back_to_an_hour() {
         .collect();
     assert_eq!(durations, ["7200", "3600"]);
 }
+
+#[tokio::test]
+async fn a_clock_hours_ahead_does_not_loop_or_expire_credentials() {
+    let ns = TestNamespace::new("skew").await;
+    ns.service_account("app").await;
+    let role = granted_role(&ns, None, "");
+    let sts = Forwarder::start().await;
+    // Two hours ahead: more than the 15-minute lifetime, so by the local clock every
+    // credential would be expired the moment it is issued.
+    let operator = Operator::start_with_clock_offset(&ns.name, &sts, &[], "+2h");
+    ns.apply_ok(&binding_yaml("b", &role, &["app"], "  durationSeconds: 900\n"));
+    wait_ready(&ns.bindings(), "b", "True", "CredentialsIssued").await;
+    let st = ns.bindings().get("b").await.unwrap().status.unwrap();
+    let issued = st.subjects[0].issued_at.as_ref().unwrap().0;
+    let true_now = jiff::Timestamp::now();
+    assert!(
+        issued <= true_now,
+        "issue time {issued} follows the local clock, not STS's"
+    );
+    // Whatever wakes the binding, it is not issued again, and its Secret keeps the keys.
+    let reconciles = |metrics: String| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("kube_sts_reconcile_duration_seconds_count"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    for touch in 0..3 {
+        let before = reconciles(operator.metrics().await);
+        ns.bindings()
+            .patch(
+                "b",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(
+                    serde_json::json!({"metadata": {"annotations": {"touched": touch.to_string()}}}),
+                ),
+            )
+            .await
+            .unwrap();
+        eventually("the touched binding reconciled", Duration::from_secs(30), || async {
+            (reconciles(operator.metrics().await) > before).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(sts.count("AssumeRole"), 1);
+    wait_ready(&ns.bindings(), "b", "True", "CredentialsIssued").await;
+    let secret = ns.secrets().get("b-app").await.unwrap();
+    assert!(secret.data.unwrap().contains_key("AWS_SECRET_ACCESS_KEY"));
+}
