@@ -78,16 +78,26 @@ type SubjectKey = (String, String, String);
 /// series (its Secrets go with the garbage collector).
 fn forget_binding(binding: &AWSRoleBinding, subjects: &Mutex<HashMap<SubjectKey, SubjectState>>, metrics: &Metrics) {
     let (namespace, name) = binding_key(binding);
+    forget_subjects_where(subjects, metrics, |ns, b| ns == namespace && b == name);
+}
+
+/// Forgets the per-subject state (it holds credentials) and metric series of every subject
+/// whose binding `(namespace, name)` matches `gone`.
+fn forget_subjects_where(
+    subjects: &Mutex<HashMap<SubjectKey, SubjectState>>,
+    metrics: &Metrics,
+    gone: impl Fn(&str, &str) -> bool,
+) {
     subjects.lock().expect("state lock").retain(|(ns, b, sa), _| {
-        let gone = *ns == namespace && *b == name;
-        if gone {
+        let forget = gone(ns, b);
+        if forget {
             metrics.forget_subject(&SubjectLabels {
                 namespace: ns.clone(),
                 binding: b.clone(),
                 service_account: sa.clone(),
             });
         }
-        !gone
+        !forget
     });
 }
 
@@ -197,7 +207,12 @@ pub async fn run(
     let (bindings, writer) = reflector::store();
     let written_statuses = Arc::new(Mutex::new(WrittenStatuses::default()));
     let subjects = Arc::new(Mutex::new(HashMap::new()));
-    let (written, kept, meter) = (written_statuses.clone(), subjects.clone(), metrics.clone());
+    let (written, kept, meter, cached) = (
+        written_statuses.clone(),
+        subjects.clone(),
+        metrics.clone(),
+        bindings.clone(),
+    );
     let binding_events = reflector(
         writer,
         watcher(
@@ -215,7 +230,13 @@ pub async fn run(
             written.lock().expect("status lock").0.remove(&binding_key(binding));
             forget_binding(binding, &kept, &meter);
         }
-        watcher::Event::Init | watcher::Event::InitDone => {}
+        watcher::Event::InitDone => {
+            // A relist after a watch gap: bindings deleted meanwhile sent no delete event.
+            let exists = |ns: &str, name: &str| cached.get(&ObjectRef::new(name).within(ns)).is_some();
+            forget_subjects_where(&kept, &meter, |ns, b| !exists(ns, b));
+            written.lock().expect("status lock").0.retain(|(ns, b), _| exists(ns, b));
+        }
+        watcher::Event::Init => {}
     })
     .applied_objects();
     let controller = Controller::for_stream(binding_events, bindings.clone())

@@ -247,6 +247,11 @@ pub(super) async fn binding_problem(
         for secret in owned_secrets(ctx, &namespace, &binding.name_any(), &uid) {
             delete_secret(ctx, &secret).await?;
             ctx.forget(&(namespace.clone(), binding.name_any(), sa_label(&secret)));
+            ctx.metrics.forget_subject(&SubjectLabels {
+                namespace: namespace.clone(),
+                binding: binding.name_any(),
+                service_account: sa_label(&secret),
+            });
         }
     }
     // An invalid spec keeps credentials while they are valid, never past their expiry.
