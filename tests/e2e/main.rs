@@ -3,5 +3,6 @@ mod foundation;
 mod harness;
 mod leader;
 mod methods;
+mod metrics;
 mod operator;
 mod rbac;
