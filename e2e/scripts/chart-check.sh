@@ -57,15 +57,44 @@ else
 fi
 
 # --- value sets ----------------------------------------------------------------
-# name|helm --set arguments (space separated)|what the rendering must contain (grep -E, ';' separated)
+# name|helm --set arguments (space separated)|patterns (';' separated): each a grep -E
+# regex the rendering must contain; `Kind@regex`: within the objects of that kind only;
+# a leading `!`: must NOT contain.
 SETS=(
-	"defaults||image: \"kube-sts:[^\"]+\";kind: ClusterRole$;kind: ClusterRoleBinding;kind: Deployment;kind: Service$;--require-grants=true;path: /readyz"
-	"watchNamespace|--set watchNamespace=team-a|kind: Role$;kind: RoleBinding;--namespace=team-a;resourceNames: \[\"team-a\"\]"
+	"defaults||image: \"kube-sts:[^\"]+\";kind: ClusterRole$;kind: ClusterRoleBinding;kind: Deployment;kind: Service$;--require-grants=true;path: /readyz;!serviceaccounts/token"
+	"watchNamespace|--set watchNamespace=team-a|kind: Role$;kind: RoleBinding;--namespace=team-a;resourceNames: \[\"team-a\"\];!serviceaccounts/token"
+	"serviceAccountTokens|--set rbac.serviceAccountTokens=true|ClusterRole@resources: \[serviceaccounts/token\]"
+	"serviceAccountTokens.watchNamespace|--set rbac.serviceAccountTokens=true --set watchNamespace=team-a|Role@resources: \[serviceaccounts/token\];!ClusterRole@serviceaccounts/token"
 	"leaderElection|--set leaderElection.enabled=true --set replicas=2 --set podDisruptionBudget.enabled=true|kind: PodDisruptionBudget;resources: \[leases\];--leader-election=true;--lease-name=kube-sts;replicas: 2"
 	"serviceMonitor|--set metrics.serviceMonitor.enabled=true|kind: ServiceMonitor"
 	"grants|--set grants[0].name=team-a --set grants[0].spec.namespaces[0]=team-a --set grants[0].spec.roleArns[0]=arn:aws:iam::123456789012:role/team-a-*|kind: AWSRoleGrant;name: team-a"
 	"aws.existingSecret|--set aws.existingSecret=x|envFrom:;name: x$"
 )
+
+# kind_docs FILE KIND: the YAML documents of FILE whose kind is KIND.
+kind_docs() {
+	awk -v kind="$2" '
+		/^---/ { if (doc ~ ("\nkind: " kind "\n")) printf "%s", doc; doc = "" }
+		{ doc = doc $0 "\n" }
+		END { if (doc ~ ("\nkind: " kind "\n")) printf "%s", doc }
+	' "$1"
+}
+
+# check_pattern FILE PATTERN: whether FILE satisfies one pattern of SETS.
+check_pattern() {
+	local file=$1 p=$2 negate=0
+	if [[ $p == '!'* ]]; then
+		negate=1
+		p=${p#!}
+	fi
+	local found=0
+	if [[ $p =~ ^([A-Za-z]+)@(.*)$ ]]; then
+		kind_docs "$file" "${BASH_REMATCH[1]}" | grep -Eq -- "${BASH_REMATCH[2]}" && found=1
+	else
+		grep -Eq -- "$p" "$file" && found=1
+	fi
+	((found != negate))
+}
 
 # render NAME ARGS... -> $TMP/NAME.yaml
 render() {
@@ -100,10 +129,10 @@ for entry in "${SETS[@]}"; do
 	missing=()
 	IFS=';' read -ra patterns <<<"$expects"
 	for p in "${patterns[@]}"; do
-		grep -Eq -- "$p" "$TMP/$name.yaml" || missing+=("$p")
+		check_pattern "$TMP/$name.yaml" "$p" || missing+=("$p")
 	done
 	if ((${#missing[@]})); then
-		fail "helm template [$name]: rendering lacks: ${missing[*]}"
+		fail "helm template [$name]: rendering does not satisfy: ${missing[*]}"
 	else
 		ok "helm lint --strict + helm template [$name] ($(grep -c '^kind:' "$TMP/$name.yaml") objects)"
 	fi
