@@ -61,7 +61,7 @@ fi
 # regex the rendering must contain; `Kind@regex`: within the objects of that kind only;
 # a leading `!`: must NOT contain.
 SETS=(
-	"defaults||image: \"kube-sts:[^\"]+\";kind: ClusterRole$;kind: ClusterRoleBinding;kind: Deployment;kind: Service$;--require-grants=true;path: /readyz;!serviceaccounts/token"
+	"defaults||image: \"kube-sts:[^\"]+\";kind: ClusterRole$;kind: ClusterRoleBinding;kind: Deployment;kind: Service$;--require-grants=true;path: /readyz;!serviceaccounts/token;!kind: NetworkPolicy"
 	"watchNamespace|--set watchNamespace=team-a|kind: Role$;kind: RoleBinding;--namespace=team-a;resourceNames: \[\"team-a\"\];!serviceaccounts/token"
 	"serviceAccountTokens|--set rbac.serviceAccountTokens=true|ClusterRole@resources: \[serviceaccounts/token\]"
 	"serviceAccountTokens.watchNamespace|--set rbac.serviceAccountTokens=true --set watchNamespace=team-a|Role@resources: \[serviceaccounts/token\];!ClusterRole@serviceaccounts/token"
@@ -69,6 +69,9 @@ SETS=(
 	"serviceMonitor|--set metrics.serviceMonitor.enabled=true|kind: ServiceMonitor"
 	"grants|--set grants[0].name=team-a --set grants[0].spec.namespaces[0]=team-a --set grants[0].spec.roleArns[0]=arn:aws:iam::123456789012:role/team-a-*|kind: AWSRoleGrant;name: team-a"
 	"aws.existingSecret|--set aws.existingSecret=x|envFrom:;name: x$"
+	"networkPolicy|--set networkPolicy.enabled=true --set metrics.port=9090 --set-json networkPolicy.metricsFrom=[{\"namespaceSelector\":{\"matchLabels\":{\"team\":\"monitoring\"}},\"podSelector\":{\"matchLabels\":{\"app\":\"prometheus\"}}}]|NetworkPolicy@port: 9090;NetworkPolicy@- Ingress;NetworkPolicy@team: monitoring;NetworkPolicy@app: prometheus;NetworkPolicy@app.kubernetes.io/name: kube-sts;!NetworkPolicy@Egress"
+	"networkPolicy.noPeers|--set networkPolicy.enabled=true|NetworkPolicy@ingress: \[\];!NetworkPolicy@from:;!NetworkPolicy@Egress"
+	"networkPolicy.egress|--set networkPolicy.enabled=true --set-json networkPolicy.egress=[{\"ports\":[{\"port\":443}]}]|NetworkPolicy@- Egress;NetworkPolicy@port: 443"
 )
 
 # kind_docs FILE KIND: the YAML documents of FILE whose kind is KIND.
@@ -169,6 +172,7 @@ BAD=(
 	"unknown nested value|image.tga=x|tga"
 	"bad enum|logFormat=yaml|logFormat"
 	"replicas>1 without leader election|replicas=2|leaderElection"
+	"unknown NetworkPolicy peer field|networkPolicy.metricsFrom[0].namespaceSelectr.x=y|namespaceSelectr"
 )
 for entry in "${BAD[@]}"; do
 	IFS='|' read -r name arg mention <<<"$entry"
