@@ -1,6 +1,7 @@
 //! Prometheus metrics and the small HTTP server for `/metrics`, `/healthz` and `/readyz`.
 
 use std::{
+    convert::Infallible,
     net::SocketAddr,
     sync::{
         Arc,
@@ -9,9 +10,15 @@ use std::{
     time::Duration,
 };
 
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    sync::Semaphore,
+};
+
+use futures::FutureExt;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -166,39 +173,218 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
         .expect("static response parts are valid")
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until the process ends.
+// Limits of the server of `/metrics`, `/healthz` and `/readyz`. Scrapers and probes send
+// one small request and read one small answer, so the limits can be tight.
+
+/// A client must send a whole request head within this time after connecting (hyper's
+/// header read timeout, which also runs while a connection waits for its first byte):
+/// a connection that sends nothing, or half a request, is closed after it.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Whatever a connection does (e.g. a client that stops reading the answer), it is closed
+/// this long after it was accepted. Keep-alive is off: every answer closes its connection.
+pub const CONNECTION_MAX_AGE: Duration = Duration::from_secs(60);
+/// Connections served at once. A connection accepted beyond that is answered
+/// `503 Service Unavailable` at once and closed, without reading its request.
+pub const MAX_CONNECTIONS: usize = 64;
+/// After a failed `accept` (e.g. EMFILE: out of file descriptors; the connection stays in
+/// the backlog) the server waits before it accepts again: from the first of these, doubling
+/// up to the second, back to the first after a success.
+const ACCEPT_BACKOFF: Backoff = Backoff {
+    first: Duration::from_millis(50),
+    max: Duration::from_secs(1),
+};
+
+#[derive(Clone, Copy, Debug)]
+struct Backoff {
+    first: Duration,
+    max: Duration,
+}
+
+/// Written to a connection beyond `MAX_CONNECTIONS`.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
+connection: close\r\ncontent-length: 26\r\n\r\ntoo many open connections\n";
+
+fn route(metrics: &Metrics, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/metrics" => respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.render(),
+        ),
+        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if metrics.ready.load(Ordering::Relaxed) => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "caches not synced\n".into(),
+        ),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until the process ends. Fails only when it
+/// cannot bind `addr`; errors accepting a connection are logged and retried.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    tracing::info!(
+        %addr,
+        max_connections = MAX_CONNECTIONS,
+        header_read_timeout_seconds = HEADER_READ_TIMEOUT.as_secs(),
+        "serving /metrics, /healthz and /readyz"
+    );
+    let listener = &listener;
+    match accept_loop(move || listener.accept(), ACCEPT_BACKOFF, metrics).await {}
+}
+
+/// Accepts connections from `accept` and serves each in a task of its own, at most
+/// `MAX_CONNECTIONS` at once; waits `backoff` after a failed accept. Never returns.
+async fn accept_loop<A, F, S, P>(mut accept: A, backoff: Backoff, metrics: Arc<Metrics>) -> Infallible
+where
+    A: FnMut() -> F,
+    F: Future<Output = std::io::Result<(S, P)>>,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut wait = backoff.first;
     loop {
-        let (stream, _) = listener.accept().await?;
+        let mut stream = match accept().await {
+            Ok((stream, _)) => {
+                wait = backoff.first;
+                stream
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?wait, "metrics server: accepting a connection failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(backoff.max);
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Never waits: a fresh connection's send buffer takes these few bytes at once.
+            let _ = async {
+                stream.write_all(TOO_MANY_CONNECTIONS).await?;
+                stream.shutdown().await
+            }
+            .now_or_never();
+            continue;
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(match req.uri().path() {
-                        "/metrics" => respond(
-                            StatusCode::OK,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            metrics.render(),
-                        ),
-                        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
-                        "/readyz" if metrics.ready.load(Ordering::Relaxed) => {
-                            respond(StatusCode::OK, "text/plain", "ok\n".into())
-                        }
-                        "/readyz" => respond(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "text/plain",
-                            "caches not synced\n".into(),
-                        ),
-                        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-                    })
-                }
+                let response = route(&metrics, &req);
+                async move { Ok::<_, Infallible>(response) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_MAX_AGE, connection).await;
+            drop(slot);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::VecDeque, io};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+
+    use super::*;
+
+    /// Connections (or accept errors) for the listener of `fed_listener`.
+    type Feed = tokio::sync::mpsc::UnboundedSender<io::Result<DuplexStream>>;
+    type Accepting = std::pin::Pin<Box<dyn Future<Output = io::Result<(DuplexStream, ())>> + Send>>;
+
+    /// A listener fed by the test: `accept` takes the next connection (or error) sent.
+    fn fed_listener() -> (Feed, impl FnMut() -> Accepting) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<io::Result<DuplexStream>>();
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let accept = move || {
+            let rx = rx.clone();
+            Box::pin(async move {
+                match rx.lock().await.recv().await {
+                    Some(next) => next.map(|stream| (stream, ())),
+                    None => std::future::pending().await,
+                }
+            }) as Accepting
+        };
+        (tx, accept)
+    }
+
+    /// Sends `GET path` on a new connection handed to the listener; returns everything the
+    /// server wrote until it closed the connection.
+    async fn get(tx: &Feed, path: &str) -> String {
+        let (mut client, server) = duplex(64 * 1024);
+        tx.send(Ok(server)).unwrap();
+        client
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        client.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    /// No backoff: the tests do not wait.
+    const NO_BACKOFF: Backoff = Backoff {
+        first: Duration::ZERO,
+        max: Duration::ZERO,
+    };
+
+    #[tokio::test]
+    async fn accept_errors_are_retried() {
+        let (tx, accept) = fed_listener();
+        let server = tokio::spawn(accept_loop(accept, NO_BACKOFF, Arc::new(Metrics::default())));
+        // EMFILE, ECONNABORTED, EMFILE, as accept(2) reports them.
+        for errno in [24, 103, 24] {
+            tx.send(Err(io::Error::from_raw_os_error(errno))).unwrap();
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(30), get(&tx, "/healthz"))
+            .await
+            .expect("the connection after the failed accepts is served");
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nok\n"), "{answer}");
+        assert!(!server.is_finished(), "the server keeps accepting");
+    }
+
+    #[tokio::test]
+    async fn a_connection_beyond_the_cap_is_refused_until_one_closes() {
+        let (tx, accept) = fed_listener();
+        tokio::spawn(accept_loop(accept, NO_BACKOFF, Arc::new(Metrics::default())));
+        // MAX_CONNECTIONS connections that send nothing hold every slot.
+        let mut idle = VecDeque::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let (client, server) = duplex(1024);
+            tx.send(Ok(server)).unwrap();
+            idle.push_back(client);
+        }
+        let (mut refused, server) = duplex(1024);
+        tx.send(Ok(server)).unwrap();
+        let mut answer = String::new();
+        refused.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
+                && answer.ends_with("too many open connections\n"),
+            "{answer}"
+        );
+        // Connections the cap refused hold no slot: still refused.
+        let answer = get(&tx, "/healthz").await;
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+        // One idle client goes away: its slot frees, and the next connection is served.
+        drop(idle.pop_front());
+        let served = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let answer = get(&tx, "/healthz").await;
+                if !answer.starts_with("HTTP/1.1 503 ") {
+                    return answer;
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+        let answer = served.await.expect("a connection is served once a slot is free");
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.contains("connection: close\r\n"), "{answer}");
     }
 }

@@ -2,7 +2,8 @@
 # Checks the Helm chart charts/kube-sts: the CRD copy, `helm lint`, `helm template`
 # with several value sets, rejection of misspelt and ill-typed values by
 # values.schema.json, and — when the local control plane (.e2e/kubeconfig)
-# answers — a server-side dry-run apply of every rendering.
+# answers — a server-side dry-run apply of every rendering, and a real install, upgrade
+# and uninstall of a release with grants (which must be kept).
 #
 # Prints one line per check ("ok" / "FAIL" / "skip") and exits non-zero when any
 # check failed.
@@ -38,6 +39,9 @@ cleanup() {
 	if [[ -n "${created_ns:-}" ]]; then
 		kubectl --kubeconfig "$KUBECONFIG_E2E" delete namespace "$NS" "$WATCHED" \
 			--ignore-not-found --wait=false >/dev/null 2>&1 || true
+		# Cluster-scoped leftovers of the release installed in $NS (named after it).
+		kubectl --kubeconfig "$KUBECONFIG_E2E" delete awsrolegrant,clusterrole,clusterrolebinding \
+			-l "app.kubernetes.io/instance=$NS" --ignore-not-found --wait=false >/dev/null 2>&1 || true
 	fi
 }
 trap cleanup EXIT
@@ -57,15 +61,47 @@ else
 fi
 
 # --- value sets ----------------------------------------------------------------
-# name|helm --set arguments (space separated)|what the rendering must contain (grep -E, ';' separated)
+# name|helm --set arguments (space separated)|patterns (';' separated): each a grep -E
+# regex the rendering must contain; `Kind@regex`: within the objects of that kind only;
+# a leading `!`: must NOT contain.
 SETS=(
-	"defaults||image: \"kube-sts:[^\"]+\";kind: ClusterRole$;kind: ClusterRoleBinding;kind: Deployment;kind: Service$;--require-grants=true;path: /readyz"
-	"watchNamespace|--set watchNamespace=team-a|kind: Role$;kind: RoleBinding;--namespace=team-a;resourceNames: \[\"team-a\"\]"
+	"defaults||image: \"kube-sts:[^\"]+\";kind: ClusterRole$;kind: ClusterRoleBinding;kind: Deployment;kind: Service$;--require-grants=true;path: /readyz;!serviceaccounts/token;!kind: NetworkPolicy"
+	"watchNamespace|--set watchNamespace=team-a|kind: Role$;kind: RoleBinding;--namespace=team-a;resourceNames: \[\"team-a\"\];!serviceaccounts/token"
+	"serviceAccountTokens|--set rbac.serviceAccountTokens=true|ClusterRole@resources: \[serviceaccounts/token\]"
+	"serviceAccountTokens.watchNamespace|--set rbac.serviceAccountTokens=true --set watchNamespace=team-a|Role@resources: \[serviceaccounts/token\];!ClusterRole@serviceaccounts/token"
 	"leaderElection|--set leaderElection.enabled=true --set replicas=2 --set podDisruptionBudget.enabled=true|kind: PodDisruptionBudget;resources: \[leases\];--leader-election=true;--lease-name=kube-sts;replicas: 2"
 	"serviceMonitor|--set metrics.serviceMonitor.enabled=true|kind: ServiceMonitor"
-	"grants|--set grants[0].name=team-a --set grants[0].spec.namespaces[0]=team-a --set grants[0].spec.roleArns[0]=arn:aws:iam::123456789012:role/team-a-*|kind: AWSRoleGrant;name: team-a"
+	"grants|--set grants[0].name=team-a --set grants[0].spec.namespaces[0]=team-a --set grants[0].spec.roleArns[0]=arn:aws:iam::123456789012:role/team-a-* --set grants[0].annotations.owner=team-a|kind: AWSRoleGrant;name: team-a;AWSRoleGrant@helm.sh/resource-policy: keep;AWSRoleGrant@owner: team-a"
 	"aws.existingSecret|--set aws.existingSecret=x|envFrom:;name: x$"
+	"networkPolicy|--set networkPolicy.enabled=true --set metrics.port=9090 --set-json networkPolicy.metricsFrom=[{\"namespaceSelector\":{\"matchLabels\":{\"team\":\"monitoring\"}},\"podSelector\":{\"matchLabels\":{\"app\":\"prometheus\"}}}]|NetworkPolicy@port: 9090;NetworkPolicy@- Ingress;NetworkPolicy@team: monitoring;NetworkPolicy@app: prometheus;NetworkPolicy@app.kubernetes.io/name: kube-sts;!NetworkPolicy@Egress"
+	"networkPolicy.noPeers|--set networkPolicy.enabled=true|NetworkPolicy@ingress: \[\];!NetworkPolicy@from:;!NetworkPolicy@Egress"
+	"networkPolicy.egress|--set networkPolicy.enabled=true --set-json networkPolicy.egress=[{\"ports\":[{\"port\":443}]}]|NetworkPolicy@- Egress;NetworkPolicy@port: 443"
 )
+
+# kind_docs FILE KIND: the YAML documents of FILE whose kind is KIND.
+kind_docs() {
+	awk -v kind="$2" '
+		/^---/ { if (doc ~ ("\nkind: " kind "\n")) printf "%s", doc; doc = "" }
+		{ doc = doc $0 "\n" }
+		END { if (doc ~ ("\nkind: " kind "\n")) printf "%s", doc }
+	' "$1"
+}
+
+# check_pattern FILE PATTERN: whether FILE satisfies one pattern of SETS.
+check_pattern() {
+	local file=$1 p=$2 negate=0
+	if [[ $p == '!'* ]]; then
+		negate=1
+		p=${p#!}
+	fi
+	local found=0
+	if [[ $p =~ ^([A-Za-z]+)@(.*)$ ]]; then
+		kind_docs "$file" "${BASH_REMATCH[1]}" | grep -Eq -- "${BASH_REMATCH[2]}" && found=1
+	else
+		grep -Eq -- "$p" "$file" && found=1
+	fi
+	((found != negate))
+}
 
 # render NAME ARGS... -> $TMP/NAME.yaml
 render() {
@@ -100,10 +136,10 @@ for entry in "${SETS[@]}"; do
 	missing=()
 	IFS=';' read -ra patterns <<<"$expects"
 	for p in "${patterns[@]}"; do
-		grep -Eq -- "$p" "$TMP/$name.yaml" || missing+=("$p")
+		check_pattern "$TMP/$name.yaml" "$p" || missing+=("$p")
 	done
 	if ((${#missing[@]})); then
-		fail "helm template [$name]: rendering lacks: ${missing[*]}"
+		fail "helm template [$name]: rendering does not satisfy: ${missing[*]}"
 	else
 		ok "helm lint --strict + helm template [$name] ($(grep -c '^kind:' "$TMP/$name.yaml") objects)"
 	fi
@@ -140,6 +176,7 @@ BAD=(
 	"unknown nested value|image.tga=x|tga"
 	"bad enum|logFormat=yaml|logFormat"
 	"replicas>1 without leader election|replicas=2|leaderElection"
+	"unknown NetworkPolicy peer field|networkPolicy.metricsFrom[0].namespaceSelectr.x=y|namespaceSelectr"
 )
 for entry in "${BAD[@]}"; do
 	IFS='|' read -r name arg mention <<<"$entry"
@@ -195,6 +232,48 @@ else
 			echo "$out" | indent
 		fi
 	done
+
+	# Grants installed by the chart outlive an upgrade that drops them and the uninstall
+	# (helm.sh/resource-policy: keep). A real release in $NS, with the CRDs applied above.
+	rel=$NS # contains the chart name: the objects are named $NS, not kube-sts
+	kept=("$NS-kept-by-upgrade" "$NS-kept-by-uninstall")
+	grant_args() {
+		local i=0 g
+		for g in "$@"; do
+			echo "--set grants[$i].name=$g --set grants[$i].spec.namespaces[0]=$NS --set grants[$i].spec.roleArns[0]=arn:aws:iam::123456789012:role/chart-check"
+			i=$((i + 1))
+		done
+	}
+	h() { "$HELM" --kubeconfig "$KUBECONFIG_E2E" "$@"; }
+	exists() { [[ -n "$(k get "$1" "$2" --ignore-not-found -o name 2>/dev/null)" ]]; }
+	# shellcheck disable=SC2046 # grant_args prints arguments to split
+	if ! out=$(h install "$rel" "$CHART" --namespace "$NS" --skip-crds $(grant_args "${kept[@]}") 2>&1); then
+		fail "helm install with grants"
+		echo "$out" | indent
+	elif ! exists awsrolegrant "${kept[0]}" || ! exists awsrolegrant "${kept[1]}"; then
+		fail "helm install with grants: the grants were not created"
+	else
+		# shellcheck disable=SC2046
+		if ! out=$(h upgrade "$rel" "$CHART" --namespace "$NS" --skip-crds $(grant_args "${kept[1]}") 2>&1); then
+			fail "helm upgrade dropping a grant"
+			echo "$out" | indent
+		elif exists awsrolegrant "${kept[0]}"; then
+			ok "helm upgrade that drops a grant from the values keeps the AWSRoleGrant"
+		else
+			fail "helm upgrade that drops a grant from the values deleted the AWSRoleGrant ${kept[0]}"
+		fi
+		if ! out=$(h uninstall "$rel" --namespace "$NS" 2>&1); then
+			fail "helm uninstall"
+			echo "$out" | indent
+		elif exists clusterrole "$rel"; then
+			fail "helm uninstall left the ClusterRole $rel: cannot tell whether grants are kept"
+		elif exists awsrolegrant "${kept[1]}"; then
+			ok "helm uninstall keeps the AWSRoleGrants the chart installed (and removes the rest, e.g. the ClusterRole)"
+		else
+			fail "helm uninstall deleted the AWSRoleGrant ${kept[1]}"
+		fi
+	fi
+	h uninstall "$rel" --namespace "$NS" >/dev/null 2>&1 || true
 fi
 
 echo

@@ -4,6 +4,7 @@ mod harness;
 mod healing;
 mod leader;
 mod methods;
+mod metrics;
 mod operator;
 mod rbac;
 mod security;

@@ -1,10 +1,10 @@
 //! The chart's RBAC is what the operator needs, no more and no less: the chart
-//! (`helm template`, watchNamespace and leader election on) is installed into a namespace
-//! of the test's own, the operator runs as the chart's ServiceAccount (a TokenRequest
-//! token in a kubeconfig of its own) through the core scenarios, and then, for every
-//! (apiGroup, resource, verb) the rendered Roles and ClusterRole grant, an installation
-//! without just that verb must break the scenario, with the operator logging the 403 for
-//! exactly that verb and resource. All installations run at once, each in its own
+//! (`helm template`, watchNamespace, leader election and rbac.serviceAccountTokens on) is
+//! installed into a namespace of the test's own, the operator runs as the chart's
+//! ServiceAccount (a TokenRequest token in a kubeconfig of its own) through the core
+//! scenarios, and then, for every (apiGroup, resource, verb) the rendered Roles and
+//! ClusterRole grant, an installation without just that verb must break the scenario, with
+//! the operator logging the 403 for exactly that verb and resource. All installations run at once, each in its own
 //! namespace with its own release, ServiceAccount, STS forwarder and operator.
 
 use std::{
@@ -52,8 +52,9 @@ fn helm() -> &'static Path {
 }
 
 /// `helm template` of the chart for `release` in `namespace`, watching that namespace,
-/// with leader election; only the ServiceAccount and RBAC objects, each rule split so that
-/// it names one API group and one resource.
+/// with leader election and the TokenRequest permission (off by default; the scenario's
+/// AssumeRoleWithWebIdentity binding needs it); only the ServiceAccount and RBAC objects,
+/// each rule split so that it names one API group and one resource.
 fn render(release: &str, namespace: &str) -> Vec<Value> {
     let out = Command::new(helm())
         .args(["template", release])
@@ -61,6 +62,7 @@ fn render(release: &str, namespace: &str) -> Vec<Value> {
         .args(["--namespace", namespace, "--kube-version", KUBE_VERSION])
         .args(["--set", &format!("watchNamespace={namespace}")])
         .args(["--set", "leaderElection.enabled=true"])
+        .args(["--set", "rbac.serviceAccountTokens=true"])
         .output()
         .expect("helm runs");
     assert!(
