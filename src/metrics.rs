@@ -4,10 +4,10 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicI64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::{
@@ -55,9 +55,22 @@ pub struct Metrics {
     reconcile_duration: Histogram,
     reconcile_errors: Family<ErrorLabels, Counter>,
     seconds_until_expiry: Family<SubjectLabels, Gauge>,
+    expiration: Family<SubjectLabels, Gauge>,
     consecutive_failures: Family<SubjectLabels, Gauge>,
     writes: Family<WriteLabels, Counter>,
     ready: AtomicBool,
+    /// Reconciles running now, and when one last finished (for `/healthz`).
+    in_flight: AtomicI64,
+    last_progress: Mutex<Instant>,
+}
+
+/// `/healthz` fails when reconciles are running and none has finished for this long: far
+/// beyond any single STS (45 s) or Kubernetes request, so only a stuck loop reaches it.
+pub const STALL_AFTER: Duration = Duration::from_secs(5 * 60);
+
+/// Whether the reconcile loop is stuck: work in flight and no progress for [`STALL_AFTER`].
+pub fn stalled(in_flight: i64, since_progress: Duration) -> bool {
+    in_flight > 0 && since_progress > STALL_AFTER
 }
 
 impl Default for Metrics {
@@ -83,6 +96,12 @@ impl Default for Metrics {
             "Seconds until the credentials in a subject's Secret expire",
             seconds_until_expiry.clone(),
         );
+        let expiration = Family::<SubjectLabels, Gauge>::default();
+        registry.register(
+            "credential_expiration_timestamp_seconds",
+            "When the credentials in a subject's Secret expire (Unix time; alert on time() - this)",
+            expiration.clone(),
+        );
         let consecutive_failures = Family::<SubjectLabels, Gauge>::default();
         registry.register(
             "subject_consecutive_failures",
@@ -101,9 +120,12 @@ impl Default for Metrics {
             reconcile_duration,
             reconcile_errors,
             seconds_until_expiry,
+            expiration,
             consecutive_failures,
             writes,
             ready: AtomicBool::new(false),
+            in_flight: AtomicI64::new(0),
+            last_progress: Mutex::new(Instant::now()),
         }
     }
 }
@@ -118,8 +140,19 @@ impl Metrics {
             .inc();
     }
 
+    pub fn reconcile_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn reconciled(&self, took: Duration) {
         self.reconcile_duration.observe(took.as_secs_f64());
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        *self.last_progress.lock().expect("progress lock") = Instant::now();
+    }
+
+    fn is_stalled(&self) -> bool {
+        let since = self.last_progress.lock().expect("progress lock").elapsed();
+        stalled(self.in_flight.load(Ordering::Relaxed), since)
     }
 
     pub fn reconcile_error(&self, kind: &str) {
@@ -137,13 +170,25 @@ impl Metrics {
             .inc();
     }
 
-    pub fn subject(&self, labels: &SubjectLabels, seconds_until_expiry: Option<i64>, failures: u32) {
-        match seconds_until_expiry {
-            Some(s) => {
-                self.seconds_until_expiry.get_or_create(labels).set(s);
+    /// A subject's state after a reconcile: when its valid credentials expire (`None`: it
+    /// has none), as of `now`, and its consecutive failures.
+    pub fn subject(
+        &self,
+        labels: &SubjectLabels,
+        expiration: Option<jiff::Timestamp>,
+        now: jiff::Timestamp,
+        failures: u32,
+    ) {
+        match expiration {
+            Some(at) => {
+                self.seconds_until_expiry
+                    .get_or_create(labels)
+                    .set(at.duration_since(now).as_secs());
+                self.expiration.get_or_create(labels).set(at.as_second());
             }
             None => {
                 self.seconds_until_expiry.remove(labels);
+                self.expiration.remove(labels);
             }
         }
         self.consecutive_failures.get_or_create(labels).set(i64::from(failures));
@@ -151,6 +196,7 @@ impl Metrics {
 
     pub fn forget_subject(&self, labels: &SubjectLabels) {
         self.seconds_until_expiry.remove(labels);
+        self.expiration.remove(labels);
         self.consecutive_failures.remove(labels);
     }
 
@@ -210,6 +256,11 @@ fn route(metrics: &Metrics, req: &Request<hyper::body::Incoming>) -> Response<Fu
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.render(),
+        ),
+        "/healthz" if metrics.is_stalled() => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "reconcile loop stalled\n".into(),
         ),
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" if metrics.ready.load(Ordering::Relaxed) => respond(StatusCode::OK, "text/plain", "ok\n".into()),
@@ -386,5 +437,38 @@ mod tests {
         let answer = served.await.expect("a connection is served once a slot is free");
         assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
         assert!(answer.contains("connection: close\r\n"), "{answer}");
+    }
+
+    #[test]
+    fn healthz_fails_only_when_work_is_stuck() {
+        assert!(!stalled(0, Duration::from_secs(3600)), "idle is healthy");
+        assert!(!stalled(3, Duration::from_secs(60)), "progressing");
+        assert!(stalled(1, STALL_AFTER + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn expiration_is_exported_as_a_timestamp_and_forgotten() {
+        let metrics = Metrics::default();
+        let labels = SubjectLabels {
+            namespace: "ns".into(),
+            binding: "b".into(),
+            service_account: "sa".into(),
+        };
+        let now: jiff::Timestamp = "2026-11-29T10:00:00Z".parse().unwrap();
+        let at = now + jiff::SignedDuration::from_secs(600);
+        metrics.subject(&labels, Some(at), now, 0);
+        let text = metrics.render();
+        assert!(
+            text.contains(&format!(
+                "kube_sts_credential_expiration_timestamp_seconds{{namespace=\"ns\",binding=\"b\",service_account=\"sa\"}} {}",
+                at.as_second()
+            )),
+            "{text}"
+        );
+        assert!(text.contains(
+            "kube_sts_credential_seconds_until_expiry{namespace=\"ns\",binding=\"b\",service_account=\"sa\"} 600"
+        ));
+        metrics.forget_subject(&labels);
+        assert!(!metrics.render().contains("namespace=\"ns\""));
     }
 }

@@ -234,7 +234,11 @@ pub async fn run(
             // A relist after a watch gap: bindings deleted meanwhile sent no delete event.
             let exists = |ns: &str, name: &str| cached.get(&ObjectRef::new(name).within(ns)).is_some();
             forget_subjects_where(&kept, &meter, |ns, b| !exists(ns, b));
-            written.lock().expect("status lock").0.retain(|(ns, b), _| exists(ns, b));
+            written
+                .lock()
+                .expect("status lock")
+                .0
+                .retain(|(ns, b), _| exists(ns, b));
         }
         watcher::Event::Init => {}
     })

@@ -340,11 +340,7 @@ pub(super) fn ready_result(
     status.issued_at = Some(Time(creds.issued_at));
     status.expiration = Some(Time(creds.expiration));
     status.next_refresh_time = Some(Time(refresh));
-    ctx.metrics.subject(
-        labels,
-        Some(creds.expiration.duration_since(now).as_secs()),
-        state.failures,
-    );
+    ctx.metrics.subject(labels, Some(creds.expiration), now, state.failures);
     SubjectResult {
         outcome: SubjectOutcome {
             name: sp.service_account.clone(),
@@ -391,11 +387,7 @@ pub(super) fn failed_result(
         status.arn = creds.arn.clone();
         status.issued_at = Some(Time(creds.issued_at));
     }
-    ctx.metrics.subject(
-        labels,
-        valid_until.map(|e| e.duration_since(now).as_secs()),
-        state.failures,
-    );
+    ctx.metrics.subject(labels, valid_until, now, state.failures);
     // Wake for the retry, or earlier when the current credentials run out.
     let wake_at = match (retry_at, valid_until) {
         (Some(retry), Some(expiry)) => Some(retry.min(expiry)),
