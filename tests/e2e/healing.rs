@@ -30,7 +30,7 @@ async fn a_conflicting_secret_deleted_heals_the_binding() {
     let role = granted_role(&ns, None, "");
     create_secret(&ns, "b-app", &[("mine", "yes")]).await;
     let sts = Forwarder::start().await;
-    let _operator = Operator::start(&ns.name, &sts, &[]);
+    let operator = Operator::start(&ns.name, &sts, &[]);
     ns.apply_ok(&binding_yaml("b", &role, &["app"], ""));
     wait_ready(&ns.bindings(), "b", "False", "SecretConflict").await;
     assert_eq!(sts.total(), 0);
@@ -38,6 +38,15 @@ async fn a_conflicting_secret_deleted_heals_the_binding() {
     ns.secrets().delete("b-app", &Default::default()).await.unwrap();
     wait_ready(&ns.bindings(), "b", "True", "CredentialsIssued").await;
     assert_eq!(sts.count("AssumeRole"), 1);
+    // Monitoring sees the expiry as a timestamp (alerts compute time() - it).
+    let st = ns.bindings().get("b").await.unwrap().status.unwrap();
+    let expiration = st.subjects[0].expiration.as_ref().unwrap().0.as_second();
+    let series = format!(
+        "kube_sts_credential_expiration_timestamp_seconds{{namespace=\"{}\",binding=\"b\",service_account=\"app\"}} {expiration}",
+        ns.name
+    );
+    let metrics = operator.metrics().await;
+    assert!(metrics.contains(&series), "{series} not in\n{metrics}");
 }
 
 #[tokio::test]

@@ -304,7 +304,7 @@ async fn references_are_read_only_for_granted_bindings_and_revocation_always_rev
     ns.service_account("app").await;
     let role = create_role(&unique("role"), &operator_arn(), Some("the-id"), true);
     let sts = Forwarder::start().await;
-    let _operator = Operator::start(&ns.name, &sts, &[]);
+    let operator = Operator::start(&ns.name, &sts, &[]);
     // Not granted: the reference is never read (its absence is not even reported).
     ns.apply_ok(&binding_yaml(
         "b",
@@ -328,6 +328,9 @@ async fn references_are_read_only_for_granted_bindings_and_revocation_always_rev
         managed_secrets(&ns).await.is_empty().then_some(())
     })
     .await;
+    // Revoked: no metric series of the subject is left to look healthy.
+    let metrics = operator.metrics().await;
+    assert!(!metrics.contains("binding=\"b\""), "{metrics}");
 }
 
 #[tokio::test]
