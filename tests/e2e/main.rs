@@ -5,4 +5,5 @@ mod leader;
 mod methods;
 mod operator;
 mod rbac;
+mod rotation;
 mod security;
