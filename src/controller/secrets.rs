@@ -1,6 +1,8 @@
 //! Secret I/O: finding a subject's Secret, writing it (create or apply), deleting it,
 //! removing run-out credentials, and reading the keys a binding references.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+
 use super::*;
 
 pub(super) fn is_owned_by(secret: &Secret, uid: &str) -> bool {
@@ -123,14 +125,7 @@ pub(super) async fn write_secret(
         exists = false;
     }
     if exists {
-        api.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(desired),
-        )
-        .await
-        .map_err(Error::Kube)?;
-        ctx.metrics.api_write("secrets", "apply");
+        apply_secret(ctx, &api, desired).await?;
         return Ok(Ok(()));
     }
     let params = PostParams {
@@ -147,6 +142,128 @@ pub(super) async fn write_secret(
         ))),
         Err(e) => Err(Error::Kube(e)),
     }
+}
+
+/// Server-side apply of `desired`, leaving nothing behind that the operator wrote before and
+/// no longer wants.
+///
+/// A Secret is created with POST, so that one someone else created meanwhile is refused
+/// (409) and never taken over. That records the operator as an *Update* manager owning every
+/// field of the first version, and an apply removes a field it omits only when no other
+/// manager owns it: without more, credential keys removed at expiry, or a label dropped from
+/// `spec.secret.labels`, would stay in the Secret, owned by that Update entry. So when an
+/// apply's answer still shows the operator's Update entry, its fields are moved into the
+/// operator's Apply entry (a write of managedFields alone, guarded by the resourceVersion,
+/// once per Secret), and the apply is repeated if the moved fields hold anything `desired`
+/// lacks. A create stays one write; the first write after it costs one or two more.
+async fn apply_secret(ctx: &Context, api: &Api<Secret>, desired: &Secret) -> Result<()> {
+    let name = desired.name_any();
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    let mut attempts = 0;
+    loop {
+        let applied = api
+            .patch(&name, &apply, &Patch::Apply(desired))
+            .await
+            .map_err(Error::Kube)?;
+        ctx.metrics.api_write("secrets", "apply");
+        let Some((managed_fields, leftovers)) = absorb_create_entry(&applied, desired) else {
+            return Ok(());
+        };
+        let patch = json!({"metadata": {
+            "resourceVersion": applied.resource_version(),
+            "managedFields": managed_fields,
+        }});
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        match api.patch(&name, &params, &Patch::Merge(&patch)).await {
+            Ok(_) => ctx.metrics.api_write("secrets", "patch"),
+            // Written meanwhile: apply again and look at the managedFields it answers with.
+            Err(kube::Error::Api(e)) if e.code == 409 && attempts < 3 => {
+                attempts += 1;
+                continue;
+            }
+            Err(e) => return Err(Error::Kube(e)),
+        }
+        if leftovers {
+            api.patch(&name, &apply, &Patch::Apply(desired))
+                .await
+                .map_err(Error::Kube)?;
+            ctx.metrics.api_write("secrets", "apply");
+        }
+        return Ok(());
+    }
+}
+
+fn is_entry_of(entry: &ManagedFieldsEntry, operation: &str) -> bool {
+    entry.manager.as_deref() == Some(FIELD_MANAGER)
+        && entry.operation.as_deref() == Some(operation)
+        && entry.subresource.as_deref().unwrap_or_default().is_empty()
+}
+
+/// The managedFields of `applied` with the operator's Update entry (from the create) merged
+/// into its Apply entry, and whether the merged fields hold a data key, label or annotation
+/// `desired` does not; `None` when there is no such Update entry.
+fn absorb_create_entry(applied: &Secret, desired: &Secret) -> Option<(Vec<ManagedFieldsEntry>, bool)> {
+    let entries = applied.metadata.managed_fields.as_ref()?;
+    let created = entries.iter().position(|e| is_entry_of(e, "Update"))?;
+    let created_fields = entries[created]
+        .fields_v1
+        .as_ref()
+        .map_or_else(|| json!({}), |f| f.0.clone());
+    let mut kept: Vec<ManagedFieldsEntry> = entries
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != created)
+        .map(|(_, e)| e.clone())
+        .collect();
+    match kept.iter_mut().find(|e| is_entry_of(e, "Apply")) {
+        Some(applied_entry) => {
+            let fields = applied_entry.fields_v1.get_or_insert_with(|| FieldsV1(json!({})));
+            union_fields(&mut fields.0, &created_fields);
+        }
+        None => kept.push(ManagedFieldsEntry {
+            operation: Some("Apply".into()),
+            ..entries[created].clone()
+        }),
+    }
+    Some((kept, holds_unwanted(&created_fields, desired)))
+}
+
+/// Adds the field set `from` to `into` (both in the `FieldsV1` JSON form).
+fn union_fields(into: &mut serde_json::Value, from: &serde_json::Value) {
+    if let (serde_json::Value::Object(into), serde_json::Value::Object(from)) = (into, from) {
+        for (key, value) in from {
+            union_fields(into.entry(key.clone()).or_insert_with(|| json!({})), value);
+        }
+    }
+}
+
+/// Whether the field set `fields` owns a data key, label or annotation `desired` lacks.
+fn holds_unwanted(fields: &serde_json::Value, desired: &Secret) -> bool {
+    let owned = |path: &[&str]| -> Vec<String> {
+        path.iter()
+            .try_fold(fields, |at, step| at.get(*step))
+            .and_then(serde_json::Value::as_object)
+            .map(|o| {
+                o.keys()
+                    .filter_map(|k| k.strip_prefix("f:"))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let data = desired.data.clone().unwrap_or_default();
+    let labels = desired.metadata.labels.clone().unwrap_or_default();
+    let annotations = desired.metadata.annotations.clone().unwrap_or_default();
+    owned(&["f:data"]).iter().any(|k| !data.contains_key(k))
+        || owned(&["f:metadata", "f:labels"])
+            .iter()
+            .any(|k| !labels.contains_key(k))
+        || owned(&["f:metadata", "f:annotations"])
+            .iter()
+            .any(|k| !annotations.contains_key(k))
 }
 
 /// What the decision needs to know of a subject's Secret.
@@ -218,4 +335,69 @@ pub(super) async fn expire_secret_in_place(ctx: &Context, binding: &AWSRoleBindi
         .ok();
     tracing::warn!(secret = %secret.name_any(), namespace = %target.namespace, "credentials expired while the binding's spec is invalid; removed them from the Secret");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(manager: &str, operation: &str, fields: serde_json::Value) -> ManagedFieldsEntry {
+        ManagedFieldsEntry {
+            api_version: Some("v1".into()),
+            fields_type: Some("FieldsV1".into()),
+            fields_v1: Some(FieldsV1(fields)),
+            manager: Some(manager.into()),
+            operation: Some(operation.into()),
+            ..Default::default()
+        }
+    }
+
+    fn secret(data: &[&str], labels: &[&str], managed: Vec<ManagedFieldsEntry>) -> Secret {
+        Secret {
+            metadata: kube::api::ObjectMeta {
+                labels: Some(labels.iter().map(|l| (l.to_string(), "v".to_string())).collect()),
+                managed_fields: Some(managed),
+                ..Default::default()
+            },
+            data: Some(
+                data.iter()
+                    .map(|k| (k.to_string(), k8s_openapi::ByteString(b"v".to_vec())))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_create_entry_moves_into_the_apply_entry() {
+        let created = json!({"f:data": {".": {}, "f:KEY": {}, "f:OLD": {}}, "f:metadata": {"f:labels": {"f:team": {}, "f:tier": {}}}});
+        let applied = json!({"f:data": {"f:KEY": {}}, "f:metadata": {"f:labels": {"f:team": {}}}});
+        let foreign = json!({"f:metadata": {"f:labels": {"f:added-by": {}}}});
+        let live = secret(
+            &["KEY", "OLD"],
+            &["team", "tier", "added-by"],
+            vec![
+                entry(FIELD_MANAGER, "Update", created),
+                entry(FIELD_MANAGER, "Apply", applied),
+                entry("someone-else", "Update", foreign.clone()),
+            ],
+        );
+        let desired = secret(&["KEY"], &["team"], vec![]);
+        let (entries, leftovers) = absorb_create_entry(&live, &desired).unwrap();
+        assert!(leftovers);
+        assert_eq!(entries.len(), 2);
+        assert_eq!(
+            entries[0].fields_v1.as_ref().unwrap().0,
+            json!({"f:data": {".": {}, "f:KEY": {}, "f:OLD": {}}, "f:metadata": {"f:labels": {"f:team": {}, "f:tier": {}}}})
+        );
+        assert_eq!(entries[0].operation.as_deref(), Some("Apply"));
+        assert_eq!(entries[1].fields_v1.as_ref().unwrap().0, foreign);
+
+        // Nothing to remove: the entries move, no second apply is needed.
+        let same = secret(&["KEY", "OLD"], &["team", "tier"], vec![]);
+        assert!(!absorb_create_entry(&live, &same).unwrap().1);
+        // Already moved: nothing to do.
+        let moved = secret(&["KEY"], &["team"], entries);
+        assert!(absorb_create_entry(&moved, &desired).is_none());
+    }
 }

@@ -23,7 +23,7 @@ use kube::{
 };
 use kube_sts::crd::AWSRoleBinding;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
 
@@ -267,19 +267,64 @@ pub fn account() -> String {
     env().aws["AWS_ACCOUNT_ID"].clone()
 }
 
-/// A TCP forwarder between one operator and the STS peer. Counts the STS actions sent
-/// through it and can refuse connections to stand in for an unreachable STS.
+/// One STS (or ECR) request the forwarder saw, and the answer it gave back.
+#[derive(Clone, Debug)]
+pub struct Exchange {
+    /// When the request had arrived in full.
+    pub at: jiff::Timestamp,
+    /// The request as text: head, then the (de-chunked) body.
+    pub request: String,
+    pub actions: Vec<String>,
+    /// The answer's body as the client got it (after any rewriting); empty when none came.
+    pub answer: String,
+}
+
+impl Exchange {
+    /// The form parameters of the request body.
+    pub fn params(&self) -> HashMap<String, String> {
+        let raw = &self.request;
+        let body = raw.split_once("\r\n\r\n").map_or(raw.as_str(), |(_, body)| body);
+        body.trim_end()
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (url_decode(k), url_decode(v)))
+            .collect()
+    }
+
+    /// The access key that signed the request (`Credential=<key>/` of SigV4).
+    pub fn signing_key(&self) -> Option<String> {
+        let (_, rest) = self.request.split_once("Credential=")?;
+        Some(rest.split('/').next()?.to_string())
+    }
+
+    /// The text of the first `<tag>` element of the answer.
+    pub fn answer_element(&self, tag: &str) -> Option<String> {
+        let open = format!("<{tag}>");
+        let start = self.answer.find(&open)? + open.len();
+        let len = self.answer[start..].find(&format!("</{tag}>"))?;
+        Some(self.answer[start..start + len].to_string())
+    }
+}
+
+/// An HTTP/1.1 forwarder between one client (an operator, or a consumer of its Secrets) and
+/// the STS peer. It reads each request and answer in full (Content-Length or chunked), so
+/// it can count STS actions per request, answer a request with an injected error, drop
+/// requests as an unreachable STS would, and compress time: rewrite the `<Expiration>` of
+/// every answer to `now + S`, so the operator sees sessions of S seconds while the peer
+/// (moto, which never expires a session) keeps them valid. Everything else passes through
+/// byte for byte, so signatures verify at the peer.
 #[derive(Clone)]
 pub struct Forwarder {
     pub addr: SocketAddr,
     up: Arc<AtomicBool>,
     /// Ask the STS peer for ECR tokens with moto's own (long past) expiry.
     ecr_upstream_expiry: Arc<AtomicBool>,
-    actions: Arc<Mutex<Vec<String>>>,
-    bodies: Arc<Mutex<Vec<String>>>,
+    exchanges: Arc<Mutex<Vec<Exchange>>>,
     /// Answer STS requests with this error `(code, message)` instead of forwarding them
     /// (only those containing the third part, when given).
     failure: Arc<Mutex<Option<InjectedFailure>>>,
+    /// Rewrite `<Expiration>` in answers to this long after the answer passes.
+    session_lifetime: Arc<Mutex<Option<Duration>>>,
 }
 
 fn url_decode(s: &str) -> String {
@@ -308,7 +353,7 @@ fn url_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The AWS actions in a chunk of requests: query-protocol `Action=` (STS) and JSON-protocol
+/// The AWS actions of a request: query-protocol `Action=` (STS) and JSON-protocol
 /// `X-Amz-Target: <service>.<Action>` headers (ECR).
 fn actions_in(bytes: &[u8]) -> Vec<String> {
     let text = String::from_utf8_lossy(bytes);
@@ -322,11 +367,193 @@ fn actions_in(bytes: &[u8]) -> Vec<String> {
     query.chain(json).collect()
 }
 
-/// The request chunk with one more (unsigned) header after the request line.
-fn with_header(chunk: &[u8], header: &str) -> Vec<u8> {
-    match chunk.windows(2).position(|w| w == b"\r\n") {
-        Some(end) => [&chunk[..end + 2], header.as_bytes(), b"\r\n", &chunk[end + 2..]].concat(),
-        None => chunk.to_vec(),
+/// The request head with one more (unsigned) header after the request line.
+fn with_header(head: &[u8], header: &str) -> Vec<u8> {
+    match head.windows(2).position(|w| w == b"\r\n") {
+        Some(end) => [&head[..end + 2], header.as_bytes(), b"\r\n", &head[end + 2..]].concat(),
+        None => head.to_vec(),
+    }
+}
+
+/// The value of header `name` in an HTTP head (the first such header).
+fn header(head: &[u8], name: &str) -> Option<String> {
+    String::from_utf8_lossy(head).lines().skip(1).find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.trim().eq_ignore_ascii_case(name).then(|| value.trim().to_string())
+    })
+}
+
+fn has_token(head: &[u8], name: &str, token: &str) -> bool {
+    header(head, name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// How the body of an HTTP message ends.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Framing {
+    Empty,
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+fn framing(head: &[u8], response: bool) -> std::io::Result<Framing> {
+    if has_token(head, "transfer-encoding", "chunked") {
+        return Ok(Framing::Chunked);
+    }
+    match header(head, "content-length") {
+        Some(n) => n
+            .parse()
+            .map(Framing::Length)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad Content-Length")),
+        None if response => Ok(Framing::UntilClose),
+        None => Ok(Framing::Empty),
+    }
+}
+
+/// Reads an HTTP head up to and including its empty line; `None` at a clean end of stream.
+async fn read_head<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Option<Vec<u8>>> {
+    let mut head = Vec::new();
+    loop {
+        let start = head.len();
+        if r.read_until(b'\n', &mut head).await? == 0 {
+            return if head.is_empty() {
+                Ok(None)
+            } else {
+                Err(std::io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+        if matches!(&head[start..], b"\r\n" | b"\n") {
+            if start == 0 {
+                head.clear(); // a stray empty line between messages
+                continue;
+            }
+            return Ok(Some(head));
+        }
+    }
+}
+
+/// Reads a body framed by `framing`: `(as sent, decoded)`.
+async fn read_body<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    framing: Framing,
+) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+    match framing {
+        Framing::Empty => Ok((Vec::new(), Vec::new())),
+        Framing::Length(n) => {
+            let mut body = vec![0u8; n];
+            r.read_exact(&mut body).await?;
+            Ok((body.clone(), body))
+        }
+        Framing::UntilClose => {
+            let mut body = Vec::new();
+            r.read_to_end(&mut body).await?;
+            Ok((body.clone(), body))
+        }
+        Framing::Chunked => {
+            let (mut raw, mut body) = (Vec::new(), Vec::new());
+            loop {
+                let start = raw.len();
+                if r.read_until(b'\n', &mut raw).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                let line = String::from_utf8_lossy(&raw[start..]).into_owned();
+                let size = usize::from_str_radix(line.split(';').next().unwrap_or_default().trim(), 16)
+                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad chunk size"))?;
+                if size == 0 {
+                    // Trailers, up to the empty line.
+                    loop {
+                        let start = raw.len();
+                        if r.read_until(b'\n', &mut raw).await? == 0 || matches!(&raw[start..], b"\r\n" | b"\n") {
+                            return Ok((raw, body));
+                        }
+                    }
+                }
+                let mut chunk = vec![0u8; size];
+                r.read_exact(&mut chunk).await?;
+                raw.extend_from_slice(&chunk);
+                body.extend_from_slice(&chunk);
+                r.read_until(b'\n', &mut raw).await?;
+            }
+        }
+    }
+}
+
+/// `body` with the text of every `<Expiration>` element replaced by `expiration`.
+fn rewrite_expiration(body: &str, expiration: &str) -> Option<String> {
+    const OPEN: &str = "<Expiration>";
+    const CLOSE: &str = "</Expiration>";
+    if !body.contains(OPEN) {
+        return None;
+    }
+    let mut out = String::with_capacity(body.len());
+    let mut rest = body;
+    while let Some(start) = rest.find(OPEN) {
+        let Some(len) = rest[start..].find(CLOSE) else { break };
+        out.push_str(&rest[..start + OPEN.len()]);
+        out.push_str(expiration);
+        rest = &rest[start + len..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+/// A response head for a body of `len` bytes: its framing headers replaced by Content-Length.
+fn head_with_length(head: &[u8], len: usize) -> Vec<u8> {
+    let text = String::from_utf8_lossy(head);
+    let mut out = String::new();
+    for line in text.split_inclusive('\n') {
+        let name = line.split_once(':').map(|(n, _)| n.trim().to_ascii_lowercase());
+        if matches!(name.as_deref(), Some("content-length" | "transfer-encoding")) {
+            continue;
+        }
+        if line.trim().is_empty() {
+            out.push_str(&format!("Content-Length: {len}\r\n"));
+        }
+        out.push_str(line);
+    }
+    out.into_bytes()
+}
+
+type Peer = (
+    tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+);
+
+/// An answer read from the peer: head and body as sent, decoded body, and whether the
+/// peer closes the connection after it.
+struct Answer {
+    head: Vec<u8>,
+    raw: Vec<u8>,
+    body: Vec<u8>,
+    close: bool,
+}
+
+/// Sends one request over `peer` and reads its final answer (interim 1xx answers are
+/// dropped: the client already got its `100 Continue` from the forwarder).
+async fn exchange(peer: &mut Peer, head: &[u8], body: &[u8], is_head: bool) -> std::io::Result<Option<Answer>> {
+    let (reader, writer) = peer;
+    writer.write_all(head).await?;
+    writer.write_all(body).await?;
+    loop {
+        let Some(head) = read_head(reader).await? else {
+            return Ok(None);
+        };
+        let status: u16 = String::from_utf8_lossy(&head)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if (100..200).contains(&status) {
+            continue;
+        }
+        let framing = if is_head || status == 204 || status == 304 {
+            Framing::Empty
+        } else {
+            framing(&head, true)?
+        };
+        let (raw, body) = read_body(reader, framing).await?;
+        let close = framing == Framing::UntilClose || has_token(&head, "connection", "close");
+        return Ok(Some(Answer { head, raw, body, close }));
     }
 }
 
@@ -342,9 +569,9 @@ impl Forwarder {
             addr: listener.local_addr().unwrap(),
             up: Arc::new(AtomicBool::new(true)),
             ecr_upstream_expiry: Arc::default(),
-            actions: Arc::default(),
-            bodies: Arc::default(),
+            exchanges: Arc::default(),
             failure: Arc::default(),
+            session_lifetime: Arc::default(),
         };
         let f = fwd.clone();
         // A runtime of its own: tests block their thread on kubectl, which must not stall STS.
@@ -357,64 +584,16 @@ impl Forwarder {
             runtime.block_on(async move {
                 let listener = TcpListener::from_std(listener).unwrap();
                 loop {
-                    let Ok((mut inbound, _)) = listener.accept().await else {
+                    let Ok((inbound, _)) = listener.accept().await else {
                         return;
                     };
                     if !f.up.load(Ordering::SeqCst) {
                         drop(inbound);
                         continue;
                     }
-                    let upstream = upstream.clone();
-                    let f = f.clone();
+                    let (f, upstream) = (f.clone(), upstream.clone());
                     tokio::spawn(async move {
-                        // The first chunk decides whether the peer is asked at all (each
-                        // connection is checked when it opens; injected answers close it).
-                        let mut first = vec![0u8; 64 * 1024];
-                        let n = match inbound.read(&mut first).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        let failure = f.failure.lock().unwrap().clone();
-                        let text = String::from_utf8_lossy(&first[..n]).into_owned();
-                        let refused = failure.filter(|(_, _, needle)| {
-                            !actions_in(&first[..n]).is_empty()
-                                && needle.as_ref().is_none_or(|n| text.contains(n.as_str()))
-                        });
-                        if let Some((code, message, _)) = refused {
-                            f.record(&first[..n]);
-                            let _ = inbound.write_all(sts_error_response(&code, &message).as_bytes()).await;
-                            let _ = inbound.shutdown().await;
-                            return;
-                        }
-                        let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
-                            return;
-                        };
-                        if outbound.write_all(&f.record(&first[..n])).await.is_err() {
-                            return;
-                        }
-                        let (mut ri, mut wi) = inbound.split();
-                        let (mut ro, mut wo) = outbound.split();
-                        let client_to_peer = async {
-                            let mut buf = vec![0u8; 64 * 1024];
-                            loop {
-                                let n = match ri.read(&mut buf).await {
-                                    Ok(0) | Err(_) => break,
-                                    Ok(n) => n,
-                                };
-                                if !f.up.load(Ordering::SeqCst) {
-                                    break;
-                                }
-                                if wo.write_all(&f.record(&buf[..n])).await.is_err() {
-                                    break;
-                                }
-                            }
-                            let _ = wo.shutdown().await;
-                        };
-                        let peer_to_client = async {
-                            let _ = tokio::io::copy(&mut ro, &mut wi).await;
-                            let _ = wi.shutdown().await;
-                        };
-                        tokio::join!(client_to_peer, peer_to_client);
+                        let _ = f.serve(inbound, &upstream).await;
                     });
                 }
             })
@@ -422,28 +601,102 @@ impl Forwarder {
         fwd
     }
 
-    /// Counts the actions of a request chunk and keeps it; returns what to send upstream.
-    fn record(&self, chunk: &[u8]) -> Vec<u8> {
-        let actions = actions_in(chunk);
-        if actions.is_empty() {
-            return chunk.to_vec();
-        }
-        self.bodies
-            .lock()
-            .unwrap()
-            .push(String::from_utf8_lossy(chunk).into_owned());
-        let ask_upstream_expiry =
-            self.ecr_upstream_expiry.load(Ordering::SeqCst) && actions.iter().any(|a| a == "GetAuthorizationToken");
-        self.actions.lock().unwrap().extend(actions);
-        if ask_upstream_expiry {
-            with_header(chunk, "X-Kube-Sts-Ecr-Expires: upstream")
-        } else {
-            chunk.to_vec()
+    /// Serves one client connection, request by request (keep-alive included).
+    async fn serve(&self, inbound: TcpStream, upstream: &str) -> std::io::Result<()> {
+        let (reader, mut client) = inbound.into_split();
+        let mut reader = tokio::io::BufReader::new(reader);
+        let mut peer: Option<Peer> = None;
+        loop {
+            let Some(head) = read_head(&mut reader).await? else {
+                return Ok(());
+            };
+            if has_token(&head, "expect", "100-continue") {
+                client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+            }
+            let (raw_body, body) = read_body(&mut reader, framing(&head, false)?).await?;
+            // Down: the request goes unanswered and the connection drops, as when STS is
+            // unreachable mid-connection.
+            if !self.up.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let actions = actions_in(&[head.as_slice(), &body].concat());
+            let index = (!actions.is_empty()).then(|| {
+                let mut exchanges = self.exchanges.lock().unwrap();
+                exchanges.push(Exchange {
+                    at: jiff::Timestamp::now(),
+                    request: format!("{}{}", String::from_utf8_lossy(&head), String::from_utf8_lossy(&body)),
+                    actions: actions.clone(),
+                    answer: String::new(),
+                });
+                exchanges.len() - 1
+            });
+            let failure = self.failure.lock().unwrap().clone();
+            let request = [head.as_slice(), &body].concat();
+            let text = String::from_utf8_lossy(&request);
+            let refused = failure
+                .filter(|(_, _, needle)| index.is_some() && needle.as_ref().is_none_or(|n| text.contains(n.as_str())));
+            if let Some((code, message, _)) = refused {
+                let answer = sts_error_response(&code, &message);
+                self.exchanges.lock().unwrap()[index.unwrap()].answer = answer.clone();
+                client.write_all(answer.as_bytes()).await?;
+                return client.shutdown().await;
+            }
+            let head = if self.ecr_upstream_expiry.load(Ordering::SeqCst)
+                && actions.iter().any(|a| a == "GetAuthorizationToken")
+            {
+                with_header(&head, "X-Kube-Sts-Ecr-Expires: upstream")
+            } else {
+                head
+            };
+            let is_head = head.starts_with(b"HEAD ");
+            // A kept-alive connection to the peer may have been closed meanwhile: one retry
+            // on a fresh connection.
+            let mut answer = None;
+            for _ in 0..2 {
+                let fresh = peer.is_none();
+                if fresh {
+                    let stream = TcpStream::connect(upstream).await?;
+                    let (r, w) = stream.into_split();
+                    peer = Some((tokio::io::BufReader::new(r), w));
+                }
+                match exchange(peer.as_mut().unwrap(), &head, &raw_body, is_head).await {
+                    Ok(Some(a)) => {
+                        answer = Some(a);
+                        break;
+                    }
+                    Ok(None) | Err(_) if !fresh => peer = None,
+                    Ok(None) => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+            }
+            let Some(Answer { head, raw, body, close }) = answer else {
+                return Ok(());
+            };
+            let lifetime = *self.session_lifetime.lock().unwrap();
+            let rewritten = lifetime.and_then(|lifetime| {
+                let expiration = jiff::Timestamp::now() + lifetime;
+                rewrite_expiration(&String::from_utf8_lossy(&body), &kube_sts::render::rfc3339(expiration))
+            });
+            let (out_head, out_body, text) = match rewritten {
+                Some(text) => (head_with_length(&head, text.len()), text.clone().into_bytes(), text),
+                None => (head, raw, String::from_utf8_lossy(&body).into_owned()),
+            };
+            if let Some(i) = index {
+                self.exchanges.lock().unwrap()[i].answer = text;
+            }
+            client.write_all(&out_head).await?;
+            client.write_all(&out_body).await?;
+            if close {
+                peer = None;
+            }
+            if close || has_token(&out_head, "connection", "close") {
+                return client.shutdown().await;
+            }
         }
     }
 
-    /// From now on (for connections opened from now on), STS requests are answered with
-    /// the error `code` as STS sends it, without reaching the peer; `None` forwards again.
+    /// From now on, STS requests are answered with the error `code` as STS sends it,
+    /// without reaching the peer; `None` forwards again.
     pub fn fail_with(&self, failure: Option<(&str, &str)>) {
         *self.failure.lock().unwrap() = failure.map(|(c, m)| (c.to_string(), m.to_string(), None));
     }
@@ -452,6 +705,12 @@ impl Forwarder {
     /// `DurationSeconds=7200`); the others reach the peer.
     pub fn fail_requests_containing(&self, needle: &str, code: &str, message: &str) {
         *self.failure.lock().unwrap() = Some((code.to_string(), message.to_string(), Some(needle.to_string())));
+    }
+
+    /// Compressed time: from now on, every `<Expiration>` in an answer says `lifetime`
+    /// after the moment the answer passes (`None`: the peer's own).
+    pub fn session_lifetime(&self, lifetime: Option<Duration>) {
+        *self.session_lifetime.lock().unwrap() = lifetime;
     }
 
     pub fn url(&self) -> String {
@@ -463,44 +722,39 @@ impl Forwarder {
         self.ecr_upstream_expiry.store(true, Ordering::SeqCst);
     }
 
+    /// Down: new connections are refused and requests on open ones dropped unanswered.
     pub fn set_up(&self, up: bool) {
         self.up.store(up, Ordering::SeqCst);
     }
 
     pub fn count(&self, action: &str) -> usize {
-        self.actions.lock().unwrap().iter().filter(|a| *a == action).count()
+        self.exchanges(action).len()
     }
 
-    /// Form parameters of every request for `action`, in order.
-    pub fn requests(&self, action: &str) -> Vec<HashMap<String, String>> {
-        let bodies = self.bodies.lock().unwrap();
-        bodies
+    /// Every request for `action` with its answer, in order.
+    pub fn exchanges(&self, action: &str) -> Vec<Exchange> {
+        self.exchanges
+            .lock()
+            .unwrap()
             .iter()
-            .map(|raw| {
-                let body = raw.split_once("\r\n\r\n").map_or(raw.as_str(), |(_, body)| body);
-                body.trim_end()
-                    .split('&')
-                    .filter_map(|kv| kv.split_once('='))
-                    .map(|(k, v)| (url_decode(k), url_decode(v)))
-                    .collect::<HashMap<String, String>>()
-            })
-            .filter(|params| params.get("Action").map(String::as_str) == Some(action))
-            .collect()
-    }
-
-    /// The raw bytes (as text) of every request chunk that carried `action`: headers
-    /// included, e.g. to see which access key signed it.
-    pub fn raw(&self, action: &str) -> Vec<String> {
-        let bodies = self.bodies.lock().unwrap();
-        bodies
-            .iter()
-            .filter(|raw| actions_in(raw.as_bytes()).iter().any(|a| a == action))
+            .filter(|e| e.actions.iter().any(|a| a == action))
             .cloned()
             .collect()
     }
 
+    /// Form parameters of every request for `action`, in order.
+    pub fn requests(&self, action: &str) -> Vec<HashMap<String, String>> {
+        self.exchanges(action).iter().map(Exchange::params).collect()
+    }
+
+    /// Every request that carried `action` as text, headers included, e.g. to see which
+    /// access key signed it.
+    pub fn raw(&self, action: &str) -> Vec<String> {
+        self.exchanges(action).into_iter().map(|e| e.request).collect()
+    }
+
     pub fn total(&self) -> usize {
-        self.actions.lock().unwrap().len()
+        self.exchanges.lock().unwrap().iter().map(|e| e.actions.len()).sum()
     }
 }
 
@@ -756,4 +1010,129 @@ pub async fn managed_secrets(ns: &TestNamespace) -> Vec<Secret> {
         .await
         .unwrap()
         .items
+}
+
+/// What a [`Projection`] wrote into its directory, and when.
+#[derive(Clone, Debug)]
+pub struct Projected {
+    pub at: jiff::Timestamp,
+    pub data: std::collections::BTreeMap<String, Vec<u8>>,
+}
+
+impl Projected {
+    pub fn value(&self, key: &str) -> Option<String> {
+        self.data.get(key).map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// A Secret volume as the kubelet keeps it: the Secret is read through the API every
+/// `every`, and on every change its keys are written into a new timestamped directory,
+/// `..data` is switched to it by renaming a symlink (atomic), each key is a symlink
+/// `<key> -> ..data/<key>`, and the old directory goes. Runs on a thread of its own until
+/// dropped.
+pub struct Projection {
+    pub dir: PathBuf,
+    history: Arc<Mutex<Vec<Projected>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Projection {
+    pub fn start(namespace: &str, name: &str, dir: &Path, every: Duration) -> Self {
+        let history: Arc<Mutex<Vec<Projected>>> = Arc::default();
+        let stop: Arc<AtomicBool> = Arc::default();
+        let (namespace, name, target) = (namespace.to_string(), name.to_string(), dir.to_path_buf());
+        let (h, s) = (history.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let api: Api<Secret> = Api::namespaced(client().await, &namespace);
+                let mut generation = 0u64;
+                let mut current: Option<PathBuf> = None;
+                while !s.load(Ordering::SeqCst) {
+                    if let Ok(Some(secret)) = api.get_opt(&name).await {
+                        let data: std::collections::BTreeMap<String, Vec<u8>> = secret
+                            .data
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(k, v)| (k, v.0))
+                            .collect();
+                        let changed = h.lock().unwrap().last().is_none_or(|p| p.data != data);
+                        if changed {
+                            generation += 1;
+                            current = Some(project(&target, &data, generation, current.take()));
+                            h.lock().unwrap().push(Projected {
+                                at: jiff::Timestamp::now(),
+                                data,
+                            });
+                        }
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            });
+        });
+        Projection {
+            dir: dir.to_path_buf(),
+            history,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Every version projected so far, oldest first.
+    pub fn history(&self) -> Vec<Projected> {
+        self.history.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Projection {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Writes one version of a Secret volume (see [`Projection`]); returns its directory.
+fn project(
+    dir: &Path,
+    data: &std::collections::BTreeMap<String, Vec<u8>>,
+    generation: u64,
+    previous: Option<PathBuf>,
+) -> PathBuf {
+    use std::os::unix::fs::symlink;
+    let stamp = format!(
+        "..{}.{generation}",
+        jiff::fmt::strtime::format("%Y_%m_%d_%H_%M_%S", jiff::Timestamp::now()).unwrap()
+    );
+    let version = dir.join(&stamp);
+    std::fs::create_dir_all(&version).unwrap();
+    for (key, value) in data {
+        std::fs::write(version.join(key), value).unwrap();
+    }
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    symlink(&stamp, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    for key in data.keys() {
+        let link = dir.join(key);
+        if std::fs::symlink_metadata(&link).is_err() {
+            symlink(Path::new("..data").join(key), &link).unwrap();
+        }
+    }
+    // Keys the Secret no longer has disappear from the volume.
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("..") && !data.contains_key(&name) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    if let Some(previous) = previous {
+        let _ = std::fs::remove_dir_all(previous);
+    }
+    version
 }

@@ -7,4 +7,5 @@ mod methods;
 mod metrics;
 mod operator;
 mod rbac;
+mod rotation;
 mod security;
