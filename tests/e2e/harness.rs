@@ -1012,10 +1012,9 @@ pub async fn managed_secrets(ns: &TestNamespace) -> Vec<Secret> {
         .items
 }
 
-/// What a [`Projection`] wrote into its directory, and when.
+/// One version of a Secret a [`Projection`] wrote into its directory.
 #[derive(Clone, Debug)]
 pub struct Projected {
-    pub at: jiff::Timestamp,
     pub data: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
@@ -1031,7 +1030,6 @@ impl Projected {
 /// `<key> -> ..data/<key>`, and the old directory goes. Runs on a thread of its own until
 /// dropped.
 pub struct Projection {
-    pub dir: PathBuf,
     history: Arc<Mutex<Vec<Projected>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -1064,10 +1062,7 @@ impl Projection {
                         if changed {
                             generation += 1;
                             current = Some(project(&target, &data, generation, current.take()));
-                            h.lock().unwrap().push(Projected {
-                                at: jiff::Timestamp::now(),
-                                data,
-                            });
+                            h.lock().unwrap().push(Projected { data });
                         }
                     }
                     tokio::time::sleep(every).await;
@@ -1075,7 +1070,6 @@ impl Projection {
             });
         });
         Projection {
-            dir: dir.to_path_buf(),
             history,
             stop,
             thread: Some(thread),
@@ -1135,4 +1129,40 @@ fn project(
         let _ = std::fs::remove_dir_all(previous);
     }
     version
+}
+
+#[tokio::test]
+async fn forwarder_rewrites_expirations_and_reframes_chunked_answers() {
+    // An answer as a peer might send it: chunked, the element split across chunks.
+    let body = "<AssumeRoleResult><Credentials><Expiration>2026-11-26T10:00:00.123Z</Expiration></Credentials></AssumeRoleResult>";
+    let (a, b) = body.split_at(50);
+    let wire = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x};ext=1\r\n{b}\r\n0\r\n\r\nNEXT",
+        a.len(),
+        b.len()
+    );
+    let mut reader = tokio::io::BufReader::new(wire.as_bytes());
+    let head = read_head(&mut reader).await.unwrap().unwrap();
+    assert_eq!(framing(&head, true).unwrap(), Framing::Chunked);
+    let (raw, decoded) = read_body(&mut reader, Framing::Chunked).await.unwrap();
+    assert_eq!(decoded, body.as_bytes());
+    assert!(wire.contains(std::str::from_utf8(&raw).unwrap()));
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).await.unwrap();
+    assert_eq!(rest, "NEXT", "the next message starts where the body ended");
+
+    let rewritten = rewrite_expiration(body, "2030-01-01T00:01:00Z").unwrap();
+    assert_eq!(
+        rewritten,
+        "<AssumeRoleResult><Credentials><Expiration>2030-01-01T00:01:00Z</Expiration></Credentials></AssumeRoleResult>"
+    );
+    let head = String::from_utf8(head_with_length(&head, rewritten.len())).unwrap();
+    assert_eq!(
+        head,
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n",
+            rewritten.len()
+        )
+    );
+    assert_eq!(rewrite_expiration("<GetCallerIdentityResult/>", "x"), None);
 }
