@@ -15,7 +15,8 @@ pub struct StoredSecret {
     pub creds: Option<Credentials>,
     /// The spec hash it was written for.
     pub spec_hash: Option<String>,
-    /// Its expiry annotation; `None` once its credentials were removed as expired.
+    /// Its expiry annotation (kept, in the past, once its credentials were removed as
+    /// expired).
     pub expiration: Option<Timestamp>,
 }
 

@@ -268,12 +268,13 @@ fn holds_unwanted(fields: &serde_json::Value, desired: &Secret) -> bool {
 
 /// What the decision needs to know of a subject's Secret.
 pub(super) fn stored_secret(secret: &Secret, target: &render::SecretTarget) -> decision::StoredSecret {
-    let expired = secret.annotations().contains_key(render::EXPIRED_ANNOTATION);
     decision::StoredSecret {
         owned: is_owned_by(secret, &target.binding_uid),
         creds: render::read_credentials(secret, target),
         spec_hash: secret.annotations().get(render::SPEC_HASH_ANNOTATION).cloned(),
-        expiration: render::annotation_time(secret, render::EXPIRATION_ANNOTATION).filter(|_| !expired),
+        // An emptied Secret keeps the (past) expiry of what it held: still expired, and
+        // reported as CredentialsExpired, not as the last STS error.
+        expiration: render::annotation_time(secret, render::EXPIRATION_ANNOTATION),
     }
 }
 

@@ -243,7 +243,7 @@ pub(super) async fn issue(
             if let Err(refused) = write_subject_secret(ctx, &desired, existing).await? {
                 return Ok(unwritten(sp, status, refused, now));
             }
-            let refreshed = secret_expiration.is_some();
+            let refreshed = stored.as_ref().is_some_and(|s| s.creds.is_some());
             let note = format!(
                 "{} credentials for ServiceAccount {} into Secret {} (access key {}, expires {})",
                 if refreshed { "refreshed" } else { "issued" },
