@@ -181,6 +181,29 @@ impl TestNamespace {
         )
     }
 
+    /// Creates a Secret in this namespace with `data` (as stringData).
+    pub async fn create_secret(&self, name: &str, data: &[(&str, &str)]) {
+        let data: std::collections::BTreeMap<&str, &str> = data.iter().copied().collect();
+        let secret: Secret =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "stringData": data})).unwrap();
+        self.secrets().create(&PostParams::default(), &secret).await.unwrap();
+    }
+
+    /// A new IAM user of the STS peer allowed `actions` (a team's own identity), with its
+    /// keys in the Secret `name` of this namespace (for `sourceCredentialsSecretRef`).
+    pub async fn team_keys(&self, name: &str, actions: &[&str]) -> IamUser {
+        let user = create_user(&unique("team"), actions);
+        self.create_secret(
+            name,
+            &[
+                ("AWS_ACCESS_KEY_ID", &user.access_key_id),
+                ("AWS_SECRET_ACCESS_KEY", &user.secret_access_key),
+            ],
+        )
+        .await;
+        user
+    }
+
     pub fn apply_ok(&self, yaml: &str) {
         let out = self.apply(yaml);
         assert!(
@@ -908,6 +931,34 @@ impl Operator {
             m.lines()
                 .any(|l| l.starts_with("kube_sts_reconcile_duration_seconds_count") && !l.ends_with(" 0"))
                 .then_some(())
+        })
+        .await;
+    }
+
+    /// How many reconciles the process finished.
+    pub async fn reconciles(&self) -> u64 {
+        self.metrics()
+            .await
+            .lines()
+            .find(|l| l.starts_with("kube_sts_reconcile_duration_seconds_count"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Wakes binding `name` without changing its spec (an annotation `touched: value`) and
+    /// waits until the process finished a reconcile after that.
+    pub async fn touch(&self, bindings: &Api<AWSRoleBinding>, name: &str, value: &str) {
+        let before = self.reconciles().await;
+        bindings
+            .patch(
+                name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(serde_json::json!({"metadata": {"annotations": {"touched": value}}})),
+            )
+            .await
+            .unwrap();
+        eventually("a reconcile after the touch", Duration::from_secs(30), || async {
+            (self.reconciles().await > before).then_some(())
         })
         .await;
     }

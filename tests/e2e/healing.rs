@@ -1,10 +1,7 @@
 //! Never stuck, never a loop: problems heal by themselves once their cause is gone, and
 //! failures cost what they must and no more (issue "never stuck").
 
-use std::{collections::BTreeMap, time::Duration};
-
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::PostParams;
+use std::time::Duration;
 
 use crate::harness::*;
 
@@ -16,19 +13,12 @@ fn granted_role(ns: &TestNamespace, external_id: Option<&str>, extra_grant: &str
     arn
 }
 
-async fn create_secret(ns: &TestNamespace, name: &str, data: &[(&str, &str)]) {
-    let data: BTreeMap<&str, &str> = data.iter().copied().collect();
-    let secret: Secret =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "stringData": data})).unwrap();
-    ns.secrets().create(&PostParams::default(), &secret).await.unwrap();
-}
-
 #[tokio::test]
 async fn a_conflicting_secret_deleted_heals_the_binding() {
     let ns = TestNamespace::new("conflictheal").await;
     ns.service_account("app").await;
     let role = granted_role(&ns, None, "");
-    create_secret(&ns, "b-app", &[("mine", "yes")]).await;
+    ns.create_secret("b-app", &[("mine", "yes")]).await;
     let sts = Forwarder::start().await;
     let operator = Operator::start(&ns.name, &sts, &[]);
     ns.apply_ok(&binding_yaml("b", &role, &["app"], ""));
@@ -65,7 +55,7 @@ async fn a_referenced_secret_created_later_heals_the_binding() {
     let message = wait_ready(&ns.bindings(), "b", "False", "InvalidSpec").await;
     assert!(message.contains("Secret ext not found"), "{message}");
     assert_eq!(sts.total(), 0);
-    create_secret(&ns, "ext", &[("id", "the-id")]).await;
+    ns.create_secret("ext", &[("id", "the-id")]).await;
     wait_ready(&ns.bindings(), "b", "True", "CredentialsIssued").await;
     assert_eq!(sts.count("AssumeRole"), 1);
 }
@@ -187,17 +177,9 @@ async fn fifty_mfa_subjects_do_not_hold_up_another_binding() {
             .status
             .success()
     );
-    let user = create_user(&unique("team"), &["sts:GetSessionToken"]);
-    create_secret(
-        &ns,
-        "keys",
-        &[
-            ("AWS_ACCESS_KEY_ID", &user.access_key_id),
-            ("AWS_SECRET_ACCESS_KEY", &user.secret_access_key),
-        ],
-    )
-    .await;
-    create_secret(&ns, "mfa", &[("seed", "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ")]).await;
+    ns.team_keys("keys", &["sts:GetSessionToken"]).await;
+    ns.create_secret("mfa", &[("seed", "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ")])
+        .await;
     let sts = Forwarder::start().await;
     // One worker: a reconcile that waited for TOTP steps inside would hold it for 25 min.
     let _operator = Operator::start(&ns.name, &sts, &["--concurrency", "1"]);
@@ -268,29 +250,8 @@ async fn a_clock_hours_ahead_does_not_loop_or_expire_credentials() {
         "issue time {issued} follows the local clock, not STS's"
     );
     // Whatever wakes the binding, it is not issued again, and its Secret keeps the keys.
-    let reconciles = |metrics: String| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with("kube_sts_reconcile_duration_seconds_count"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
     for touch in 0..3 {
-        let before = reconciles(operator.metrics().await);
-        ns.bindings()
-            .patch(
-                "b",
-                &kube::api::PatchParams::default(),
-                &kube::api::Patch::Merge(
-                    serde_json::json!({"metadata": {"annotations": {"touched": touch.to_string()}}}),
-                ),
-            )
-            .await
-            .unwrap();
-        eventually("the touched binding reconciled", Duration::from_secs(30), || async {
-            (reconciles(operator.metrics().await) > before).then_some(())
-        })
-        .await;
+        operator.touch(&ns.bindings(), "b", &touch.to_string()).await;
     }
     assert_eq!(sts.count("AssumeRole"), 1);
     wait_ready(&ns.bindings(), "b", "True", "CredentialsIssued").await;

@@ -22,17 +22,6 @@ fn apply_grant(ns: &TestNamespace, roles: &str, methods: &str) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// A Secret `keys` in `ns` with the access keys of a new IAM user allowed `actions` (the
-/// team's own identity for GetSessionToken / GetFederationToken); returns its key ID.
-async fn team_keys(ns: &TestNamespace, actions: &[&str]) -> String {
-    let user = create_user(&unique("team"), actions);
-    let keys: Secret = serde_json::from_value(serde_json::json!({"metadata": {"name": "keys"}, "stringData": {
-        "AWS_ACCESS_KEY_ID": user.access_key_id, "AWS_SECRET_ACCESS_KEY": user.secret_access_key}}))
-    .unwrap();
-    ns.secrets().create(&PostParams::default(), &keys).await.unwrap();
-    user.access_key_id
-}
-
 fn binding(name: &str, spec: &str) -> String {
     format!("apiVersion: kube-sts.io/v1alpha1\nkind: AWSRoleBinding\nmetadata: {{name: {name}}}\nspec:\n{spec}")
 }
@@ -148,7 +137,7 @@ async fn session_token_with_mfa_sends_fresh_totp_codes() {
         serde_json::from_value(serde_json::json!({"metadata": {"name": "ops-mfa"}, "stringData": {"seed": SEED}}))
             .unwrap();
     ns.secrets().create(&PostParams::default(), &seed).await.unwrap();
-    team_keys(&ns, &["sts:GetSessionToken"]).await;
+    ns.team_keys("keys", &["sts:GetSessionToken"]).await;
     let sts = Forwarder::start().await;
     let _operator = Operator::start(&ns.name, &sts, &[]);
     let serial = format!("arn:aws:iam::{}:mfa/ops", account());
@@ -188,7 +177,7 @@ async fn mfa_with_a_missing_or_malformed_seed_is_invalid_spec() {
     let ns = TestNamespace::new("mfabad").await;
     ns.service_account("app").await;
     apply_grant(&ns, "\"*\"", "GetSessionToken");
-    team_keys(&ns, &["sts:GetSessionToken"]).await;
+    ns.team_keys("keys", &["sts:GetSessionToken"]).await;
     let sts = Forwarder::start().await;
     let _operator = Operator::start(&ns.name, &sts, &[]);
     let serial = format!("arn:aws:iam::{}:mfa/ops", account());
@@ -223,7 +212,7 @@ async fn federation_token_for_a_derived_user_name() {
     let ns = TestNamespace::new("fed").await;
     ns.service_account("app").await;
     apply_grant(&ns, "\"*\"", "GetFederationToken");
-    team_keys(&ns, &["sts:GetFederationToken"]).await;
+    ns.team_keys("keys", &["sts:GetFederationToken"]).await;
     let sts = Forwarder::start().await;
     let _operator = Operator::start(&ns.name, &sts, &[]);
     let policy = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:GetObject","Resource":"*"}]}"#;

@@ -1,10 +1,7 @@
 //! Tenant-proof: what a binding author in one namespace can and cannot reach (README
 //! "Security model"), each hole closed and proven against the real apiserver and STS peer.
 
-use std::{collections::BTreeMap, time::Duration};
-
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Patch, PatchParams, PostParams};
+use std::time::Duration;
 
 use crate::harness::*;
 
@@ -20,13 +17,6 @@ fn apply_grant(ns: &TestNamespace, spec: &str) {
 
 fn binding(name: &str, spec: &str) -> String {
     format!("apiVersion: kube-sts.io/v1alpha1\nkind: AWSRoleBinding\nmetadata: {{name: {name}}}\nspec:\n{spec}")
-}
-
-async fn create_secret(ns: &TestNamespace, name: &str, data: &[(&str, &str)]) {
-    let data: BTreeMap<&str, &str> = data.iter().copied().collect();
-    let secret: Secret =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "stringData": data})).unwrap();
-    ns.secrets().create(&PostParams::default(), &secret).await.unwrap();
 }
 
 /// The access key ID that signed a raw request (`Credential=<key>/...` in Authorization).
@@ -61,16 +51,9 @@ async fn session_methods_are_signed_by_the_teams_own_iam_user() {
         &ns,
         "  roleArns: [\"*\"]\n  methods: [GetSessionToken, GetFederationToken]\n",
     );
-    let user = create_user(&unique("team"), &["sts:GetSessionToken", "sts:GetFederationToken"]);
-    create_secret(
-        &ns,
-        "team-keys",
-        &[
-            ("AWS_ACCESS_KEY_ID", &user.access_key_id),
-            ("AWS_SECRET_ACCESS_KEY", &user.secret_access_key),
-        ],
-    )
-    .await;
+    let user = ns
+        .team_keys("team-keys", &["sts:GetSessionToken", "sts:GetFederationToken"])
+        .await;
     let sts = Forwarder::start().await;
     let operator = Operator::start(&ns.name, &sts, &[]);
 
@@ -315,7 +298,7 @@ async fn references_are_read_only_for_granted_bindings_and_revocation_always_rev
     let message = wait_ready(&ns.bindings(), "b", "False", "RoleNotGranted").await;
     assert!(!message.contains("ext"), "{message}");
 
-    create_secret(&ns, "ext", &[("id", "the-id")]).await;
+    ns.create_secret("ext", &[("id", "the-id")]).await;
     apply_grant(&ns, &format!("  roleArns: [\"{role}\"]\n"));
     wait_ready(&ns.bindings(), "b", "True", "CredentialsIssued").await;
     assert_eq!(managed_secrets(&ns).await.len(), 1);
@@ -439,26 +422,7 @@ async fn an_sts_validation_error_is_final_until_the_spec_changes() {
 
     // STS would answer now, but the same spec is not asked again, whatever wakes the binding.
     sts.fail_with(None);
-    let reconciles = |metrics: String| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with("kube_sts_reconcile_duration_seconds_count"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let before = reconciles(operator.metrics().await);
-    ns.bindings()
-        .patch(
-            "b",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"metadata": {"annotations": {"touched": "1"}}})),
-        )
-        .await
-        .unwrap();
-    eventually("the touched binding reconciled", Duration::from_secs(30), || async {
-        (reconciles(operator.metrics().await) > before).then_some(())
-    })
-    .await;
+    operator.touch(&ns.bindings(), "b", "1").await;
     assert_eq!(sts.count("AssumeRole"), 1);
     wait_ready(&ns.bindings(), "b", "False", "InvalidSpec").await;
 
