@@ -1,5 +1,6 @@
 //! The operator's "now": the local clock corrected by how far it is from STS's own (the
-//! `Date` header of every STS and ECR answer). Credentials' issue and expiry times are STS's,
+//! `Date` header of every successful STS and ECR answer; until the first one since the
+//! process started, the local clock as it is). Credentials' issue and expiry times are STS's,
 //! so comparing them with a local clock that is wrong (ahead by more than a lifetime, say)
 //! would make every credential look due or expired at once and refresh in a loop.
 
@@ -66,7 +67,13 @@ impl Intercept for DateObserver {
         _runtime_components: &RuntimeComponents,
         _cfg: &mut ConfigBag,
     ) -> Result<(), aws_sdk_sts::error::BoxError> {
-        if let Some(date) = context.response().headers().get("date").and_then(parse_http_date) {
+        // Only answers STS itself gave: an error page of a proxy in between says nothing of
+        // STS's clock.
+        let response = context.response();
+        if !response.status().is_success() {
+            return Ok(());
+        }
+        if let Some(date) = response.headers().get("date").and_then(parse_http_date) {
             self.0.observe(date, Timestamp::now());
         }
         Ok(())

@@ -70,8 +70,14 @@ pub enum Hold {
 /// clock, cache or bug can make the operator call STS in a loop. Refreshes come later than
 /// this by design (at least 45 % into the lifetime).
 pub fn reissue_floor(lifetime: jiff::SignedDuration) -> jiff::SignedDuration {
-    (lifetime / 10).max(jiff::SignedDuration::from_secs(60).min(lifetime / 4))
+    (lifetime / 10)
+        .max(jiff::SignedDuration::from_secs(60).min(lifetime / 4))
+        .max(MIN_REISSUE_FLOOR)
 }
+
+/// The floor whatever the lifetime says (an answer expiring at or before its issue time
+/// would otherwise allow a call a second).
+const MIN_REISSUE_FLOOR: jiff::SignedDuration = jiff::SignedDuration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -489,6 +495,11 @@ mod tests {
 
     #[test]
     fn the_floor_stays_below_the_earliest_refresh() {
+        assert_eq!(reissue_floor(SignedDuration::ZERO), SignedDuration::from_secs(10));
+        assert_eq!(
+            reissue_floor(SignedDuration::from_secs(-60)),
+            SignedDuration::from_secs(10)
+        );
         for (lifetime, floor) in [(60, 15), (120, 30), (900, 90), (3600, 360), (43200, 4320)] {
             let got = reissue_floor(SignedDuration::from_secs(lifetime));
             assert_eq!(got, SignedDuration::from_secs(floor), "lifetime {lifetime}");

@@ -278,8 +278,8 @@ pub(super) fn stored_secret(secret: &Secret, target: &render::SecretTarget) -> d
     }
 }
 
-/// Removes run-out credentials from the Secret (once: an emptied Secret has no expiry
-/// annotation left). Says whether the Secret's credentials are gone.
+/// Removes run-out credentials from the Secret (once: an emptied Secret carries the
+/// `kube-sts.io/expired` annotation). Says whether the Secret's credentials are gone.
 pub(super) async fn expire_credentials(
     ctx: &Context,
     target: &render::SecretTarget,

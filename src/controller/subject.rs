@@ -144,7 +144,12 @@ pub(super) async fn reconcile_subject(
                 }
                 tracing::info!(secret = %target.name, namespace = %target.namespace, "restored managed Secret");
             }
-            state.creds = Some((plan.spec_hash.clone(), creds.clone()));
+            // Good credentials end whatever failing was remembered (resumed from status, or
+            // of a spec that was changed back).
+            let state = SubjectState {
+                creds: Some((plan.spec_hash.clone(), creds.clone())),
+                ..Default::default()
+            };
             ctx.set_state(key, state.clone());
             Ok(ready_result(sp, binding, &creds, status, &state, ctx, &labels, now))
         }
