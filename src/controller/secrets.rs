@@ -125,6 +125,9 @@ pub(super) async fn write_secret(
         exists = false;
     }
     if exists {
+        if existing.is_some_and(|e| removes_data_keys(e, desired)) {
+            move_create_entry_first(ctx, &api, desired).await?;
+        }
         apply_secret(ctx, &api, desired).await?;
         return Ok(Ok(()));
     }
@@ -193,6 +196,44 @@ async fn apply_secret(ctx: &Context, api: &Api<Secret>, desired: &Secret) -> Res
             ctx.metrics.api_write("secrets", "apply");
         }
         return Ok(());
+    }
+}
+
+/// Whether writing `desired` over `existing` drops data keys (credentials at expiry).
+fn removes_data_keys(existing: &Secret, desired: &Secret) -> bool {
+    let wanted = desired.data.as_ref();
+    existing
+        .data
+        .iter()
+        .flatten()
+        .any(|(key, _)| !wanted.is_some_and(|d| d.contains_key(key)))
+}
+
+/// Before a write that drops data keys, moves the create's field ownership into the
+/// operator's Apply entry (read with managedFields, written guarded by the resourceVersion),
+/// so the one apply that follows removes the keys: no version of the Secret shows the
+/// expired marker beside the old credentials. Written meanwhile: the apply's own follow-up
+/// (in `apply_secret`) does it instead.
+async fn move_create_entry_first(ctx: &Context, api: &Api<Secret>, desired: &Secret) -> Result<()> {
+    let live = api.get(&desired.name_any()).await.map_err(Error::Kube)?;
+    let Some((managed_fields, _)) = absorb_create_entry(&live, desired) else {
+        return Ok(());
+    };
+    let patch = json!({"metadata": {
+        "resourceVersion": live.resource_version(),
+        "managedFields": managed_fields,
+    }});
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match api.patch(&desired.name_any(), &params, &Patch::Merge(&patch)).await {
+        Ok(_) => {
+            ctx.metrics.api_write("secrets", "patch");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(Error::Kube(e)),
     }
 }
 
