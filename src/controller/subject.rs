@@ -43,16 +43,7 @@ pub(super) async fn reconcile_subject(
     now: Timestamp,
 ) -> Result<SubjectResult> {
     let target = &sp.target;
-    let key: SubjectKey = (
-        target.namespace.clone(),
-        target.binding.clone(),
-        sp.service_account.clone(),
-    );
-    let labels = SubjectLabels {
-        namespace: target.namespace.clone(),
-        binding: target.binding.clone(),
-        service_account: sp.service_account.clone(),
-    };
+    let (key, labels) = subject_ids(sp);
     let mut status = SubjectStatus {
         name: sp.service_account.clone(),
         secret_name: Some(target.name.clone()),
@@ -178,6 +169,7 @@ pub(super) async fn reconcile_subject(
                 resolved,
                 ctx,
                 existing.as_deref(),
+                stored.as_ref(),
                 status,
                 state,
                 now,
@@ -196,26 +188,15 @@ pub(super) async fn issue(
     resolved: &Resolved,
     ctx: &Context,
     existing: Option<&Secret>,
+    stored: Option<&decision::StoredSecret>,
     status: SubjectStatus,
     mut state: SubjectState,
     now: Timestamp,
 ) -> Result<SubjectResult> {
     let target = &sp.target;
-    let key: SubjectKey = (
-        target.namespace.clone(),
-        target.binding.clone(),
-        sp.service_account.clone(),
-    );
-    let labels = SubjectLabels {
-        namespace: target.namespace.clone(),
-        binding: target.binding.clone(),
-        service_account: sp.service_account.clone(),
-    };
-    let stored = existing.map(|s| stored_secret(s, target));
-    let secret_expiration = stored.as_ref().and_then(|s| s.expiration);
-    let current_spec = stored
-        .as_ref()
-        .is_some_and(|s| s.spec_hash.as_deref() == Some(plan.spec_hash.as_str()));
+    let (key, labels) = subject_ids(sp);
+    let secret_expiration = stored.and_then(|s| s.expiration);
+    let current_spec = stored.is_some_and(|s| s.spec_hash.as_deref() == Some(plan.spec_hash.as_str()));
     tracing::debug!(service_account = %sp.service_account, "issuing credentials");
     let issued = match prepare_request(binding, sp, resolved, ctx).await {
         Ok(request) => ctx.issuer.issue(&request).await,
@@ -248,7 +229,7 @@ pub(super) async fn issue(
             if let Err(refused) = write_subject_secret(ctx, &desired, existing).await? {
                 return Ok(unwritten(sp, status, refused, now));
             }
-            let refreshed = stored.as_ref().is_some_and(|s| s.creds.is_some());
+            let refreshed = stored.is_some_and(|s| s.creds.is_some());
             let note = format!(
                 "{} credentials for ServiceAccount {} into Secret {} (access key {}, expires {})",
                 if refreshed { "refreshed" } else { "issued" },
@@ -451,4 +432,20 @@ fn unwritten(
         wake_at: (reason == Reason::SecretConflict).then(|| now + RECHECK),
         note: None,
     }
+}
+
+/// A subject's key in the remembered state and its metric labels.
+fn subject_ids(sp: &SubjectPlan) -> (SubjectKey, SubjectLabels) {
+    let target = &sp.target;
+    let key = (
+        target.namespace.clone(),
+        target.binding.clone(),
+        sp.service_account.clone(),
+    );
+    let labels = SubjectLabels {
+        namespace: target.namespace.clone(),
+        binding: target.binding.clone(),
+        service_account: sp.service_account.clone(),
+    };
+    (key, labels)
 }
