@@ -22,10 +22,13 @@ pub enum Reason {
     StsUnavailable,
     CredentialsExpired,
     TokenRequestFailed,
+    /// A Kubernetes request the operator needs fails (forbidden, refused by admission,
+    /// apiserver unavailable): retried with backoff.
+    KubernetesError,
 }
 
 impl Reason {
-    const ALL: [Reason; 12] = [
+    const ALL: [Reason; 13] = [
         Reason::CredentialsIssued,
         Reason::AsExpected,
         Reason::Pending,
@@ -38,6 +41,7 @@ impl Reason {
         Reason::StsUnavailable,
         Reason::CredentialsExpired,
         Reason::TokenRequestFailed,
+        Reason::KubernetesError,
     ];
 
     /// The reason a condition names (as written by [`Reason::as_str`]).
@@ -59,6 +63,7 @@ impl Reason {
             Reason::StsUnavailable => "STSUnavailable",
             Reason::CredentialsExpired => "CredentialsExpired",
             Reason::TokenRequestFailed => "TokenRequestFailed",
+            Reason::KubernetesError => "KubernetesError",
         }
     }
 
@@ -66,11 +71,12 @@ impl Reason {
     /// user must fix first, then lost credentials, then transient failures.
     fn severity(self) -> u8 {
         match self {
-            Reason::SecretConflict => 9,
-            Reason::InvalidSpec => 8,
-            Reason::ServiceAccountNotFound => 7,
-            Reason::AccessDenied | Reason::TokenRequestFailed => 6,
-            Reason::CredentialsExpired => 5,
+            Reason::SecretConflict => 10,
+            Reason::InvalidSpec => 9,
+            Reason::ServiceAccountNotFound => 8,
+            Reason::AccessDenied | Reason::TokenRequestFailed => 7,
+            Reason::CredentialsExpired => 6,
+            Reason::KubernetesError => 5,
             Reason::Throttled => 4,
             Reason::StsUnavailable => 3,
             Reason::Pending => 2,

@@ -36,18 +36,26 @@ pub struct SubjectState {
 impl SubjectState {
     /// What a new process (a restart, a new leader) takes over from the status a previous
     /// one wrote: the failure count and the planned retry, so a rolling restart does not
-    /// retry every failing subject at once. `reason` is the binding's Ready reason.
-    pub fn resumed(status: &crate::crd::SubjectStatus, reason: Option<Reason>) -> SubjectState {
+    /// retry every failing subject at once. `reason` is the binding's Ready reason;
+    /// `refused` is the current spec hash when that reason was written for the current
+    /// generation: an `InvalidSpec` failure with no retry planned was a refusal of this spec
+    /// (by STS, or of its Secret by the apiserver), not asked again.
+    pub fn resumed(status: &crate::crd::SubjectStatus, reason: Option<Reason>, refused: Option<&str>) -> SubjectState {
         if status.consecutive_failures == 0 {
             return SubjectState::default();
         }
         let reason = reason
             .filter(|r| !matches!(r, Reason::CredentialsIssued | Reason::Pending))
             .unwrap_or(Reason::StsUnavailable);
+        let retry_at = status.next_refresh_time.as_ref().map(|t| t.0);
+        let refused_spec = refused
+            .filter(|_| reason == Reason::InvalidSpec && retry_at.is_none())
+            .map(str::to_string);
         SubjectState {
             failures: status.consecutive_failures,
-            retry_at: status.next_refresh_time.as_ref().map(|t| t.0),
+            retry_at,
             last_error: Some((reason, status.message.clone())),
+            refused_spec,
             ..Default::default()
         }
     }
@@ -464,7 +472,7 @@ mod tests {
             message: "AccessDenied: not trusted".into(),
             ..Default::default()
         };
-        let state = SubjectState::resumed(&failing, Some(Reason::AccessDenied));
+        let state = SubjectState::resumed(&failing, Some(Reason::AccessDenied), Some(HASH));
         assert_eq!(state.failures, 3);
         assert_eq!(state.retry_at, Some(at(40)));
         assert_eq!(
@@ -486,11 +494,33 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            SubjectState::resumed(&healthy, Some(Reason::CredentialsIssued)).retry_at,
+            SubjectState::resumed(&healthy, Some(Reason::CredentialsIssued), Some(HASH)).retry_at,
             None
         );
-        let generic = SubjectState::resumed(&failing, Some(Reason::Pending));
+        let generic = SubjectState::resumed(&failing, Some(Reason::Pending), Some(HASH));
         assert_eq!(generic.last_error.unwrap().0, Reason::StsUnavailable);
+        assert_eq!(state.refused_spec, None, "a failure with a retry planned is no refusal");
+
+        // A refusal of this spec (no retry planned) stays one: no STS call after a restart.
+        let refused = crate::crd::SubjectStatus {
+            name: "app".into(),
+            consecutive_failures: 1,
+            message: "ValidationError: bad tag".into(),
+            ..Default::default()
+        };
+        let state = SubjectState::resumed(&refused, Some(Reason::InvalidSpec), Some(HASH));
+        assert_eq!(state.refused_spec.as_deref(), Some(HASH));
+        assert_eq!(
+            run(None, true, &state, ""),
+            Decision::Wait {
+                hold: Hold::Refused,
+                retry_at: None,
+                expire: false
+            }
+        );
+        // Written for an older generation: the spec changed since, ask again.
+        let stale = SubjectState::resumed(&refused, Some(Reason::InvalidSpec), None);
+        assert_eq!(run(None, true, &stale, ""), Decision::Issue);
     }
 
     #[test]

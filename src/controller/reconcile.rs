@@ -10,14 +10,53 @@ pub(super) async fn reconcile(binding: Arc<AWSRoleBinding>, ctx: Arc<Context>) -
     ctx.metrics.reconciled(started.elapsed());
     let at = ObjectRef::from_obj(binding.as_ref());
     let gone = ctx.stores.bindings.get(&at).is_none();
-    if result.is_ok() || gone {
-        ctx.failed_reconciles.lock().expect("failure lock").remove(&at);
-    }
     if gone {
+        ctx.failed_reconciles.lock().expect("failure lock").remove(&at);
         // Deleted while this reconcile ran: what it recorded after the delete event goes too.
         forget_binding(&binding, &ctx.subjects, &ctx.metrics);
+    } else if let Err(error) = &result {
+        report_kubernetes_error(&binding, error, &ctx).await;
     }
     result
+}
+
+/// A reconcile that failed on a Kubernetes request says so in `Degraded` (best effort: the
+/// apiserver may be what fails). `Ready` keeps what it said: the Secrets are untouched.
+async fn report_kubernetes_error(binding: &AWSRoleBinding, error: &Error, ctx: &Context) {
+    let mut status = ctx.current_status(binding).unwrap_or_default();
+    conditions::set_condition(
+        &mut status.conditions,
+        DEGRADED,
+        true,
+        Reason::KubernetesError,
+        &format!("reconciling failed, retried with backoff: {error}"),
+        binding.metadata.generation,
+        ctx.settings.clock.now(),
+    );
+    if let Err(e) = write_status(binding, status, ctx).await {
+        tracing::debug!(error = %e, "could not report the failure in status");
+    }
+}
+
+/// A reconcile that met no Kubernetes error ends the binding's backoff.
+fn kubernetes_ok(binding: &AWSRoleBinding, ctx: &Context) {
+    ctx.failed_reconciles
+        .lock()
+        .expect("failure lock")
+        .remove(&ObjectRef::from_obj(binding));
+}
+
+/// Counts a reconcile that met a Kubernetes error; says when to try again (full jitter,
+/// 5 s doubling to 5 min).
+fn kubernetes_backoff(binding: &AWSRoleBinding, ctx: &Context) -> (u32, Duration) {
+    let failures = {
+        let mut failed = ctx.failed_reconciles.lock().expect("failure lock");
+        let count = failed.entry(ObjectRef::from_obj(binding)).or_default();
+        *count += 1;
+        *count
+    };
+    let delay = timing::backoff_delay(failures, rand::random::<f64>(), ctx.settings.clock.now(), None);
+    (failures, delay)
 }
 
 pub(super) async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -> Result<Action> {
@@ -71,19 +110,39 @@ pub(super) async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -
         Err(e) => return binding_problem(binding, ctx, Reason::InvalidSpec, e.0, false, now).await,
     };
 
-    let results = join_all(
+    let outcomes = join_all(
         plan.subjects
             .iter()
             .map(|sp| reconcile_subject(binding, &plan, sp, &resolved, ctx, now)),
     )
     .await;
-    let mut results = results.into_iter().collect::<Result<Vec<_>>>()?;
+    // A subject that met a Kubernetes error does not cost the others their status or their
+    // wake-up: it is reported as such and retried with the binding's backoff.
+    let mut failed = None;
+    let mut results = Vec::with_capacity(outcomes.len());
+    for (sp, outcome) in plan.subjects.iter().zip(outcomes) {
+        results.push(outcome.unwrap_or_else(|error| {
+            let result = kubernetes_failed(sp, binding, &plan, &error, ctx, now);
+            failed.get_or_insert(error);
+            result
+        }));
+    }
     delete_stale_secrets(binding, &uid, &plan, ctx).await?;
 
     let status = build_status(binding, ctx.current_status(binding), &plan, &mut results, None, now);
     write_status(binding, status, ctx).await?;
 
-    let wake = results.iter().filter_map(|r| r.wake_at).min();
+    let mut wake = results.iter().filter_map(|r| r.wake_at).min();
+    match failed {
+        Some(error) => {
+            ctx.metrics.reconcile_error(error.metric_label());
+            let (failures, delay) = kubernetes_backoff(binding, ctx);
+            tracing::warn!(binding = %binding.name_any(), namespace, %error, failures, retry_in_s = delay.as_secs(), "a subject's Kubernetes request failed; retrying");
+            let retry = now + jiff::SignedDuration::try_from(delay).unwrap_or_default();
+            wake = Some(wake.map_or(retry, |w| w.min(retry)));
+        }
+        None => kubernetes_ok(binding, ctx),
+    }
     Ok(wake.map_or_else(Action::await_change, |at| requeue_at(at, now)))
 }
 
@@ -278,6 +337,7 @@ pub(super) async fn binding_problem(
         tracing::info!(binding = %binding.name_any(), namespace, reason = reason.as_str(), %message, "binding cannot proceed");
         ctx.publish(binding, EventType::Warning, reason.as_str(), message).await;
     }
+    kubernetes_ok(binding, ctx);
     if revoke {
         // Grants are watched: a grant that allows the binding wakes it.
         return Ok(Action::await_change());
@@ -302,13 +362,7 @@ pub(super) fn requeue_at(at: Timestamp, now: Timestamp) -> Action {
 /// does not cost a request every few seconds forever.
 pub(super) fn error_policy(binding: Arc<AWSRoleBinding>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error(error.metric_label());
-    let failures = {
-        let mut failed = ctx.failed_reconciles.lock().expect("failure lock");
-        let count = failed.entry(ObjectRef::from_obj(binding.as_ref())).or_default();
-        *count += 1;
-        *count
-    };
-    let delay = timing::backoff_delay(failures, rand::random::<f64>(), ctx.settings.clock.now(), None);
+    let (failures, delay) = kubernetes_backoff(&binding, &ctx);
     tracing::warn!(binding = %binding.name_any(), namespace = binding.namespace().unwrap_or_default(), error = %error, failures, retry_in_s = delay.as_secs(), "reconcile failed; retrying");
     Action::requeue(delay)
 }

@@ -124,12 +124,21 @@ pub(super) async fn write_secret(
         delete_secret(ctx, existing).await?;
         exists = false;
     }
-    if exists {
-        if existing.is_some_and(|e| removes_data_keys(e, desired)) {
-            move_create_entry_first(ctx, &api, desired).await?;
+    if let Some(existing) = existing.filter(|_| exists) {
+        // The apply names the uid it was decided on: a Secret deleted or replaced since
+        // (the decision may predate an STS call) is refused, never written over.
+        let mut desired = desired.clone();
+        desired.metadata.uid = existing.uid();
+        if removes_data_keys(existing, &desired) {
+            move_create_entry_first(ctx, &api, &desired).await?;
         }
-        apply_secret(ctx, &api, desired).await?;
-        return Ok(Ok(()));
+        return match apply_secret(ctx, &api, &desired).await {
+            Ok(()) => Ok(Ok(())),
+            Err(Error::Kube(kube::Error::Api(e))) if replaced_meanwhile(&e) => Ok(Err(format!(
+                "Secret {name} was deleted or replaced meanwhile; it is looked at again"
+            ))),
+            Err(e) => Err(e),
+        };
     }
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
@@ -145,6 +154,12 @@ pub(super) async fn write_secret(
         ))),
         Err(e) => Err(Error::Kube(e)),
     }
+}
+
+/// Whether an apply naming a uid was refused because the object is not that one any more:
+/// gone (409, uid mismatch) or another object of the name (422 on `metadata.uid`).
+fn replaced_meanwhile(e: &kube::core::Status) -> bool {
+    (e.code == 409 && e.message.contains("uid mismatch")) || (e.code == 422 && e.message.contains("metadata.uid"))
 }
 
 /// Server-side apply of `desired`, leaving nothing behind that the operator wrote before and
@@ -333,49 +348,85 @@ pub(super) async fn expire_credentials(
     let emptied = secret.annotations().contains_key(render::EXPIRED_ANNOTATION);
     if !emptied {
         let expired_at = secret_expiration.unwrap_or_else(|| ctx.settings.clock.now());
-        write_secret(ctx, &render::render_expired_secret(target, expired_at), Some(secret))
-            .await?
-            .ok();
+        match write_secret(ctx, &render::render_expired_secret(target, expired_at), Some(secret)).await {
+            Ok(written) => {
+                if let Err(message) = written {
+                    tracing::info!(secret = %secret.name_any(), namespace = %target.namespace, %message, "expired credentials not removed yet");
+                    return Ok(false);
+                }
+            }
+            // The current spec renders a Secret the apiserver refuses (say, invalid labels):
+            // the credentials go all the same, the Secret keeping its own labels.
+            Err(Error::Kube(kube::Error::Api(e))) if e.code == 422 => {
+                expire_in_place(ctx, secret, target).await?;
+            }
+            Err(e) => return Err(e),
+        }
         tracing::warn!(secret = %secret.name_any(), namespace = %target.namespace, "credentials expired and could not be refreshed; removed them from the Secret");
     }
     Ok(true)
 }
 
 /// Removes run-out credentials from a Secret the binding owns when there is no plan to
-/// render it from (the spec became invalid): its identity comes from the Secret itself.
+/// render it from (the spec became invalid).
 pub(super) async fn expire_secret_in_place(ctx: &Context, binding: &AWSRoleBinding, secret: &Secret) -> Result<()> {
     if secret.annotations().contains_key(render::EXPIRED_ANNOTATION) {
         return Ok(());
     }
     let template = binding.spec.secret.clone().unwrap_or_default();
-    let target = render::SecretTarget {
+    let wanted = render::SecretTarget {
         namespace: secret.namespace().unwrap_or_default(),
         name: secret.name_any(),
         binding: binding.name_any(),
         binding_uid: binding.uid().unwrap_or_default(),
         service_account: sa_label(secret),
+        spec_hash: String::new(),
+        role_arn: None,
+        region: None,
+        profile: render::DEFAULT_PROFILE.into(),
+        mount_path: render::DEFAULT_MOUNT_PATH.into(),
+        secret_type: crate::crd::SecretType::Credentials,
+        extra_labels: template.labels,
+        extra_annotations: template.annotations,
+    };
+    expire_in_place(ctx, secret, &wanted).await?;
+    tracing::warn!(secret = %secret.name_any(), namespace = %secret.namespace().unwrap_or_default(), "credentials expired while the binding's spec is invalid; removed them from the Secret");
+    Ok(())
+}
+
+/// Writes `secret` without its credentials when its spec cannot render it: invalid, or
+/// refused by the apiserver. Its type, spec hash and role come from the Secret itself, and
+/// of the labels and annotations `wanted` asks for only those it already carries (so
+/// nothing refused is written, and nothing someone else added is taken over).
+async fn expire_in_place(ctx: &Context, secret: &Secret, wanted: &render::SecretTarget) -> Result<()> {
+    let carried = |wanted: &std::collections::BTreeMap<String, String>,
+                   has: &std::collections::BTreeMap<String, String>| {
+        wanted
+            .iter()
+            .filter(|(k, v)| has.get(*k) == Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    let target = render::SecretTarget {
         spec_hash: secret
             .annotations()
             .get(render::SPEC_HASH_ANNOTATION)
             .cloned()
             .unwrap_or_default(),
         role_arn: secret.annotations().get(render::ROLE_ARN_ANNOTATION).cloned(),
-        region: None,
-        profile: render::DEFAULT_PROFILE.into(),
-        mount_path: render::DEFAULT_MOUNT_PATH.into(),
         secret_type: match secret.type_.as_deref() {
-            Some("kubernetes.io/dockerconfigjson") => crate::crd::SecretType::DockerConfigJson,
+            Some(render::TYPE_DOCKER_CONFIG) => crate::crd::SecretType::DockerConfigJson,
             _ => crate::crd::SecretType::Credentials,
         },
-        extra_labels: template.labels,
-        extra_annotations: template.annotations,
+        extra_labels: carried(&wanted.extra_labels, secret.labels()),
+        extra_annotations: carried(&wanted.extra_annotations, secret.annotations()),
+        ..wanted.clone()
     };
     let expired_at =
         render::annotation_time(secret, render::EXPIRATION_ANNOTATION).unwrap_or_else(|| ctx.settings.clock.now());
     write_secret(ctx, &render::render_expired_secret(&target, expired_at), Some(secret))
         .await?
         .ok();
-    tracing::warn!(secret = %secret.name_any(), namespace = %target.namespace, "credentials expired while the binding's spec is invalid; removed them from the Secret");
     Ok(())
 }
 

@@ -58,7 +58,7 @@ pub(super) async fn reconcile_subject(
 
     let existing = current_secret(ctx, target).await?;
     let stored = existing.as_deref().map(|secret| stored_secret(secret, target));
-    let mut state = ctx.state(&key, binding);
+    let mut state = ctx.state(&key, binding, &plan.spec_hash);
     let decision = decision::decide(
         &decision::Inputs {
             secret: stored.as_ref(),
@@ -131,7 +131,7 @@ pub(super) async fn reconcile_subject(
                 // was issued, no STS call.
                 let desired = render::render_secret(&creds, target);
                 if let Err(refused) = write_subject_secret(ctx, &desired, existing.as_deref()).await? {
-                    return Ok(unwritten(sp, status, refused, now));
+                    return Ok(unwritten(sp, plan, state, status, stored.as_ref(), refused, ctx, now));
                 }
                 tracing::info!(secret = %target.name, namespace = %target.namespace, "restored managed Secret");
             }
@@ -227,7 +227,7 @@ pub(super) async fn issue(
             ctx.set_state(key, state.clone());
             let desired = render::render_secret(&creds, target);
             if let Err(refused) = write_subject_secret(ctx, &desired, existing).await? {
-                return Ok(unwritten(sp, status, refused, now));
+                return Ok(unwritten(sp, plan, state, status, stored, refused, ctx, now));
             }
             let refreshed = stored.is_some_and(|s| s.creds.is_some());
             let note = format!(
@@ -413,12 +413,44 @@ async fn write_subject_secret(
 }
 
 /// The result of a subject whose Secret could not be written for `reason`.
+///
+/// Someone else's Secret of that name (`SecretConflict`) is not watched: looked at again
+/// soon. A Secret the apiserver refuses (`InvalidSpec`) is refused for this spec whatever
+/// is retried: the spec is remembered as refused (no STS call until it changes), the
+/// credentials the Secret still holds stay until they expire, and are removed then.
+#[allow(clippy::too_many_arguments)]
 fn unwritten(
     sp: &SubjectPlan,
+    plan: &BindingPlan,
+    mut state: SubjectState,
     mut status: SubjectStatus,
+    stored: Option<&decision::StoredSecret>,
     (reason, message): (Reason, String),
+    ctx: &Context,
     now: Timestamp,
 ) -> SubjectResult {
+    if reason == Reason::InvalidSpec {
+        let (key, labels) = subject_ids(sp);
+        state.creds = None;
+        state.failures += 1;
+        state.retry_at = None;
+        state.refused_spec = Some(plan.spec_hash.clone());
+        state.last_error = Some((reason, message));
+        ctx.set_state(key, state.clone());
+        let secret_expiration = stored.and_then(|s| s.expiration);
+        let current_spec = stored.is_some_and(|s| s.spec_hash.as_deref() == Some(plan.spec_hash.as_str()));
+        return failed_result(
+            sp,
+            &state,
+            status,
+            secret_expiration,
+            current_spec,
+            None,
+            now,
+            ctx,
+            &labels,
+        );
+    }
     status.message = message.clone();
     SubjectResult {
         outcome: SubjectOutcome {
@@ -428,10 +460,50 @@ fn unwritten(
             problem: Some((reason, message)),
         },
         status,
-        // A foreign Secret is not watched: look again. An invalid one waits for a new spec.
-        wake_at: (reason == Reason::SecretConflict).then(|| now + RECHECK),
+        wake_at: Some(now + RECHECK),
         note: None,
     }
+}
+
+/// The result of a subject whose reconcile failed on a Kubernetes request: what it holds
+/// is reported from the cache, the failure counted, and the retry is the binding's backoff.
+pub(super) fn kubernetes_failed(
+    sp: &SubjectPlan,
+    binding: &AWSRoleBinding,
+    plan: &BindingPlan,
+    error: &Error,
+    ctx: &Context,
+    now: Timestamp,
+) -> SubjectResult {
+    let (key, labels) = subject_ids(sp);
+    let target = &sp.target;
+    let stored = ctx
+        .stores
+        .secrets
+        .get(&ObjectRef::new(&target.name).within(&target.namespace))
+        .map(|secret| stored_secret(&secret, target));
+    let mut state = ctx.state(&key, binding, &plan.spec_hash);
+    let message = format!("{error}");
+    state.last_error = Some((Reason::KubernetesError, message));
+    let secret_expiration = stored.as_ref().and_then(|s| s.expiration);
+    let current_spec = stored
+        .as_ref()
+        .is_some_and(|s| s.spec_hash.as_deref() == Some(plan.spec_hash.as_str()));
+    failed_result(
+        sp,
+        &state,
+        SubjectStatus {
+            name: sp.service_account.clone(),
+            secret_name: Some(target.name.clone()),
+            ..Default::default()
+        },
+        secret_expiration,
+        current_spec,
+        None,
+        now,
+        ctx,
+        &labels,
+    )
 }
 
 /// A subject's key in the remembered state and its metric labels.

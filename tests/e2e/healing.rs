@@ -66,7 +66,11 @@ async fn a_secret_the_apiserver_refuses_is_invalid_spec() {
     ns.service_account("app").await;
     let role = granted_role(&ns, None, "");
     let sts = Forwarder::start().await;
-    let _operator = Operator::start(&ns.name, &sts, &[]);
+    sts.session_lifetime(Some(Duration::from_secs(60)));
+    let operator = Operator::start(&ns.name, &sts, &[]);
+    ns.apply_ok(&binding_yaml("b", &role, &["app"], "  secret: {labels: {team: x}}\n"));
+    wait_ready(&ns.bindings(), "b", "True", "CredentialsIssued").await;
+    let key = secret_value(&ns.secrets().get("b-app").await.unwrap(), "AWS_ACCESS_KEY_ID");
     ns.apply_ok(&binding_yaml(
         "b",
         &role,
@@ -75,12 +79,28 @@ async fn a_secret_the_apiserver_refuses_is_invalid_spec() {
     ));
     let message = wait_ready(&ns.bindings(), "b", "False", "InvalidSpec").await;
     assert!(message.contains("the apiserver refuses Secret b-app"), "{message}");
-    // The credentials were issued once and are kept for the fixed spec's write... which is a
-    // new spec: fixing the labels issues again, once.
-    assert_eq!(sts.count("AssumeRole"), 1);
-    ns.apply_ok(&binding_yaml("b", &role, &["app"], "  secret: {labels: {team: x}}\n"));
-    wait_ready(&ns.bindings(), "b", "True", "CredentialsIssued").await;
+    // The new spec was asked once; its Secret is refused, so it is not asked again, and the
+    // credentials of the last good spec stay until they expire, then go.
     assert_eq!(sts.count("AssumeRole"), 2);
+    let secret = expired_and_emptied(&ns, "b-app", &key).await;
+    let labels = secret.metadata.labels.unwrap();
+    assert_eq!(
+        labels.get("kube-sts.io/binding").map(String::as_str),
+        Some("b"),
+        "{labels:?}"
+    );
+    operator.touch(&ns.bindings(), "b", "1").await;
+    assert_eq!(sts.count("AssumeRole"), 2);
+    wait_ready(&ns.bindings(), "b", "False", "CredentialsExpired").await;
+    // A fixed spec is a new one: issued once.
+    ns.apply_ok(&binding_yaml(
+        "b",
+        &role,
+        &["app"],
+        "  secret: {labels: {team: fixed}}\n",
+    ));
+    wait_ready(&ns.bindings(), "b", "True", "CredentialsIssued").await;
+    assert_eq!(sts.count("AssumeRole"), 3);
 }
 
 #[tokio::test]
@@ -257,4 +277,189 @@ async fn a_clock_hours_ahead_does_not_loop_or_expire_credentials() {
     wait_ready(&ns.bindings(), "b", "True", "CredentialsIssued").await;
     let secret = ns.secrets().get("b-app").await.unwrap();
     assert!(secret.data.unwrap().contains_key("AWS_SECRET_ACCESS_KEY"));
+}
+
+/// A ValidatingAdmissionPolicy that refuses `operations` on `resource` in the test's
+/// namespace only: a Kubernetes request the operator needs fails, for real, until lifted.
+struct Refusal {
+    name: String,
+}
+
+impl Refusal {
+    /// In force once `probe` (a kubectl command doing such a request) is refused.
+    async fn start(ns: &TestNamespace, resource: &str, operations: &str, probe: &[&str]) -> Refusal {
+        let name = unique("refuse");
+        let yaml = format!(
+            "apiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicy\nmetadata: {{name: {name}}}\nspec:\n  failurePolicy: Fail\n  matchConstraints:\n    resourceRules:\n    - {{apiGroups: [\"\"], apiVersions: [v1], operations: {operations}, resources: [\"{resource}\"]}}\n  validations:\n  - {{expression: \"false\", message: \"refused by policy {name}\", reason: Forbidden}}\n---\napiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicyBinding\nmetadata: {{name: {name}}}\nspec:\n  policyName: {name}\n  validationActions: [Deny]\n  matchResources:\n    namespaceSelector:\n      matchLabels: {{kubernetes.io/metadata.name: {}}}\n",
+            ns.name
+        );
+        let out = kubectl(&["apply", "--server-side", "-f", "-"], Some(&yaml));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut args = vec!["-n", ns.name.as_str()];
+        args.extend_from_slice(probe);
+        eventually("the policy in force", Duration::from_secs(60), || {
+            let out = kubectl(&args, None);
+            let refused = !out.status.success() && String::from_utf8_lossy(&out.stderr).contains(&name);
+            async move { refused.then_some(()) }
+        })
+        .await;
+        Refusal { name }
+    }
+
+    fn lift(&self) {
+        for kind in ["validatingadmissionpolicybinding", "validatingadmissionpolicy"] {
+            kubectl(&["delete", kind, &self.name, "--ignore-not-found"], None);
+        }
+    }
+}
+
+impl Drop for Refusal {
+    fn drop(&mut self) {
+        self.lift();
+    }
+}
+
+/// Sum of `kube_sts_reconcile_errors_total` over its labels.
+fn reconcile_errors(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("kube_sts_reconcile_errors_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_refused_kubernetes_request_is_reported_backed_off_and_healed() {
+    let ns = TestNamespace::new("kubeerr").await;
+    ns.service_account("app").await;
+    let role = granted_role(&ns, None, "");
+    let refusal = Refusal::start(
+        &ns,
+        "secrets",
+        "[CREATE, UPDATE]",
+        &["create", "secret", "generic", "probe"],
+    )
+    .await;
+    let sts = Forwarder::start().await;
+    let operator = Operator::start(&ns.name, &sts, &[]);
+    ns.apply_ok(&binding_yaml("b", &role, &["app"], ""));
+    // The status says what fails; the credentials STS gave are kept for the retries.
+    let message = wait_ready(&ns.bindings(), "b", "False", "KubernetesError").await;
+    assert!(message.contains(&refusal.name), "{message}");
+    eventually("retries", Duration::from_secs(60), || async {
+        (reconcile_errors(&operator.metrics().await) >= 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(sts.count("AssumeRole"), 1, "a retry asked STS again");
+    // Nothing touches the binding: once the refusal is lifted, the backoff's retry heals it,
+    // writing the credentials issued before.
+    refusal.lift();
+    wait_ready(&ns.bindings(), "b", "True", "CredentialsIssued").await;
+    assert_eq!(sts.count("AssumeRole"), 1);
+    let st = ns.bindings().get("b").await.unwrap().status.unwrap();
+    let degraded = st.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!(degraded.status, "False", "{degraded:?}");
+}
+
+#[tokio::test]
+async fn a_failed_token_request_has_its_own_reason() {
+    let ns = TestNamespace::new("tokenfail").await;
+    ns.service_account("app").await;
+    let role = granted_role(&ns, None, "  methods: [AssumeRoleWithWebIdentity]\n");
+    let refusal = Refusal::start(&ns, "serviceaccounts/token", "[CREATE]", &["create", "token", "app"]).await;
+    let sts = Forwarder::start().await;
+    let _operator = Operator::start(&ns.name, &sts, &[]);
+    ns.apply_ok(&binding_yaml(
+        "b",
+        &role,
+        &["app"],
+        "  method: AssumeRoleWithWebIdentity\n",
+    ));
+    let message = wait_ready(&ns.bindings(), "b", "False", "TokenRequestFailed").await;
+    assert!(
+        message.contains("cannot get a token for ServiceAccount app") && message.contains(&refusal.name),
+        "{message}"
+    );
+    assert!(!message.contains("trust policy"), "{message}");
+    assert_eq!(sts.total(), 0);
+}
+
+#[tokio::test]
+async fn credentials_run_out_while_the_spec_is_invalid() {
+    let ns = TestNamespace::new("invalidexpiry").await;
+    ns.service_account("app").await;
+    let role = granted_role(&ns, None, "");
+    let sts = Forwarder::start().await;
+    sts.session_lifetime(Some(Duration::from_secs(60)));
+    let _operator = Operator::start(&ns.name, &sts, &[]);
+    ns.apply_ok(&binding_yaml("b", &role, &["app"], ""));
+    wait_ready(&ns.bindings(), "b", "True", "CredentialsIssued").await;
+    let key = secret_value(&ns.secrets().get("b-app").await.unwrap(), "AWS_ACCESS_KEY_ID");
+    // The spec becomes invalid: the credentials stay while valid, and go at their expiry
+    // with no STS call.
+    ns.apply_ok(&binding_yaml(
+        "b",
+        &role,
+        &["app"],
+        "  externalIdSecretRef: {name: missing, key: id}\n",
+    ));
+    wait_ready(&ns.bindings(), "b", "False", "InvalidSpec").await;
+    expired_and_emptied(&ns, "b-app", &key).await;
+    assert_eq!(sts.count("AssumeRole"), 1);
+    wait_ready(&ns.bindings(), "b", "False", "InvalidSpec").await;
+}
+
+/// Waits until the Secret carries the expired marker and nothing of the credentials of
+/// access key `key`.
+async fn expired_and_emptied(ns: &TestNamespace, name: &str, key: &str) -> k8s_openapi::api::core::v1::Secret {
+    eventually("credentials removed at expiry", Duration::from_secs(150), || async {
+        let secret = ns.secrets().get(name).await.ok()?;
+        let expired = secret
+            .metadata
+            .annotations
+            .as_ref()?
+            .contains_key("kube-sts.io/expired");
+        let data = secret.data.clone().unwrap_or_default();
+        let clean = !data.contains_key("AWS_SECRET_ACCESS_KEY")
+            && !data.contains_key("AWS_SESSION_TOKEN")
+            && data.values().all(|v| !String::from_utf8_lossy(&v.0).contains(key));
+        (expired && clean).then_some(secret)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_new_operator_never_resends_the_previous_ones_mfa_code() {
+    let ns = TestNamespace::new("mfahandover").await;
+    ns.service_account("app").await;
+    granted_role(&ns, None, "  methods: [GetSessionToken]\n");
+    ns.team_keys("keys", &["sts:GetSessionToken"]).await;
+    ns.create_secret("mfa", &[("seed", "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ")])
+        .await;
+    let serial = format!("arn:aws:iam::{}:mfa/ops", account());
+    let binding = |duration: u32| {
+        format!(
+            "apiVersion: kube-sts.io/v1alpha1\nkind: AWSRoleBinding\nmetadata: {{name: b}}\nspec:\n  method: GetSessionToken\n  durationSeconds: {duration}\n  subjects: [{{name: app}}]\n  sourceCredentialsSecretRef: {{name: keys}}\n  mfa: {{serialNumber: {serial}, totpSecretRef: {{name: mfa, key: seed}}}}\n"
+        )
+    };
+    let sts = Forwarder::start().await;
+    let mut first = Operator::start(&ns.name, &sts, &[]);
+    ns.apply_ok(&binding(900));
+    wait_ready(&ns.bindings(), "b", "True", "CredentialsIssued").await;
+    // Handed over at once (a new leader, a restart) with a spec to issue for: the code the
+    // first process sent may not go out again, though its 30 s step may still run.
+    first.stop();
+    ns.apply_ok(&binding(1000));
+    let _second = Operator::start(&ns.name, &sts, &[]);
+    eventually("issued by the second process", Duration::from_secs(120), || async {
+        (sts.count("GetSessionToken") == 2).then_some(())
+    })
+    .await;
+    wait_ready(&ns.bindings(), "b", "True", "CredentialsIssued").await;
+    let codes: Vec<String> = sts
+        .requests("GetSessionToken")
+        .into_iter()
+        .map(|p| p["TokenCode"].clone())
+        .collect();
+    assert_ne!(codes[0], codes[1], "the second process resent the first one's code");
 }
