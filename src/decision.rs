@@ -29,33 +29,30 @@ pub struct SubjectState {
     pub failures: u32,
     pub retry_at: Option<Timestamp>,
     pub last_error: Option<(Reason, String)>,
-    /// The spec hash whose request STS refused as invalid: not asked again until it changes.
+    /// The spec hash STS refused as invalid, or whose Secret the apiserver refuses (invalid
+    /// labels or annotations): not asked or written again until it changes.
     pub refused_spec: Option<String>,
 }
 
 impl SubjectState {
     /// What a new process (a restart, a new leader) takes over from the status a previous
     /// one wrote: the failure count and the planned retry, so a rolling restart does not
-    /// retry every failing subject at once. `reason` is the binding's Ready reason;
-    /// `refused` is the current spec hash when that reason was written for the current
-    /// generation: an `InvalidSpec` failure with no retry planned was a refusal of this spec
-    /// (by STS, or of its Secret by the apiserver), not asked again.
-    pub fn resumed(status: &crate::crd::SubjectStatus, reason: Option<Reason>, refused: Option<&str>) -> SubjectState {
+    /// retry every failing subject at once. `reason` is the binding's Ready reason. A
+    /// failure with no retry planned (a refusal of the spec, by STS or of its Secret by the
+    /// apiserver) is retried once at `first_retry` (the caller's backoff for the count):
+    /// status cannot tell which spec was refused, and the operator's own settings may have
+    /// changed what a spec asks; refused again, it stays refused in the new process.
+    pub fn resumed(status: &crate::crd::SubjectStatus, reason: Option<Reason>, first_retry: Timestamp) -> SubjectState {
         if status.consecutive_failures == 0 {
             return SubjectState::default();
         }
         let reason = reason
             .filter(|r| !matches!(r, Reason::CredentialsIssued | Reason::Pending))
             .unwrap_or(Reason::StsUnavailable);
-        let retry_at = status.next_refresh_time.as_ref().map(|t| t.0);
-        let refused_spec = refused
-            .filter(|_| reason == Reason::InvalidSpec && retry_at.is_none())
-            .map(str::to_string);
         SubjectState {
             failures: status.consecutive_failures,
-            retry_at,
+            retry_at: Some(status.next_refresh_time.as_ref().map_or(first_retry, |t| t.0)),
             last_error: Some((reason, status.message.clone())),
-            refused_spec,
             ..Default::default()
         }
     }
@@ -155,18 +152,28 @@ pub fn decide(
         (Some(s), Some(k)) => Some(if k.issued_at > s.issued_at { k } else { s }),
         (s, k) => s.or(k),
     };
+    let refused = remembered.refused_spec.as_deref() == Some(spec_hash);
     if let Some(creds) = current {
         let refresh = refresh_at(creds);
-        if now < refresh {
+        let restore = !holds(creds);
+        // A Secret refused for this spec is not written again (each try would fail the same).
+        if now < refresh && !(restore && refused) {
             return Decision::Keep {
                 creds: creds.clone(),
-                restore: !holds(creds),
+                restore,
                 refresh_at: refresh,
             };
         }
     }
     // Credentials in the Secret that have run out are never left looking valid.
     let expire = secret.is_some_and(|s| s.expiration.is_none_or(|e| e <= now));
+    if refused {
+        return Decision::Wait {
+            hold: Hold::Refused,
+            retry_at: None,
+            expire,
+        };
+    }
     if let Some(creds) = current {
         let earliest = creds.issued_at + reissue_floor(creds.expiration.duration_since(creds.issued_at));
         if now < earliest {
@@ -176,13 +183,6 @@ pub fn decide(
                 expire,
             };
         }
-    }
-    if remembered.refused_spec.as_deref() == Some(spec_hash) {
-        return Decision::Wait {
-            hold: Hold::Refused,
-            retry_at: None,
-            expire,
-        };
     }
     if let Some(retry_at) = remembered.retry_at.filter(|at| *at > now) {
         return Decision::Wait {
@@ -429,6 +429,26 @@ mod tests {
                 },
             ),
             (
+                "refused Secret holding good credentials: kept as they are",
+                Some(secret(fresh(), HASH)),
+                true,
+                refused.clone(),
+                "FRESH",
+                keep("FRESH", -60, 3540, false),
+            ),
+            (
+                "refused Secret that would need a restore: not written again",
+                Some(secret(fresh(), HASH)),
+                true,
+                refused.clone(),
+                "EDITED",
+                Decision::Wait {
+                    hold: Hold::Refused,
+                    retry_at: None,
+                    expire: false,
+                },
+            ),
+            (
                 "refused and expired: removed, still not asked",
                 Some(secret(expired(), HASH)),
                 true,
@@ -472,7 +492,7 @@ mod tests {
             message: "AccessDenied: not trusted".into(),
             ..Default::default()
         };
-        let state = SubjectState::resumed(&failing, Some(Reason::AccessDenied), Some(HASH));
+        let state = SubjectState::resumed(&failing, Some(Reason::AccessDenied), at(5));
         assert_eq!(state.failures, 3);
         assert_eq!(state.retry_at, Some(at(40)));
         assert_eq!(
@@ -494,33 +514,30 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            SubjectState::resumed(&healthy, Some(Reason::CredentialsIssued), Some(HASH)).retry_at,
+            SubjectState::resumed(&healthy, Some(Reason::CredentialsIssued), at(5)).retry_at,
             None
         );
-        let generic = SubjectState::resumed(&failing, Some(Reason::Pending), Some(HASH));
+        let generic = SubjectState::resumed(&failing, Some(Reason::Pending), at(5));
         assert_eq!(generic.last_error.unwrap().0, Reason::StsUnavailable);
-        assert_eq!(state.refused_spec, None, "a failure with a retry planned is no refusal");
 
-        // A refusal of this spec (no retry planned) stays one: no STS call after a restart.
+        // A refusal (no retry planned) is retried once, at the backoff the caller gives,
+        // not at once and not never.
         let refused = crate::crd::SubjectStatus {
             name: "app".into(),
             consecutive_failures: 1,
             message: "ValidationError: bad tag".into(),
             ..Default::default()
         };
-        let state = SubjectState::resumed(&refused, Some(Reason::InvalidSpec), Some(HASH));
-        assert_eq!(state.refused_spec.as_deref(), Some(HASH));
+        let state = SubjectState::resumed(&refused, Some(Reason::InvalidSpec), at(5));
+        assert_eq!(state.refused_spec, None);
         assert_eq!(
             run(None, true, &state, ""),
             Decision::Wait {
-                hold: Hold::Refused,
-                retry_at: None,
+                hold: Hold::BackingOff,
+                retry_at: Some(at(5)),
                 expire: false
             }
         );
-        // Written for an older generation: the spec changed since, ask again.
-        let stale = SubjectState::resumed(&refused, Some(Reason::InvalidSpec), None);
-        assert_eq!(run(None, true, &stale, ""), Decision::Issue);
     }
 
     #[test]

@@ -49,53 +49,69 @@ impl Seed {
 /// A process also never sends a code of the step that was current when it first needed one:
 /// a previous process (the leader before this one, or this operator before a restart) may
 /// have sent that code already, and nothing it wrote survives a kill between the STS call
-/// and the Secret write. The cost is one wait of at most a step for the first MFA issuance
-/// after a start.
+/// and the Secret write. That moment is kept as an `Instant` and placed on the clock anew at
+/// each look, so a clock calibrated meanwhile (STS's time) still finds the right step. The
+/// cost is one wait of at most a step for the first MFA issuance after a start.
 #[derive(Default)]
 pub struct CodeLedger {
     last_step: Mutex<HashMap<String, u64>>,
-    /// The step current when this process first needed a code.
-    started: std::sync::OnceLock<u64>,
+    /// When this process first needed a code.
+    started: std::sync::OnceLock<std::time::Instant>,
 }
 
 /// A step remembered this far ahead of the current one was taken with a clock that was
 /// ahead (corrected since): STS, on the right time, refused that code or never counted it
-/// as used, so it does not hold back the current step.
+/// as used, so it does not hold the current step back for hours.
 const CLOCK_CORRECTION_STEPS: u64 = 2;
 
 impl CodeLedger {
-    /// The newest step `device` may not use again, seen from `step`.
-    fn used_up_to(&self, last: &HashMap<String, u64>, device: &str, step: u64) -> Option<u64> {
-        let started = *self.started.get_or_init(|| step);
-        [last.get(device).copied(), Some(started)]
-            .into_iter()
-            .flatten()
-            .filter(|used| *used <= step + CLOCK_CORRECTION_STEPS)
-            .max()
-    }
-
     /// How long to wait before a code for `device` may be taken at `unix_seconds`:
     /// zero when this step is unused, else until the next unused step starts.
     pub fn wait_before(&self, device: &str, unix_seconds: u64) -> Duration {
-        let step = unix_seconds / STEP_SECONDS;
-        let last = self.last_step.lock().expect("ledger lock");
-        match self.used_up_to(&last, device, step) {
-            Some(used) if used >= step => Duration::from_secs((used + 1) * STEP_SECONDS - unix_seconds),
-            _ => Duration::ZERO,
-        }
+        self.wait_before_at(device, unix_seconds, self.since_start())
     }
 
     /// Takes the code for `unix_seconds` if its step is unused (and marks it used).
     pub fn take(&self, device: &str, seed: &Seed, unix_seconds: u64) -> Option<String> {
+        self.take_at(device, seed, unix_seconds, self.since_start())
+    }
+
+    fn since_start(&self) -> Duration {
+        self.started.get_or_init(std::time::Instant::now).elapsed()
+    }
+
+    /// The newest step `device` may not use, at `unix_seconds`, `since_start` after this
+    /// process first needed a code.
+    fn used_up_to(&self, last: &HashMap<String, u64>, device: &str, unix_seconds: u64, since_start: Duration) -> u64 {
+        let step = unix_seconds / STEP_SECONDS;
+        let start_step = unix_seconds.saturating_sub(since_start.as_secs()) / STEP_SECONDS;
+        let taken = last
+            .get(device)
+            .copied()
+            .filter(|used| *used <= step + CLOCK_CORRECTION_STEPS)
+            .unwrap_or(0);
+        taken.max(start_step)
+    }
+
+    fn wait_before_at(&self, device: &str, unix_seconds: u64, since_start: Duration) -> Duration {
+        let step = unix_seconds / STEP_SECONDS;
+        let last = self.last_step.lock().expect("ledger lock");
+        let used = self.used_up_to(&last, device, unix_seconds, since_start);
+        if used >= step {
+            Duration::from_secs((used + 1) * STEP_SECONDS - unix_seconds)
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    fn take_at(&self, device: &str, seed: &Seed, unix_seconds: u64, since_start: Duration) -> Option<String> {
         let step = unix_seconds / STEP_SECONDS;
         let mut last = self.last_step.lock().expect("ledger lock");
-        match self.used_up_to(&last, device, step) {
-            Some(used) if used >= step => None,
-            _ => {
-                last.insert(device.to_string(), step);
-                Some(seed.code_at(unix_seconds))
-            }
+        if self.used_up_to(&last, device, unix_seconds, since_start) >= step {
+            return None;
         }
+        last.insert(device.to_string(), step);
+        Some(seed.code_at(unix_seconds))
     }
 }
 
@@ -136,35 +152,60 @@ mod tests {
     fn a_code_is_never_taken_twice() {
         let ledger = CodeLedger::default();
         let seed = Seed::parse(RFC_SEED).unwrap();
-        // The step current at the first need may have been used by a previous process.
-        assert_eq!(ledger.wait_before("dev", 45), Duration::from_secs(15));
-        assert_eq!(ledger.take("dev", &seed, 59), None, "the start's step");
-        assert_eq!(ledger.take("other", &seed, 59), None, "for every device");
-        assert_eq!(ledger.wait_before("dev", 60), Duration::ZERO);
-        assert!(ledger.take("dev", &seed, 60).is_some());
-        assert_eq!(ledger.take("dev", &seed, 75), None, "same step");
-        assert_eq!(ledger.wait_before("dev", 75), Duration::from_secs(15));
-        assert!(ledger.take("other", &seed, 75).is_some(), "devices are independent");
-        assert!(ledger.take("dev", &seed, 90).is_some(), "next step");
+        // First needed at 45: that step may have been used by a previous process.
+        let since = |t: u64| Duration::from_secs(t - 45);
+        assert_eq!(ledger.wait_before_at("dev", 45, since(45)), Duration::from_secs(15));
+        assert_eq!(ledger.take_at("dev", &seed, 59, since(59)), None, "the start's step");
+        assert_eq!(ledger.take_at("other", &seed, 59, since(59)), None, "for every device");
+        assert_eq!(ledger.wait_before_at("dev", 60, since(60)), Duration::ZERO);
+        assert!(ledger.take_at("dev", &seed, 60, since(60)).is_some());
+        assert_eq!(ledger.take_at("dev", &seed, 75, since(75)), None, "same step");
+        assert_eq!(ledger.wait_before_at("dev", 75, since(75)), Duration::from_secs(15));
+        assert!(
+            ledger.take_at("other", &seed, 75, since(75)).is_some(),
+            "devices are independent"
+        );
+        assert!(ledger.take_at("dev", &seed, 90, since(90)).is_some(), "next step");
     }
 
     #[test]
-    fn a_clock_corrected_backwards_does_not_hold_codes_back() {
+    fn the_start_step_follows_the_clock_once_it_is_corrected() {
         let ledger = CodeLedger::default();
         let seed = Seed::parse(RFC_SEED).unwrap();
-        // First code needed (and taken a step later) with a clock two hours ahead.
-        let ahead = 7200 + 600;
-        assert_eq!(ledger.take("dev", &seed, ahead), None);
-        assert!(ledger.take("dev", &seed, ahead + 30).is_some());
-        // Corrected: the current step is usable at once, and then used.
-        assert_eq!(ledger.wait_before("dev", 615), Duration::ZERO);
-        assert!(ledger.take("dev", &seed, 615).is_some());
-        assert_eq!(ledger.take("dev", &seed, 620), None);
+        // First needed at true time 600 with a clock two hours ahead (its step 260 is
+        // fenced, nothing is sent); 5 s later the clock is corrected: the start fell in true
+        // step 20, whose code the previous process may have sent.
+        assert_eq!(ledger.take_at("dev", &seed, 7200 + 600, Duration::ZERO), None);
+        assert_eq!(
+            ledger.take_at("dev", &seed, 605, Duration::from_secs(5)),
+            None,
+            "the true start step"
+        );
+        assert_eq!(
+            ledger.wait_before_at("dev", 605, Duration::from_secs(5)),
+            Duration::from_secs(25)
+        );
+        assert!(ledger.take_at("dev", &seed, 630, Duration::from_secs(30)).is_some());
+        assert_eq!(ledger.take_at("dev", &seed, 640, Duration::from_secs(40)), None);
+        // A code taken with a clock hours ahead does not hold the corrected clock back.
+        let ledger = CodeLedger::default();
+        assert!(
+            ledger
+                .take_at("dev", &seed, 7200 + 660, Duration::from_secs(60))
+                .is_some()
+        );
+        assert!(ledger.take_at("dev", &seed, 690, Duration::from_secs(90)).is_some());
         // A small correction (within two steps) still counts the later step as used.
         let ledger = CodeLedger::default();
-        assert_eq!(ledger.take("dev", &seed, 100), None);
-        assert!(ledger.take("dev", &seed, 125).is_some());
-        assert_eq!(ledger.take("dev", &seed, 95), None, "one step back");
-        assert_eq!(ledger.wait_before("dev", 95), Duration::from_secs(55));
+        assert!(ledger.take_at("dev", &seed, 125, Duration::from_secs(60)).is_some());
+        assert_eq!(
+            ledger.take_at("dev", &seed, 95, Duration::from_secs(61)),
+            None,
+            "one step back"
+        );
+        assert_eq!(
+            ledger.wait_before_at("dev", 95, Duration::from_secs(61)),
+            Duration::from_secs(55)
+        );
     }
 }

@@ -152,22 +152,28 @@ impl Context {
     /// What this process remembers of a subject. One that remembers nothing (it just
     /// started, or just became leader) takes over the failure count and retry time that the
     /// binding's status records.
-    fn state(&self, key: &SubjectKey, binding: &AWSRoleBinding, spec_hash: &str) -> SubjectState {
+    fn state(&self, key: &SubjectKey, binding: &AWSRoleBinding) -> SubjectState {
         if let Some(state) = self.subjects.lock().expect("state lock").get(key).cloned() {
             return state;
         }
         let Some(status) = self.current_status(binding) else {
             return SubjectState::default();
         };
-        let ready = status.conditions.iter().find(|c| c.type_ == READY);
-        let reason = ready.and_then(|c| Reason::parse(&c.reason));
-        // Written for this generation: what it says was said of this spec.
-        let current = ready.is_some_and(|c| c.observed_generation == binding.metadata.generation);
+        let reason = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == READY)
+            .and_then(|c| Reason::parse(&c.reason));
+        let now = self.settings.clock.now();
         status
             .subjects
             .iter()
             .find(|s| s.name == key.2)
-            .map(|s| SubjectState::resumed(s, reason, current.then_some(spec_hash)))
+            .map(|s| {
+                let delay = timing::backoff_delay(s.consecutive_failures, rand::random::<f64>(), now, None);
+                let first_retry = now + jiff::SignedDuration::try_from(delay).unwrap_or_default();
+                SubjectState::resumed(s, reason, first_retry)
+            })
             .unwrap_or_default()
     }
 

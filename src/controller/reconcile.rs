@@ -14,7 +14,7 @@ pub(super) async fn reconcile(binding: Arc<AWSRoleBinding>, ctx: Arc<Context>) -
         ctx.failed_reconciles.lock().expect("failure lock").remove(&at);
         // Deleted while this reconcile ran: what it recorded after the delete event goes too.
         forget_binding(&binding, &ctx.subjects, &ctx.metrics);
-    } else if let Err(error) = &result {
+    } else if let Err(error @ Error::Kube(_)) = &result {
         report_kubernetes_error(&binding, error, &ctx).await;
     }
     result

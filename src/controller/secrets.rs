@@ -159,7 +159,9 @@ pub(super) async fn write_secret(
 /// Whether an apply naming a uid was refused because the object is not that one any more:
 /// gone (409, uid mismatch) or another object of the name (422 on `metadata.uid`).
 fn replaced_meanwhile(e: &kube::core::Status) -> bool {
-    (e.code == 409 && e.message.contains("uid mismatch")) || (e.code == 422 && e.message.contains("metadata.uid"))
+    let causes = e.details.as_ref().map(|d| d.causes.as_slice()).unwrap_or_default();
+    (e.code == 409 && e.message.contains("uid mismatch"))
+        || (e.code == 422 && causes.iter().any(|c| c.field == "metadata.uid"))
 }
 
 /// Server-side apply of `desired`, leaving nothing behind that the operator wrote before and
@@ -230,7 +232,14 @@ fn removes_data_keys(existing: &Secret, desired: &Secret) -> bool {
 /// expired marker beside the old credentials. Written meanwhile: the apply's own follow-up
 /// (in `apply_secret`) does it instead.
 async fn move_create_entry_first(ctx: &Context, api: &Api<Secret>, desired: &Secret) -> Result<()> {
-    let live = api.get(&desired.name_any()).await.map_err(Error::Kube)?;
+    let Some(live) = api.get_opt(&desired.name_any()).await.map_err(Error::Kube)? else {
+        // Gone: the apply that follows, naming the uid, says so.
+        return Ok(());
+    };
+    if live.uid() != desired.uid() {
+        // Another Secret of the name: not ours to write (the apply is refused too).
+        return Ok(());
+    }
     let Some((managed_fields, _)) = absorb_create_entry(&live, desired) else {
         return Ok(());
     };
@@ -358,7 +367,9 @@ pub(super) async fn expire_credentials(
             // The current spec renders a Secret the apiserver refuses (say, invalid labels):
             // the credentials go all the same, the Secret keeping its own labels.
             Err(Error::Kube(kube::Error::Api(e))) if e.code == 422 => {
-                expire_in_place(ctx, secret, target).await?;
+                if !expire_in_place(ctx, secret, target).await? {
+                    return Ok(false);
+                }
             }
             Err(e) => return Err(e),
         }
@@ -389,16 +400,18 @@ pub(super) async fn expire_secret_in_place(ctx: &Context, binding: &AWSRoleBindi
         extra_labels: template.labels,
         extra_annotations: template.annotations,
     };
-    expire_in_place(ctx, secret, &wanted).await?;
+    if !expire_in_place(ctx, secret, &wanted).await? {
+        return Ok(());
+    }
     tracing::warn!(secret = %secret.name_any(), namespace = %secret.namespace().unwrap_or_default(), "credentials expired while the binding's spec is invalid; removed them from the Secret");
     Ok(())
 }
 
 /// Writes `secret` without its credentials when its spec cannot render it: invalid, or
-/// refused by the apiserver. Its type, spec hash and role come from the Secret itself, and
+/// refused by the apiserver; says whether they are gone. Its type, spec hash and role come from the Secret itself, and
 /// of the labels and annotations `wanted` asks for only those it already carries (so
 /// nothing refused is written, and nothing someone else added is taken over).
-async fn expire_in_place(ctx: &Context, secret: &Secret, wanted: &render::SecretTarget) -> Result<()> {
+async fn expire_in_place(ctx: &Context, secret: &Secret, wanted: &render::SecretTarget) -> Result<bool> {
     let carried = |wanted: &std::collections::BTreeMap<String, String>,
                    has: &std::collections::BTreeMap<String, String>| {
         wanted
@@ -424,10 +437,17 @@ async fn expire_in_place(ctx: &Context, secret: &Secret, wanted: &render::Secret
     };
     let expired_at =
         render::annotation_time(secret, render::EXPIRATION_ANNOTATION).unwrap_or_else(|| ctx.settings.clock.now());
-    write_secret(ctx, &render::render_expired_secret(&target, expired_at), Some(secret))
-        .await?
-        .ok();
-    Ok(())
+    match write_secret(ctx, &render::render_expired_secret(&target, expired_at), Some(secret)).await {
+        Ok(written) => Ok(written.is_ok()),
+        // Refused even so (its own metadata grew invalid, say annotations over the size
+        // limit): the Secret is the binding's, and an expired credential must not stay.
+        Err(Error::Kube(kube::Error::Api(e))) if e.code == 422 => {
+            tracing::warn!(secret = %secret.name_any(), namespace = %target.namespace, error = %e.message, "the apiserver refuses the Secret without its expired credentials; deleting it");
+            delete_secret(ctx, secret).await?;
+            Ok(true)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

@@ -58,7 +58,7 @@ pub(super) async fn reconcile_subject(
 
     let existing = current_secret(ctx, target).await?;
     let stored = existing.as_deref().map(|secret| stored_secret(secret, target));
-    let mut state = ctx.state(&key, binding, &plan.spec_hash);
+    let mut state = ctx.state(&key, binding);
     let decision = decision::decide(
         &decision::Inputs {
             secret: stored.as_ref(),
@@ -79,10 +79,7 @@ pub(super) async fn reconcile_subject(
         },
     );
     // The Secret's credentials while they are still valid (for status and backoff).
-    let secret_expiration = stored.as_ref().and_then(|s| s.expiration);
-    let current_spec = stored
-        .as_ref()
-        .is_some_and(|s| s.spec_hash.as_deref() == Some(plan.spec_hash.as_str()));
+    let (secret_expiration, current_spec) = held(stored.as_ref(), plan);
 
     match decision {
         Decision::Conflict => {
@@ -195,8 +192,7 @@ pub(super) async fn issue(
 ) -> Result<SubjectResult> {
     let target = &sp.target;
     let (key, labels) = subject_ids(sp);
-    let secret_expiration = stored.and_then(|s| s.expiration);
-    let current_spec = stored.is_some_and(|s| s.spec_hash.as_deref() == Some(plan.spec_hash.as_str()));
+    let (secret_expiration, current_spec) = held(stored, plan);
     tracing::debug!(service_account = %sp.service_account, "issuing credentials");
     let issued = match prepare_request(binding, sp, resolved, ctx).await {
         Ok(request) => ctx.issuer.issue(&request).await,
@@ -368,7 +364,9 @@ pub(super) fn failed_result(
     status.message = message;
     status.expiration = valid_until.map(Time);
     status.next_refresh_time = retry_at.map(Time);
-    if let Some((_, creds)) = state.creds.as_ref().filter(|_| valid_until.is_some()) {
+    // What the Secret holds (not credentials this process keeps but could not write).
+    let in_secret = |c: &&(String, Credentials)| valid_until == Some(c.1.expiration);
+    if let Some((_, creds)) = state.creds.as_ref().filter(in_secret) {
         status.access_key_id = Some(creds.access_key_id.clone());
         status.arn = creds.arn.clone();
         status.issued_at = Some(Time(creds.issued_at));
@@ -404,12 +402,25 @@ async fn write_subject_secret(
     match write_secret(ctx, desired, existing).await {
         Ok(Ok(())) => Ok(Ok(())),
         Ok(Err(message)) => Ok(Err((Reason::SecretConflict, message))),
-        Err(Error::Kube(kube::Error::Api(e))) if e.code == 422 => Ok(Err((
+        Err(Error::Kube(kube::Error::Api(e))) if refuses_metadata(&e) => Ok(Err((
             Reason::InvalidSpec,
             format!("the apiserver refuses Secret {}: {}", desired.name_any(), e.message),
         ))),
+        // Anything else (an admission policy, a webhook, a quota) is a Kubernetes error,
+        // retried with backoff.
         Err(e) => Err(e),
     }
+}
+
+/// Whether the apiserver refused a Secret as invalid for its labels or annotations alone
+/// (what `spec.secret` sets, or what was added to the Secret): every cause names one.
+fn refuses_metadata(e: &kube::core::Status) -> bool {
+    let causes = e.details.as_ref().map(|d| d.causes.as_slice()).unwrap_or_default();
+    e.code == 422
+        && !causes.is_empty()
+        && causes
+            .iter()
+            .all(|c| c.field.starts_with("metadata.labels") || c.field.starts_with("metadata.annotations"))
 }
 
 /// The result of a subject whose Secret could not be written for `reason`.
@@ -431,14 +442,17 @@ fn unwritten(
 ) -> SubjectResult {
     if reason == Reason::InvalidSpec {
         let (key, labels) = subject_ids(sp);
+        // Counted once per spec: a count that changed at every pass would write status,
+        // and the status write wake the binding again.
+        if state.refused_spec.as_deref() != Some(plan.spec_hash.as_str()) {
+            state.failures += 1;
+        }
         state.creds = None;
-        state.failures += 1;
         state.retry_at = None;
         state.refused_spec = Some(plan.spec_hash.clone());
         state.last_error = Some((reason, message));
         ctx.set_state(key, state.clone());
-        let secret_expiration = stored.and_then(|s| s.expiration);
-        let current_spec = stored.is_some_and(|s| s.spec_hash.as_deref() == Some(plan.spec_hash.as_str()));
+        let (secret_expiration, current_spec) = held(stored, plan);
         return failed_result(
             sp,
             &state,
@@ -482,13 +496,10 @@ pub(super) fn kubernetes_failed(
         .secrets
         .get(&ObjectRef::new(&target.name).within(&target.namespace))
         .map(|secret| stored_secret(&secret, target));
-    let mut state = ctx.state(&key, binding, &plan.spec_hash);
+    let mut state = ctx.state(&key, binding);
     let message = format!("{error}");
     state.last_error = Some((Reason::KubernetesError, message));
-    let secret_expiration = stored.as_ref().and_then(|s| s.expiration);
-    let current_spec = stored
-        .as_ref()
-        .is_some_and(|s| s.spec_hash.as_deref() == Some(plan.spec_hash.as_str()));
+    let (secret_expiration, current_spec) = held(stored.as_ref(), plan);
     failed_result(
         sp,
         &state,
@@ -499,10 +510,19 @@ pub(super) fn kubernetes_failed(
         },
         secret_expiration,
         current_spec,
-        None,
+        state.retry_at,
         now,
         ctx,
         &labels,
+    )
+}
+
+/// What status needs of the subject's Secret: the expiry of what it holds (or held, once
+/// emptied), and whether it was written for the current spec.
+fn held(stored: Option<&decision::StoredSecret>, plan: &BindingPlan) -> (Option<Timestamp>, bool) {
+    (
+        stored.and_then(|s| s.expiration),
+        stored.is_some_and(|s| s.spec_hash.as_deref() == Some(plan.spec_hash.as_str())),
     )
 }
 

@@ -1217,3 +1217,12 @@ async fn forwarder_rewrites_expirations_and_reframes_chunked_answers() {
     );
     assert_eq!(rewrite_expiration("<GetCallerIdentityResult/>", "x"), None);
 }
+
+/// The sum of metric `name` over all its label sets, in the text exposition `metrics`.
+pub fn metric_sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -319,15 +319,6 @@ impl Drop for Refusal {
     }
 }
 
-/// Sum of `kube_sts_reconcile_errors_total` over its labels.
-fn reconcile_errors(metrics: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("kube_sts_reconcile_errors_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test]
 async fn a_refused_kubernetes_request_is_reported_backed_off_and_healed() {
     let ns = TestNamespace::new("kubeerr").await;
@@ -347,7 +338,7 @@ async fn a_refused_kubernetes_request_is_reported_backed_off_and_healed() {
     let message = wait_ready(&ns.bindings(), "b", "False", "KubernetesError").await;
     assert!(message.contains(&refusal.name), "{message}");
     eventually("retries", Duration::from_secs(60), || async {
-        (reconcile_errors(&operator.metrics().await) >= 2.0).then_some(())
+        (metric_sum(&operator.metrics().await, "kube_sts_reconcile_errors_total") >= 2.0).then_some(())
     })
     .await;
     assert_eq!(sts.count("AssumeRole"), 1, "a retry asked STS again");

@@ -37,11 +37,7 @@ fn election_args<'a>(ns: &'a str, lease: &'a str) -> [&'a str; 5] {
 
 /// Sum of `kube_sts_api_writes_total` over all labels.
 fn api_writes(metrics: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("kube_sts_api_writes_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(metrics, "kube_sts_api_writes_total")
 }
 
 fn reconciles(metrics: &str) -> f64 {
