@@ -1,8 +1,9 @@
 //! Prometheus metrics and the small HTTP server for `/metrics`, `/healthz` and `/readyz`.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicI64, Ordering},
@@ -10,12 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
-    sync::Semaphore,
-};
+use tokio::io::{AsyncRead, AsyncWrite};
 
-use futures::FutureExt;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -229,8 +226,10 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Whatever a connection does (e.g. a client that stops reading the answer), it is closed
 /// this long after it was accepted. Keep-alive is off: every answer closes its connection.
 pub const CONNECTION_MAX_AGE: Duration = Duration::from_secs(60);
-/// Connections served at once. A connection accepted beyond that is answered
-/// `503 Service Unavailable` at once and closed, without reading its request.
+/// Connections served at once. When a connection arrives with this many open, the oldest
+/// connection of the peer holding the most is closed to make room: one client holding
+/// connections open (a tenant's pod, say) loses its own, and a kubelet probe or a scraper,
+/// whose request arrives at once, is still served.
 pub const MAX_CONNECTIONS: usize = 64;
 /// After a failed `accept` (e.g. EMFILE: out of file descriptors; the connection stays in
 /// the backlog) the server waits before it accepts again: from the first of these, doubling
@@ -246,9 +245,31 @@ struct Backoff {
     max: Duration,
 }
 
-/// Written to a connection beyond `MAX_CONNECTIONS`.
-const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
-connection: close\r\ncontent-length: 26\r\n\r\ntoo many open connections\n";
+/// The open connections, by id: their peer and when they were accepted.
+#[derive(Default)]
+struct Open {
+    next: u64,
+    by_id: HashMap<u64, (IpAddr, Instant)>,
+}
+
+impl Open {
+    /// The connection to close for a new one when full: the oldest of the peer holding the
+    /// most (ties: the peer whose oldest is older).
+    fn victim(&self) -> Option<u64> {
+        let mut per_peer: HashMap<IpAddr, (usize, Instant, u64)> = HashMap::new();
+        for (id, (peer, since)) in &self.by_id {
+            let entry = per_peer.entry(*peer).or_insert((0, *since, *id));
+            entry.0 += 1;
+            if *since < entry.1 || (*since == entry.1 && *id < entry.2) {
+                (entry.1, entry.2) = (*since, *id);
+            }
+        }
+        per_peer
+            .into_values()
+            .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then(b.2.cmp(&a.2)))
+            .map(|(_, _, id)| id)
+    }
+}
 
 fn route(metrics: &Metrics, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
@@ -284,24 +305,27 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
         "serving /metrics, /healthz and /readyz"
     );
     let listener = &listener;
-    match accept_loop(move || listener.accept(), ACCEPT_BACKOFF, metrics).await {}
+    let accept = move || async move { listener.accept().await.map(|(stream, peer)| (stream, peer.ip())) };
+    match accept_loop(accept, ACCEPT_BACKOFF, metrics).await {}
 }
 
 /// Accepts connections from `accept` and serves each in a task of its own, at most
-/// `MAX_CONNECTIONS` at once; waits `backoff` after a failed accept. Never returns.
-async fn accept_loop<A, F, S, P>(mut accept: A, backoff: Backoff, metrics: Arc<Metrics>) -> Infallible
+/// `MAX_CONNECTIONS` at once (making room as [`Open::victim`] says); waits `backoff` after
+/// a failed accept. Never returns.
+async fn accept_loop<A, F, S>(mut accept: A, backoff: Backoff, metrics: Arc<Metrics>) -> Infallible
 where
     A: FnMut() -> F,
-    F: Future<Output = std::io::Result<(S, P)>>,
+    F: Future<Output = std::io::Result<(S, IpAddr)>>,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let open = Arc::new(Mutex::new(Open::default()));
+    let mut tasks: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
     let mut wait = backoff.first;
     loop {
-        let mut stream = match accept().await {
-            Ok((stream, _)) => {
+        let (stream, peer) = match accept().await {
+            Ok(accepted) => {
                 wait = backoff.first;
-                stream
+                accepted
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?wait, "metrics server: accepting a connection failed; retrying");
@@ -310,17 +334,26 @@ where
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            // Never waits: a fresh connection's send buffer takes these few bytes at once.
-            let _ = async {
-                stream.write_all(TOO_MANY_CONNECTIONS).await?;
-                stream.shutdown().await
+        let id = {
+            let mut open = open.lock().expect("connections lock");
+            tasks.retain(|id, _| open.by_id.contains_key(id));
+            if open.by_id.len() >= MAX_CONNECTIONS
+                && let Some(victim) = open.victim()
+            {
+                open.by_id.remove(&victim);
+                if let Some(task) = tasks.remove(&victim) {
+                    task.abort();
+                }
             }
-            .now_or_never();
-            continue;
+            open.next += 1;
+            let id = open.next;
+            open.by_id.insert(id, (peer, Instant::now()));
+            id
         };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
+        let (metrics, registry) = (metrics.clone(), open.clone());
+        let task = tokio::spawn(async move {
+            // Leaves the table however the task ends (answered, timed out, closed for room).
+            let _registered = Registered { id, open: registry };
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let response = route(&metrics, &req);
                 async move { Ok::<_, Infallible>(response) }
@@ -331,8 +364,20 @@ where
                 .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_MAX_AGE, connection).await;
-            drop(slot);
         });
+        tasks.insert(id, task.abort_handle());
+    }
+}
+
+/// A connection's entry in the table of open ones, removed when its task ends.
+struct Registered {
+    id: u64,
+    open: Arc<Mutex<Open>>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.open.lock().expect("connections lock").by_id.remove(&self.id);
     }
 }
 
@@ -342,21 +387,23 @@ mod tests {
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
+    use futures::FutureExt;
+
     use super::*;
 
-    /// Connections (or accept errors) for the listener of `fed_listener`.
-    type Feed = tokio::sync::mpsc::UnboundedSender<io::Result<DuplexStream>>;
-    type Accepting = std::pin::Pin<Box<dyn Future<Output = io::Result<(DuplexStream, ())>> + Send>>;
+    /// Connections (with their peer) or accept errors for the listener of `fed_listener`.
+    type Feed = tokio::sync::mpsc::UnboundedSender<io::Result<(DuplexStream, IpAddr)>>;
+    type Accepting = std::pin::Pin<Box<dyn Future<Output = io::Result<(DuplexStream, IpAddr)>> + Send>>;
 
     /// A listener fed by the test: `accept` takes the next connection (or error) sent.
     fn fed_listener() -> (Feed, impl FnMut() -> Accepting) {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<io::Result<DuplexStream>>();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<io::Result<(DuplexStream, IpAddr)>>();
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let accept = move || {
             let rx = rx.clone();
             Box::pin(async move {
                 match rx.lock().await.recv().await {
-                    Some(next) => next.map(|stream| (stream, ())),
+                    Some(next) => next,
                     None => std::future::pending().await,
                 }
             }) as Accepting
@@ -364,11 +411,14 @@ mod tests {
         (tx, accept)
     }
 
-    /// Sends `GET path` on a new connection handed to the listener; returns everything the
-    /// server wrote until it closed the connection.
-    async fn get(tx: &Feed, path: &str) -> String {
+    const PROBE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const POD: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+
+    /// Sends `GET path` from `peer` on a new connection handed to the listener; returns
+    /// everything the server wrote until it closed the connection.
+    async fn get_from(tx: &Feed, peer: IpAddr, path: &str) -> String {
         let (mut client, server) = duplex(64 * 1024);
-        tx.send(Ok(server)).unwrap();
+        tx.send(Ok((server, peer))).unwrap();
         client
             .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
             .await
@@ -376,6 +426,10 @@ mod tests {
         let mut out = String::new();
         client.read_to_string(&mut out).await.unwrap();
         out
+    }
+
+    async fn get(tx: &Feed, path: &str) -> String {
+        get_from(tx, PROBE, path).await
     }
 
     /// No backoff: the tests do not wait.
@@ -401,42 +455,51 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_beyond_the_cap_is_refused_until_one_closes() {
+    async fn a_client_holding_every_connection_loses_its_oldest_not_the_probe() {
         let (tx, accept) = fed_listener();
         tokio::spawn(accept_loop(accept, NO_BACKOFF, Arc::new(Metrics::default())));
-        // MAX_CONNECTIONS connections that send nothing hold every slot.
+        // One peer holds every connection, sending nothing.
         let mut idle = VecDeque::new();
         for _ in 0..MAX_CONNECTIONS {
             let (client, server) = duplex(1024);
-            tx.send(Ok(server)).unwrap();
+            tx.send(Ok((server, POD))).unwrap();
             idle.push_back(client);
         }
-        let (mut refused, server) = duplex(1024);
-        tx.send(Ok(server)).unwrap();
-        let mut answer = String::new();
-        refused.read_to_string(&mut answer).await.unwrap();
-        assert!(
-            answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
-                && answer.ends_with("too many open connections\n"),
-            "{answer}"
-        );
-        // Connections the cap refused hold no slot: still refused.
-        let answer = get(&tx, "/healthz").await;
-        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
-        // One idle client goes away: its slot frees, and the next connection is served.
-        drop(idle.pop_front());
-        let served = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                let answer = get(&tx, "/healthz").await;
-                if !answer.starts_with("HTTP/1.1 503 ") {
-                    return answer;
-                }
-                tokio::task::yield_now().await;
-            }
-        });
-        let answer = served.await.expect("a connection is served once a slot is free");
+        // A probe from elsewhere is served...
+        let answer = tokio::time::timeout(Duration::from_secs(30), get(&tx, "/healthz"))
+            .await
+            .expect("the probe is served");
         assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
         assert!(answer.contains("connection: close\r\n"), "{answer}");
+        // ...in the room made by closing that peer's oldest connection, and only that one.
+        let mut oldest = idle.pop_front().unwrap();
+        let mut rest = String::new();
+        tokio::time::timeout(Duration::from_secs(30), oldest.read_to_string(&mut rest))
+            .await
+            .expect("the oldest idle connection is closed")
+            .unwrap();
+        assert_eq!(rest, "");
+        let mut next = idle.pop_front().unwrap();
+        let mut byte = [0u8; 1];
+        assert!(
+            next.read(&mut byte).now_or_never().is_none(),
+            "a younger connection was closed too"
+        );
+    }
+
+    #[test]
+    fn room_is_made_by_the_peer_holding_the_most() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let open = |conns: &[(u64, IpAddr, u64)]| Open {
+            next: 0,
+            by_id: conns.iter().map(|(id, peer, s)| (*id, (*peer, at(*s)))).collect(),
+        };
+        assert_eq!(open(&[]).victim(), None);
+        // The pod holds more than the probe: its oldest goes, though the probe's is older.
+        assert_eq!(open(&[(1, PROBE, 0), (2, POD, 5), (3, POD, 3)]).victim(), Some(3));
+        // As many each: the peer whose oldest is older.
+        assert_eq!(open(&[(1, PROBE, 2), (2, POD, 1)]).victim(), Some(2));
     }
 
     #[test]

@@ -331,8 +331,9 @@ pub fn read_credentials(secret: &Secret, target: &SecretTarget) -> Option<Creden
         note: secret.annotations().get(NOTE_ANNOTATION).cloned(),
         registries,
     };
-    (secret.type_.as_deref() == Some(secret_type(target)) && secret.data.as_ref() == Some(&secret_data(&creds, target)))
-        .then_some(creds)
+    (secret.type_.as_deref() == Some(secret_type(target))
+        && same_data(&secret.data, &Some(secret_data(&creds, target))))
+    .then_some(creds)
 }
 
 /// The registries of a `.dockerconfigjson` (sorted by host); `None` when it is not one.
@@ -354,6 +355,45 @@ fn read_registries(json: &str) -> Option<Vec<RegistryAuth>> {
     (!registries.is_empty()).then_some(registries)
 }
 
+/// The data keys whose values the operator reads back from a Secret (the credentials
+/// themselves). Every other key is a rendering of these and is cached as a digest only.
+const READ_BACK_KEYS: [&str; 4] = [
+    KEY_ACCESS_KEY_ID,
+    KEY_SECRET_ACCESS_KEY,
+    KEY_SESSION_TOKEN,
+    KEY_DOCKER_CONFIG,
+];
+
+/// Marks a value that was replaced by its digest (no rendered value starts with a NUL).
+const DIGEST_MARK: &[u8] = b"\0sha256\0";
+
+/// A Secret's data as the cache keeps it: the credential keys as they are, every rendered
+/// key (credentials file, `credential_process` JSON, config, expiration) by its SHA-256, so
+/// a cached Secret holds each credential once. Idempotent; comparisons of data go through
+/// it on both sides, so a cached and a freshly read Secret compare alike.
+pub fn cached_data(data: &BTreeMap<String, ByteString>) -> BTreeMap<String, ByteString> {
+    use sha2::{Digest, Sha256};
+    data.iter()
+        .map(|(key, value)| {
+            let kept = READ_BACK_KEYS.contains(&key.as_str()) || value.0.starts_with(DIGEST_MARK);
+            let value = if kept {
+                value.clone()
+            } else {
+                ByteString([DIGEST_MARK, Sha256::digest(&value.0).as_slice()].concat())
+            };
+            (key.clone(), value)
+        })
+        .collect()
+}
+
+/// Whether two Secrets' data are the same, either side cached or read as it is.
+fn same_data(a: &Option<BTreeMap<String, ByteString>>, b: &Option<BTreeMap<String, ByteString>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a.len() == b.len() && cached_data(a) == cached_data(b),
+        (a, b) => a.is_none() && b.is_none(),
+    }
+}
+
 /// True when `actual` carries everything `desired` says (data, type, labels, annotations,
 /// owner). Extra labels or annotations others added are left alone.
 pub fn secret_matches(actual: &Secret, desired: &Secret) -> bool {
@@ -361,7 +401,7 @@ pub fn secret_matches(actual: &Secret, desired: &Secret) -> bool {
         let have = have.clone().unwrap_or_default();
         want.iter().flatten().all(|(k, v)| have.get(k) == Some(v))
     };
-    actual.data == desired.data
+    same_data(&actual.data, &desired.data)
         && actual.type_ == desired.type_
         && contains(&actual.metadata.labels, &desired.metadata.labels)
         && contains(&actual.metadata.annotations, &desired.metadata.annotations)
@@ -520,6 +560,30 @@ mod tests {
         assert!(secret_matches(&actual, &desired));
         actual.data.as_mut().unwrap().remove(KEY_CONFIG);
         assert!(!secret_matches(&actual, &desired));
+    }
+
+    #[test]
+    fn a_cached_secret_holds_each_credential_once_and_still_compares() {
+        let desired = render_secret(&creds(), &target());
+        let data = desired.data.clone().unwrap();
+        let cached = cached_data(&data);
+        assert_eq!(cached_data(&cached), cached, "idempotent");
+        // The credential keys stay readable, the renderings are digests.
+        assert_eq!(cached[KEY_SESSION_TOKEN], data[KEY_SESSION_TOKEN]);
+        for key in [KEY_CREDENTIALS, KEY_CREDENTIALS_JSON, KEY_CONFIG, KEY_EXPIRATION] {
+            assert!(cached[key].0.starts_with(DIGEST_MARK), "{key}");
+            assert!(!String::from_utf8_lossy(&cached[key].0).contains("s3cr3t"), "{key}");
+        }
+        let mut in_cache = desired.clone();
+        in_cache.data = Some(cached);
+        assert!(secret_matches(&in_cache, &desired));
+        assert_eq!(read_credentials(&in_cache, &target()), Some(creds()));
+        // An edited rendering is seen through its digest.
+        let mut edited = data.clone();
+        edited.insert(KEY_CONFIG.into(), ByteString(b"[default]\n".to_vec()));
+        in_cache.data = Some(cached_data(&edited));
+        assert!(!secret_matches(&in_cache, &desired));
+        assert_eq!(read_credentials(&in_cache, &target()), None);
     }
 
     fn pull_target() -> SecretTarget {

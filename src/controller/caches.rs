@@ -117,10 +117,47 @@ where
     }
 }
 
-/// The caches keep no managedFields: the operator never reads them, and they are often the
-/// largest part of an object's metadata.
+/// The caches keep no managedFields (the operator never reads them, and they are often the
+/// largest part of an object's metadata), nor the copy of the whole object that a
+/// client-side `kubectl apply` keeps in an annotation.
 pub(super) fn strip_managed_fields<K: ResourceExt>(object: &mut K) {
     object.managed_fields_mut().clear();
+    object.annotations_mut().remove(LAST_APPLIED);
+}
+
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// A managed Secret as cached: each credential once, the renderings of it as digests
+/// (`render::cached_data`).
+pub(super) fn trim_secret(secret: &mut Secret) {
+    strip_managed_fields(secret);
+    if let Some(data) = &mut secret.data {
+        *data = render::cached_data(data);
+    }
+}
+
+/// What is cached of a ServiceAccount: that it exists.
+pub(super) fn trim_service_account(sa: &mut PartialObjectMeta<ServiceAccount>) {
+    let kept = kube::api::ObjectMeta {
+        name: sa.metadata.name.take(),
+        namespace: sa.metadata.namespace.take(),
+        uid: sa.metadata.uid.take(),
+        resource_version: sa.metadata.resource_version.take(),
+        ..Default::default()
+    };
+    sa.metadata = kept;
+}
+
+/// What is cached of a Namespace: its name and labels (grants select on them).
+pub(super) fn trim_namespace(namespace: &mut PartialObjectMeta<Namespace>) {
+    let kept = kube::api::ObjectMeta {
+        name: namespace.metadata.name.take(),
+        uid: namespace.metadata.uid.take(),
+        resource_version: namespace.metadata.resource_version.take(),
+        labels: namespace.metadata.labels.take(),
+        ..Default::default()
+    };
+    namespace.metadata = kept;
 }
 
 /// Drives a reflector in a task of its own (so its cache fills whatever the controller is

@@ -257,7 +257,7 @@ pub async fn run(
     let api = api_for::<Secret>(&client, ns.as_deref());
     let stream = reflector(
         writer,
-        watcher(api, watcher::Config::default().labels(&selector)).modify(strip_managed_fields),
+        watcher(api, watcher::Config::default().labels(&selector)).modify(trim_secret),
     )
     .default_backoff();
     let secret_owners = Arc::new(Mutex::new(SecretIndex::default()));
@@ -288,7 +288,7 @@ pub async fn run(
     };
     let stream = reflector(
         writer,
-        watcher(api, watcher::Config::default()).modify(strip_managed_fields),
+        watcher(api, watcher::Config::default()).modify(trim_service_account),
     )
     .default_backoff();
     let store = bindings.clone();
@@ -310,7 +310,7 @@ pub async fn run(
         None => watcher::Config::default(),
     };
     let api = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
-    let stream = reflector(writer, watcher(api, config).modify(strip_managed_fields)).default_backoff();
+    let stream = reflector(writer, watcher(api, config).modify(trim_namespace)).default_backoff();
     let store = bindings.clone();
     drive(
         "namespaces",
