@@ -238,25 +238,30 @@ pub fn mutate(admission: &Admission<'_>) -> Mutation {
     let wiring = wiring(chosen, &sa);
     let refuse = |text: String| Mutation::without_patch(Outcome::Refused, Some(name.clone()), vec![warning(text)]);
 
-    // The Secret must be this subject's alone: another binding (or another subject) whose
-    // Secret has the same name would hand this pod someone else's credentials.
-    let claimed_by = in_namespace.iter().find_map(|b| {
-        b.spec
-            .subjects
-            .iter()
-            .filter(|s| !(b.name_any() == name && s.name == sa))
-            .find(|s| subject_secret_name(&b.spec, &b.name_any(), &s.name) == wiring.secret_name)
-            .map(|s| (b.name_any(), s.name.clone()))
-    });
-    if let Some((other, other_sa)) = claimed_by {
-        return refuse(format!(
-            "Secret {} is also the Secret of AWSRoleBinding {other} for ServiceAccount {other_sa}; nothing injected",
-            wiring.secret_name
-        ));
-    }
     if reports_secret_conflict(chosen) {
         return refuse(format!(
             "AWSRoleBinding {name} reports SecretConflict: Secret {} is not its own; nothing injected",
+            wiring.secret_name
+        ));
+    }
+    // The Secret must be this subject's alone: another binding (or another subject) whose
+    // Secret has the same name would hand this pod someone else's credentials. A claimant
+    // that reports SecretConflict lost the name (the operator writes only Secrets its
+    // binding owns); until the operator has said who owns it, nobody gets it.
+    let claimed_by = in_namespace
+        .iter()
+        .filter(|b| !reports_secret_conflict(b))
+        .find_map(|b| {
+            b.spec
+                .subjects
+                .iter()
+                .filter(|s| !(b.name_any() == name && s.name == sa))
+                .find(|s| subject_secret_name(&b.spec, &b.name_any(), &s.name) == wiring.secret_name)
+                .map(|s| (b.name_any(), s.name.clone()))
+        });
+    if let Some((other, other_sa)) = claimed_by {
+        return refuse(format!(
+            "Secret {} is also the Secret of AWSRoleBinding {other} for ServiceAccount {other_sa}; nothing injected",
             wiring.secret_name
         ));
     }
@@ -695,11 +700,14 @@ spec:
         }
     }
 
-    #[test]
-    fn a_binding_reporting_a_secret_conflict_is_not_mounted() {
-        let mut b = binding("reports", "subjects: [{name: app}]\nsecret: {name: db-password}\n");
-        b.metadata.generation = Some(2);
-        let conflict = |generation| AWSRoleBindingStatus {
+    fn reporting_conflict(mut b: AWSRoleBinding) -> AWSRoleBinding {
+        b.metadata.generation = Some(1);
+        b.status = Some(conflict_status(1));
+        b
+    }
+
+    fn conflict_status(generation: i64) -> AWSRoleBindingStatus {
+        AWSRoleBindingStatus {
             observed_generation: Some(generation),
             conditions: vec![Condition {
                 type_: READY.into(),
@@ -710,7 +718,38 @@ spec:
                 observed_generation: Some(generation),
             }],
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn the_claimant_the_operator_refused_loses_the_secret() {
+        let thief = binding("thief", "subjects: [{name: three}]\nsecret: {name: reports-app}\n");
+        let reports = binding("reports", "subjects: [{name: app}]\n");
+        // Before the operator has written a status: nobody.
+        assert_eq!(
+            run(&plain_pod("app"), &[thief.clone(), reports.clone()], None).outcome,
+            Outcome::Refused
+        );
+        // The operator refused the thief (the Secret is owned by reports).
+        let bindings = [reporting_conflict(thief), reports];
+        let m = run(&plain_pod("app"), &bindings, None);
+        assert_eq!(m.outcome, Outcome::Injected);
+        assert_eq!(m.patch[0].value[0]["secret"]["secretName"], "reports-app");
+        let m = run(&plain_pod("three"), &bindings, None);
+        assert_eq!((m.outcome, m.patch.len()), (Outcome::Refused, 0));
+        assert_eq!(
+            m.warnings,
+            [
+                "kube-sts: AWSRoleBinding thief reports SecretConflict: Secret reports-app is not its own; nothing injected"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_binding_reporting_a_secret_conflict_is_not_mounted() {
+        let mut b = binding("reports", "subjects: [{name: app}]\nsecret: {name: db-password}\n");
+        b.metadata.generation = Some(2);
+        let conflict = conflict_status;
         b.status = Some(conflict(2));
         let m = run(&plain_pod("app"), std::slice::from_ref(&b), None);
         assert_eq!((m.outcome, m.patch.len()), (Outcome::Refused, 0));
