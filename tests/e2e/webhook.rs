@@ -738,3 +738,58 @@ async fn webhook_never_mounts_the_secret_of_another_binding() {
         .unwrap();
     assert_eq!(injected_secret(&pod).as_deref(), Some("reports-app"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_container_gets_the_roles_identity_from_sts() {
+    // No kubelet here: the test does its part. It mounts the Secret where the injected
+    // volumeMount says and runs boto3 with exactly the environment the webhook gave the
+    // container (plus the STS peer's endpoint), as the container would.
+    let s = setup("wh-sts", false, 1, "Ignore", &[]).await;
+    let ns = &s.ns;
+    ns.service_account("app").await;
+    let role = create_role(&unique("wh"), &operator_arn(), None, true);
+    let sts = Forwarder::start().await;
+    let _operator = Operator::start(&ns.name, &sts, &["--require-grants=false"]);
+    let volume = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "  region: {}\n  secret: {{mountPath: {}}}\n",
+        env().aws["AWS_REGION"],
+        volume.path().display()
+    );
+    ns.apply_ok(&binding_yaml("reports", &role, &["app"], &extra));
+    wait_ready(&ns.bindings(), "reports", "True", "CredentialsIssued").await;
+    wait_effective(&ns.name, "app").await;
+
+    let pod = create_pod(&ns.name, &pod_json("app", Some("app"), json!({}), json!({})), false)
+        .await
+        .unwrap();
+    let container = &pod.spec.as_ref().unwrap().containers[0];
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "kube-sts-credentials")
+        .expect("the volume is mounted");
+    assert_eq!(mount.mount_path, volume.path().display().to_string());
+    let secret = ns.secrets().get(&injected_secret(&pod).unwrap()).await.unwrap();
+    for (key, value) in secret.data.unwrap() {
+        std::fs::write(volume.path().join(key), value.0).unwrap();
+    }
+    let out = Command::new(&env().python)
+        .args([
+            "-c",
+            "import boto3; print(boto3.client('sts').get_caller_identity()['Arn'])",
+        ])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env_of(container))
+        .env("AWS_ENDPOINT_URL_STS", &env().aws["AWS_ENDPOINT_URL_STS"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
+    let role_name = role.rsplit('/').next().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("arn:aws:sts::{}:assumed-role/{role_name}/{}.app", account(), ns.name)
+    );
+}
