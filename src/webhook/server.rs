@@ -4,7 +4,10 @@
 
 use std::{
     convert::Infallible,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -26,8 +29,14 @@ use super::review::Reviewer;
 pub const PATH: &str = "/mutate";
 /// A TLS handshake must be done within this time after connecting.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A request head must arrive within this time (hyper's header read timeout).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The first request's head must have arrived this long after the handshake.
+pub const FIRST_REQUEST_WITHIN: Duration = Duration::from_secs(10);
+/// Later request heads, and the idle time between requests (hyper's header read timeout
+/// runs while a kept-alive connection waits): longer than the API server keeps an idle
+/// connection (client-go: 90 s), so it is always the API server that closes one, and it
+/// never sends a request on a connection the webhook is closing (Go does not retry a POST
+/// that was written).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(100);
 /// Connections served at once; one beyond is closed at once. The API server keeps a few
 /// connections alive per replica, so this is far above what it needs.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -182,15 +191,26 @@ pub async fn serve(
                 }
                 Err(_) => return,
             };
+            let served = Arc::new(AtomicBool::new(false));
+            let seen = served.clone();
             let service = service_fn(move |req| {
+                seen.store(true, Ordering::Relaxed);
                 let reviewer = reviewer.clone();
                 async move { Ok::<_, Infallible>(handle(req, &reviewer).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
+                .header_read_timeout(IDLE_TIMEOUT)
+                .serve_connection(TokioIo::new(tls), service);
+            let mut connection = std::pin::pin!(connection);
+            match tokio::time::timeout(FIRST_REQUEST_WITHIN, connection.as_mut()).await {
+                Ok(_) => {}
+                // Nothing asked in time: closed (dropped).
+                Err(_) if !served.load(Ordering::Relaxed) => {}
+                Err(_) => {
+                    let _ = connection.await;
+                }
+            }
             drop(slot);
         });
     }
