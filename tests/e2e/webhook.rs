@@ -671,6 +671,7 @@ async fn webhook_certificate_rotates_without_a_rejected_admission() {
             }
             Err(e) => failed.push(format!("handshake with the published caBundle: {e}")),
         }
+        // A steady load of about five pods a second, not a wait for anything.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(failed.is_empty(), "{} of {created} failed: {failed:?}", failed.len());
