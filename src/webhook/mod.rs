@@ -5,9 +5,16 @@
 //! - `review`: one AdmissionReview in, one out, from the caches;
 //! - `certs`: the serving certificate's generations and the pure rotation policy;
 //! - `keeper`: the certificate's I/O (Secret, `caBundle`) and loading it into the server;
-//! - `server`: HTTPS with a certificate replaced in place.
+//! - `server`: HTTPS with a certificate replaced in place, closing connections until ready.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
@@ -87,37 +94,38 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
+    // Bound at once, so that a port that cannot be had fails the process at start.
+    let listener = tokio::net::TcpListener::bind(settings.addr)
+        .await
+        .map_err(|e| format!("cannot listen on --webhook-addr {}: {e}", settings.addr))?;
+    tracing::info!(addr = %settings.addr, path = server::PATH, "webhook listening; answering once the caches are synced and a certificate is loaded");
     let shutdown = shutdown.shared();
     let (bindings, namespaces) = caches(&client, settings.namespace.as_deref());
     let serving = Arc::new(server::ServingCert::default());
+    let tls = server::tls_config(serving.clone())?;
     let (loaded_tx, mut loaded) = tokio::sync::watch::channel(false);
     tokio::spawn(keeper::keep(
         client,
         settings.certificate.clone(),
-        serving.clone(),
+        serving,
         metrics.clone(),
         loaded_tx,
     ));
-    // Served only once the caches are complete and a certificate is loaded: until then the
-    // API server finds no listener and admits the pod unchanged (failurePolicy Ignore) at
-    // once, instead of getting answers from an empty cache.
-    let ready = async {
-        let _ = futures::join!(bindings.wait_until_ready(), namespaces.wait_until_ready());
-        let _ = loaded.wait_for(|loaded| *loaded).await;
+    // Until the caches are complete and a certificate is loaded, connections are closed at
+    // once: the API server then admits the pod unchanged at once (failurePolicy Ignore)
+    // instead of getting answers from an empty cache.
+    let accepting = Arc::new(AtomicBool::new(false));
+    let becoming_ready = {
+        let (bindings, namespaces, accepting, metrics) =
+            (bindings.clone(), namespaces.clone(), accepting.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let _ = futures::join!(bindings.wait_until_ready(), namespaces.wait_until_ready());
+            let _ = loaded.wait_for(|loaded| *loaded).await;
+            accepting.store(true, Ordering::Relaxed);
+            metrics.set_ready(true);
+            tracing::info!("serving the admission webhook");
+        })
     };
-    tokio::select! {
-        () = ready => {}
-        () = shutdown.clone() => {
-            tracing::info!("stopped before the webhook was ready");
-            return Ok(());
-        }
-    }
-    let listener = tokio::net::TcpListener::bind(settings.addr)
-        .await
-        .map_err(|e| format!("cannot listen on --webhook-addr {}: {e}", settings.addr))?;
-    let tls = server::tls_config(serving)?;
-    tracing::info!(addr = %settings.addr, path = server::PATH, "serving the admission webhook");
-    metrics.set_ready(true);
     let reviewer = Arc::new(review::Reviewer {
         bindings,
         namespaces,
@@ -126,11 +134,12 @@ pub async fn run(
     let delay = settings.shutdown_delay;
     let stop = async move {
         shutdown.await;
+        becoming_ready.abort();
         metrics.set_ready(false);
         tracing::info!(delay = ?delay, "shutting down: not ready, serving on for the shutdown delay");
         tokio::time::sleep(delay).await;
     };
-    server::serve(listener, tls, reviewer, stop).await;
+    server::serve(listener, tls, reviewer, accepting, stop).await;
     tracing::info!("webhook stopped");
     Ok(())
 }

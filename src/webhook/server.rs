@@ -156,11 +156,13 @@ async fn handle(req: Request<hyper::body::Incoming>, reviewer: &Reviewer) -> Res
     }
 }
 
-/// Serves `/mutate` on `listener` until `stop` completes.
+/// Serves `/mutate` on `listener` until `stop` completes; while `accepting` is false every
+/// connection is closed at once.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     reviewer: Arc<Reviewer>,
+    accepting: Arc<AtomicBool>,
     stop: impl Future<Output = ()>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -178,6 +180,9 @@ pub async fn serve(
             },
             () = &mut stop => return,
         };
+        if !accepting.load(Ordering::Relaxed) {
+            continue; // dropped: closed at once
+        }
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue; // dropped: closed at once
         };

@@ -55,7 +55,7 @@ impl Webhook {
                 let logs = webhook.logs();
                 let state = if logs.contains("Address already in use") {
                     Some(false)
-                } else if logs.contains("serving /metrics") {
+                } else if logs.contains("serving /metrics") && logs.contains("webhook listening") {
                     Some(true)
                 } else {
                     None
