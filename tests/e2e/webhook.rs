@@ -712,7 +712,21 @@ async fn webhook_never_mounts_the_secret_of_another_binding() {
         &["three"],
         "  secret: {name: reports-app}\n",
     ));
-    wait_ready(&ns.bindings(), "thief", "False", "SecretConflict").await;
+    // Waited for here rather than with `wait_ready`: a timeout shows what the operator wrote.
+    let refused = poll(Duration::from_secs(60), || async {
+        ready(&ns.bindings(), "thief")
+            .await
+            .filter(|(s, r, _)| s == "False" && r == "SecretConflict")
+    })
+    .await;
+    if refused.is_none() {
+        let thief = ns.bindings().get("thief").await.unwrap();
+        let secret = ns.secrets().get("reports-app").await.unwrap();
+        panic!(
+            "the operator did not report SecretConflict for thief within 60 s: generation {:?}, status {:?}; Secret reports-app owned by {:?}",
+            thief.metadata.generation, thief.status, secret.metadata.owner_references
+        );
+    }
     wait_effective(&ns.name, "app").await;
 
     let (pod, warnings) = kubectl_create(&ns.name, &pod_json("thief", Some("three"), json!({}), json!({})));
