@@ -13,6 +13,7 @@ pub mod plan;
 pub mod render;
 pub mod sts;
 pub mod timing;
+pub mod webhook;
 
 /// Failures of a reconcile that are retried with backoff (STS failures are not errors
 /// here: they are recorded per subject and reported in status).

@@ -5,9 +5,14 @@ use kube_sts::{
     controller::{self, Settings},
     crd,
     leader::{self, Elector, LeaseSettings},
-    metrics::{self, Metrics},
+    metrics::{self, Metrics, Process},
     plan::IssueSettings,
     sts::StsClient,
+    webhook::{
+        self,
+        certs::Policy,
+        keeper::{self, Managed},
+    },
 };
 
 #[derive(Parser)]
@@ -25,6 +30,8 @@ struct Cli {
 enum Command {
     /// Run the operator.
     Run(RunArgs),
+    /// Serve the mutating admission webhook that wires credentials into pods.
+    Webhook(WebhookArgs),
     /// Print both CRDs as YAML.
     Crd,
     /// Print the version.
@@ -87,6 +94,50 @@ struct RunArgs {
     /// Namespace of the Lease (default: the pod's namespace).
     #[arg(long, env = "KUBE_STS_LEASE_NAMESPACE")]
     lease_namespace: Option<String>,
+    #[arg(long, env = "KUBE_STS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter, e.g. `info` or `kube_sts=debug,info`.
+    #[arg(long, env = "KUBE_STS_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Args, Debug)]
+struct WebhookArgs {
+    /// Read bindings of this namespace only (default: all namespaces).
+    #[arg(long, env = "KUBE_STS_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of the HTTPS endpoint `/mutate` the API server calls.
+    #[arg(long, env = "KUBE_STS_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    webhook_addr: SocketAddr,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "KUBE_STS_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Secret holding the serving certificate (tls.crt, tls.key, ca.crt).
+    #[arg(long, env = "KUBE_STS_TLS_SECRET", default_value = "kube-sts-webhook-tls")]
+    tls_secret: String,
+    /// Namespace of that Secret (default: the pod's namespace, then the kubeconfig's).
+    #[arg(long, env = "KUBE_STS_TLS_SECRET_NAMESPACE")]
+    tls_secret_namespace: Option<String>,
+    /// Create and rotate the certificate in the Secret; false: serve what another tool
+    /// (cert-manager) keeps there.
+    #[arg(long, env = "KUBE_STS_MANAGE_CERTIFICATE", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    manage_certificate: bool,
+    /// MutatingWebhookConfiguration whose caBundle the webhook keeps current (with
+    /// --manage-certificate).
+    #[arg(long, env = "KUBE_STS_WEBHOOK_CONFIGURATION")]
+    webhook_configuration: Option<String>,
+    /// DNS names and IP addresses of the serving certificate (comma-separated or repeated).
+    #[arg(long = "cert-name", env = "KUBE_STS_CERT_NAME", value_delimiter = ',')]
+    cert_names: Vec<String>,
+    /// Lifetime of a serving certificate (and of the CA made for it), e.g. 2160h.
+    #[arg(long, env = "KUBE_STS_CERT_VALIDITY", default_value = "2160h")]
+    cert_validity: jiff::SignedDuration,
+    /// How long a new CA is trusted before its certificate is served, e.g. 5m.
+    #[arg(long, env = "KUBE_STS_CERT_OVERLAP", default_value = "5m")]
+    cert_overlap: jiff::SignedDuration,
+    /// After SIGTERM: not ready at once, serving on for this long (endpoints catch up).
+    #[arg(long, env = "KUBE_STS_SHUTDOWN_DELAY", default_value = "5s")]
+    shutdown_delay: jiff::SignedDuration,
     #[arg(long, env = "KUBE_STS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Log filter, e.g. `info` or `kube_sts=debug,info`.
@@ -237,6 +288,66 @@ async fn run(args: RunArgs) -> RunResult {
     }
 }
 
+async fn run_webhook(args: WebhookArgs) -> RunResult {
+    init_logging(args.log_format, &args.log_level)?;
+    let managed = args.manage_certificate.then(|| Managed {
+        policy: Policy {
+            names: args.cert_names.clone(),
+            validity: args.cert_validity,
+            overlap: args.cert_overlap,
+        },
+        configuration: args.webhook_configuration.clone().filter(|c| !c.is_empty()),
+    });
+    if let Some(managed) = &managed {
+        managed.policy.check()?;
+    }
+    let shutdown_delay = args
+        .shutdown_delay
+        .try_into()
+        .map_err(|_| "--shutdown-delay must not be negative".to_string())?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("cannot build a Kubernetes client: {e}"))?;
+    let secret_namespace = args
+        .tls_secret_namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        namespace = args.namespace.as_deref().unwrap_or("<all>"),
+        secret = %format!("{secret_namespace}/{}", args.tls_secret),
+        manage_certificate = args.manage_certificate,
+        configuration = args.webhook_configuration.as_deref().unwrap_or("<none>"),
+        "starting the kube-sts webhook"
+    );
+    if args.manage_certificate && managed.as_ref().is_some_and(|m| m.configuration.is_none()) {
+        tracing::warn!("no --webhook-configuration: the caBundle is not kept current by the webhook");
+    }
+    let settings = webhook::Settings {
+        namespace: args.namespace.clone().filter(|n| !n.is_empty()),
+        addr: args.webhook_addr,
+        certificate: keeper::Settings {
+            secret: args.tls_secret.clone(),
+            namespace: secret_namespace,
+            managed,
+        },
+        shutdown_delay,
+    };
+    let metrics = Arc::new(Metrics::new(Process::Webhook));
+    let server = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
+    let shutdown = shutdown_signal()?;
+    let metrics_addr = args.metrics_addr;
+    tokio::select! {
+        result = webhook::run(client, settings, metrics, signalled(shutdown)) => result,
+        result = server => match result {
+            Ok(Err(e)) => Err(format!("metrics server on {metrics_addr}: {e}")),
+            _ => Err("metrics server stopped".to_string()),
+        },
+    }
+}
+
 /// Starts handling SIGTERM and SIGINT: the receiver turns `true` at the first one; a second
 /// one ends the process at once (as `kubectl delete --force` users expect).
 fn shutdown_signal() -> Result<tokio::sync::watch::Receiver<bool>, String> {
@@ -278,6 +389,7 @@ async fn main() {
             Ok(())
         }
         Command::Run(args) => run(args).await,
+        Command::Webhook(args) => run_webhook(args).await,
     };
     if let Err(message) = result {
         eprintln!("kube-sts: {message}");

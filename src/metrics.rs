@@ -41,6 +41,11 @@ pub struct SubjectLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AdmissionLabels {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WriteLabels {
     resource: String,
     verb: String,
@@ -55,6 +60,8 @@ pub struct Metrics {
     expiration: Family<SubjectLabels, Gauge>,
     consecutive_failures: Family<SubjectLabels, Gauge>,
     writes: Family<WriteLabels, Counter>,
+    admissions: Family<AdmissionLabels, Counter>,
+    webhook_certificate_expiration: Gauge,
     ready: AtomicBool,
     /// Reconciles running now, and when one last finished (for `/healthz`).
     in_flight: AtomicI64,
@@ -70,49 +77,82 @@ pub fn stalled(in_flight: i64, since_progress: Duration) -> bool {
     in_flight > 0 && since_progress > STALL_AFTER
 }
 
+/// Which process the metrics are for: each shows only its own families.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Process {
+    /// `kube-sts run`.
+    Operator,
+    /// `kube-sts webhook`.
+    Webhook,
+}
+
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("kube_sts");
+        Self::new(Process::Operator)
+    }
+}
+
+impl Metrics {
+    pub fn new(process: Process) -> Self {
+        let mut operator = Registry::with_prefix("kube_sts");
+        let mut webhook = Registry::with_prefix("kube_sts");
         let sts_calls = Family::<StsCallLabels, Counter>::default();
-        registry.register(
+        operator.register(
             "sts_calls",
             "AWS calls (STS, and ECR for pull Secrets) by operation and outcome",
             sts_calls.clone(),
         );
         let reconcile_duration = Histogram::new([0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
-        registry.register(
+        operator.register(
             "reconcile_duration_seconds",
             "Duration of binding reconciles",
             reconcile_duration.clone(),
         );
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
-        registry.register("reconcile_errors", "Reconcile errors by kind", reconcile_errors.clone());
+        operator.register("reconcile_errors", "Reconcile errors by kind", reconcile_errors.clone());
         let seconds_until_expiry = Family::<SubjectLabels, Gauge>::default();
-        registry.register(
+        operator.register(
             "credential_seconds_until_expiry",
             "Seconds until the credentials in a subject's Secret expire",
             seconds_until_expiry.clone(),
         );
         let expiration = Family::<SubjectLabels, Gauge>::default();
-        registry.register(
+        operator.register(
             "credential_expiration_timestamp_seconds",
             "When the credentials in a subject's Secret expire (Unix time; alert on time() - this)",
             expiration.clone(),
         );
         let consecutive_failures = Family::<SubjectLabels, Gauge>::default();
-        registry.register(
+        operator.register(
             "subject_consecutive_failures",
             "Consecutive failed issuances for a subject",
             consecutive_failures.clone(),
         );
         let writes = Family::<WriteLabels, Counter>::default();
-        registry.register(
-            "api_writes",
-            "Writes to the Kubernetes API by resource and verb",
-            writes.clone(),
+        for registry in [&mut operator, &mut webhook] {
+            registry.register(
+                "api_writes",
+                "Writes to the Kubernetes API by resource and verb",
+                writes.clone(),
+            );
+        }
+        let admissions = Family::<AdmissionLabels, Counter>::default();
+        webhook.register(
+            "webhook_admissions",
+            "Pod admissions of the webhook by outcome (injected, unchanged, not_bound, opted_out, refused, invalid)",
+            admissions.clone(),
+        );
+        let webhook_certificate_expiration = Gauge::default();
+        webhook.register(
+            "webhook_certificate_expiration_timestamp_seconds",
+            "When the certificate the webhook serves expires (Unix time; 0 before one is served)",
+            webhook_certificate_expiration.clone(),
         );
         Metrics {
-            registry,
+            registry: match process {
+                Process::Operator => operator,
+                Process::Webhook => webhook,
+            },
             sts_calls,
             reconcile_duration,
             reconcile_errors,
@@ -120,6 +160,8 @@ impl Default for Metrics {
             expiration,
             consecutive_failures,
             writes,
+            admissions,
+            webhook_certificate_expiration,
             ready: AtomicBool::new(false),
             in_flight: AtomicI64::new(0),
             last_progress: Mutex::new(Instant::now()),
@@ -165,6 +207,19 @@ impl Metrics {
                 verb: verb.into(),
             })
             .inc();
+    }
+
+    /// One admission of the webhook, by outcome.
+    pub fn admission(&self, outcome: &str) {
+        self.admissions
+            .get_or_create(&AdmissionLabels {
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    pub fn webhook_certificate_expiration(&self, at: jiff::Timestamp) {
+        self.webhook_certificate_expiration.set(at.as_second());
     }
 
     /// A subject's state after a reconcile: when its valid credentials expire (`None`: it

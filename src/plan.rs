@@ -261,10 +261,7 @@ pub fn plan_binding(
             };
             let target = SecretTarget {
                 namespace: namespace.clone(),
-                name: template
-                    .name
-                    .clone()
-                    .unwrap_or_else(|| naming::default_secret_name(&name, &sa)),
+                name: subject_secret_name(spec, &name, &sa),
                 binding: name.clone(),
                 binding_uid: uid.clone(),
                 service_account: sa.clone(),
@@ -289,6 +286,15 @@ pub fn plan_binding(
         subjects,
         note,
     })
+}
+
+/// The Secret the binding `binding_name` writes for its subject `service_account`:
+/// `secret.name`, else `<binding>-<serviceaccount>`.
+pub fn subject_secret_name(spec: &AWSRoleBindingSpec, binding_name: &str, service_account: &str) -> String {
+    spec.secret
+        .as_ref()
+        .and_then(|s| s.name.clone())
+        .unwrap_or_else(|| naming::default_secret_name(binding_name, service_account))
 }
 
 /// Names of the Secrets a binding's subjects use, by ServiceAccount.

@@ -3,7 +3,9 @@
 # with several value sets, rejection of misspelt and ill-typed values by
 # values.schema.json, and — when the local control plane (.e2e/kubeconfig)
 # answers — a server-side dry-run apply of every rendering, and a real install, upgrade
-# and uninstall of a release with grants (which must be kept).
+# and uninstall of a release with grants (which must be kept) and the admission webhook
+# (its configuration selects no namespace here, so other users of the cluster never see
+# it).
 #
 # Prints one line per check ("ok" / "FAIL" / "skip") and exits non-zero when any
 # check failed.
@@ -40,7 +42,7 @@ cleanup() {
 		kubectl --kubeconfig "$KUBECONFIG_E2E" delete namespace "$NS" "$WATCHED" \
 			--ignore-not-found --wait=false >/dev/null 2>&1 || true
 		# Cluster-scoped leftovers of the release installed in $NS (named after it).
-		kubectl --kubeconfig "$KUBECONFIG_E2E" delete awsrolegrant,clusterrole,clusterrolebinding \
+		kubectl --kubeconfig "$KUBECONFIG_E2E" delete awsrolegrant,clusterrole,clusterrolebinding,mutatingwebhookconfiguration \
 			-l "app.kubernetes.io/instance=$NS" --ignore-not-found --wait=false >/dev/null 2>&1 || true
 	fi
 }
@@ -65,7 +67,7 @@ fi
 # regex the rendering must contain; `Kind@regex`: within the objects of that kind only;
 # a leading `!`: must NOT contain.
 SETS=(
-	"defaults||image: \"kube-sts:[^\"]+\";kind: ClusterRole$;kind: ClusterRoleBinding;kind: Deployment;kind: Service$;--require-grants=true;path: /readyz;!serviceaccounts/token;!kind: NetworkPolicy"
+	"defaults||image: \"kube-sts:[^\"]+\";kind: ClusterRole$;kind: ClusterRoleBinding;kind: Deployment;kind: Service$;--require-grants=true;path: /readyz;!serviceaccounts/token;!kind: NetworkPolicy;kind: MutatingWebhookConfiguration;MutatingWebhookConfiguration@failurePolicy: Ignore;MutatingWebhookConfiguration@sideEffects: None;MutatingWebhookConfiguration@timeoutSeconds: 5;MutatingWebhookConfiguration@reinvocationPolicy: IfNeeded;MutatingWebhookConfiguration@values: \[\"[^\"]+\", \"kube-system\"\];MutatingWebhookConfiguration@key: kube-sts.io/inject;MutatingWebhookConfiguration@path: /mutate;!MutatingWebhookConfiguration@caBundle:;- webhook$;--manage-certificate=true;--webhook-configuration=kube-sts\";--cert-name=kube-sts-webhook,kube-sts-webhook\.[^,]+,kube-sts-webhook\.[^.]+\.svc\";ClusterRole@resourceNames: \[\"kube-sts\"\];Role@resourceNames: \[\"kube-sts-webhook-tls\"\];Role@verbs: \[\"list\",\"watch\",\"update\"\];Secret@name: kube-sts-webhook-tls;PodDisruptionBudget@kube-sts-webhook;Deployment@maxUnavailable: 0"
 	"watchNamespace|--set watchNamespace=team-a|kind: Role$;kind: RoleBinding;--namespace=team-a;resourceNames: \[\"team-a\"\];!serviceaccounts/token"
 	"serviceAccountTokens|--set rbac.serviceAccountTokens=true|ClusterRole@resources: \[serviceaccounts/token\]"
 	"serviceAccountTokens.watchNamespace|--set rbac.serviceAccountTokens=true --set watchNamespace=team-a|Role@resources: \[serviceaccounts/token\];!ClusterRole@serviceaccounts/token"
@@ -73,8 +75,13 @@ SETS=(
 	"serviceMonitor|--set metrics.serviceMonitor.enabled=true|kind: ServiceMonitor"
 	"grants|--set grants[0].name=team-a --set grants[0].spec.namespaces[0]=team-a --set grants[0].spec.roleArns[0]=arn:aws:iam::123456789012:role/team-a-* --set grants[0].annotations.owner=team-a|kind: AWSRoleGrant;name: team-a;AWSRoleGrant@helm.sh/resource-policy: keep;AWSRoleGrant@owner: team-a"
 	"aws.existingSecret|--set aws.existingSecret=x|envFrom:;name: x$"
-	"networkPolicy|--set networkPolicy.enabled=true --set metrics.port=9090 --set-json networkPolicy.metricsFrom=[{\"namespaceSelector\":{\"matchLabels\":{\"team\":\"monitoring\"}},\"podSelector\":{\"matchLabels\":{\"app\":\"prometheus\"}}}]|NetworkPolicy@port: 9090;NetworkPolicy@- Ingress;NetworkPolicy@team: monitoring;NetworkPolicy@app: prometheus;NetworkPolicy@app.kubernetes.io/name: kube-sts;!NetworkPolicy@Egress"
+	"networkPolicy|--set networkPolicy.enabled=true --set metrics.port=9090 --set-json networkPolicy.metricsFrom=[{\"namespaceSelector\":{\"matchLabels\":{\"team\":\"monitoring\"}},\"podSelector\":{\"matchLabels\":{\"app\":\"prometheus\"}}}]|NetworkPolicy@port: 9090;NetworkPolicy@- Ingress;NetworkPolicy@team: monitoring;NetworkPolicy@app: prometheus;NetworkPolicy@app.kubernetes.io/name: kube-sts;NetworkPolicy@app.kubernetes.io/name: kube-sts-webhook;NetworkPolicy@port: 9443;!NetworkPolicy@Egress"
 	"networkPolicy.noPeers|--set networkPolicy.enabled=true|NetworkPolicy@ingress: \[\];!NetworkPolicy@from:;!NetworkPolicy@Egress"
+	"webhook.disabled|--set webhook.enabled=false|!kind: MutatingWebhookConfiguration;!kube-sts-webhook;!- webhook$"
+	"webhook.watchNamespace|--set watchNamespace=team-a|MutatingWebhookConfiguration@operator: In;MutatingWebhookConfiguration@values: \[\"team-a\"\];ClusterRole@resourceNames: \[\"team-a\"\];Role@resources: \[awsrolebindings\]"
+	"webhook.options|--set webhook.failurePolicy=Fail --set webhook.timeoutSeconds=3 --set webhook.replicas=1 --set-json webhook.namespaceSelector={\"matchLabels\":{\"team\":\"a\"}}|MutatingWebhookConfiguration@failurePolicy: Fail;MutatingWebhookConfiguration@timeoutSeconds: 3;MutatingWebhookConfiguration@team: a;!kind: PodDisruptionBudget"
+	"webhook.certManager|--set webhook.certManager.enabled=true|kind: Certificate;kind: Issuer;isCA: true;selfSigned: \{\};secretName: kube-sts-webhook-tls;MutatingWebhookConfiguration@cert-manager.io/inject-ca-from: .+/kube-sts-webhook$;--manage-certificate=false;!--webhook-configuration;!--cert-name;!resources: \[mutatingwebhookconfigurations\];!Secret@name: kube-sts-webhook-tls;Role@verbs: \[\"list\",\"watch\"\]$"
+	"webhook.certManager.issuerRef|--set webhook.certManager.enabled=true --set webhook.certManager.issuerRef.name=corp-ca --set webhook.certManager.issuerRef.kind=ClusterIssuer|Certificate@name: corp-ca;Certificate@kind: ClusterIssuer;!isCA: true;!kind: Issuer"
 	"networkPolicy.egress|--set networkPolicy.enabled=true --set-json networkPolicy.egress=[{\"ports\":[{\"port\":443}]}]|NetworkPolicy@- Egress;NetworkPolicy@port: 443"
 )
 
@@ -96,7 +103,9 @@ check_pattern() {
 	fi
 	local found=0
 	if [[ $p =~ ^([A-Za-z]+)@(.*)$ ]]; then
-		kind_docs "$file" "${BASH_REMATCH[1]}" | grep -Eq -- "${BASH_REMATCH[2]}" && found=1
+		# grep without -q reads to the end: an early exit would fail the pipeline (pipefail)
+		# through the SIGPIPE of kind_docs.
+		kind_docs "$file" "${BASH_REMATCH[1]}" | grep -E -- "${BASH_REMATCH[2]}" >/dev/null && found=1
 	else
 		grep -Eq -- "$p" "$file" && found=1
 	fi
@@ -145,26 +154,44 @@ for entry in "${SETS[@]}"; do
 	fi
 done
 
-# --- every flag of `kube-sts run` reaches the container ------------------------
-# The flags are read from src/main.rs (each has an env fallback KUBE_STS_<FLAG>),
-# so a flag added there fails this check until the chart passes it.
-flags=$(grep -oE 'env = "KUBE_STS_[A-Z_]+"' src/main.rs | sed -E 's/env = "KUBE_STS_([A-Z_]+)"/\1/' |
-	tr 'A-Z_' 'a-z-' | sort -u)
-if [[ -z "$flags" ]]; then
-	fail "every operator flag in the Deployment: no KUBE_STS_* flags found in src/main.rs"
-elif render all-flags --set watchNamespace=team-a --set region=eu-west-1 \
+# --- every flag of `kube-sts run` and `kube-sts webhook` reaches its container ---
+# The flags are read from src/main.rs (each has an env fallback KUBE_STS_<FLAG>), per
+# subcommand (its Args struct), so a flag added there fails this check until the chart
+# passes it to that subcommand's Deployment.
+struct_flags() {
+	awk -v s="struct $1 {" 'index($0, s) { on = 1; next } on && /^}/ { on = 0 } on' src/main.rs |
+		grep -oE 'env = "KUBE_STS_[A-Z_]+"' | sed -E 's/env = "KUBE_STS_([A-Z_]+)"/\1/' | tr 'A-Z_' 'a-z-' | sort -u
+}
+# named_doc FILE KIND NAME: the document of FILE of that kind and metadata.name.
+named_doc() {
+	kind_docs "$1" "$2" | awk -v name="$3" '
+		/^---/ { if (doc ~ ("\n  name: " name "\n")) printf "%s", doc; doc = "" }
+		{ doc = doc $0 "\n" }
+		END { if (doc ~ ("\n  name: " name "\n")) printf "%s", doc }
+	'
+}
+if render all-flags --set watchNamespace=team-a --set region=eu-west-1 \
 	--set stsEndpoint=https://sts.example.test --set leaderElection.enabled=true; then
-	missing=()
-	for f in $flags; do
-		grep -q -- "\"--$f=" "$TMP/all-flags.yaml" || missing+=("--$f")
+	for pair in RunArgs:kube-sts WebhookArgs:kube-sts-webhook; do
+		args=${pair%%:*} deployment=${pair#*:}
+		flags=$(struct_flags "$args")
+		named_doc "$TMP/all-flags.yaml" Deployment "$deployment" >"$TMP/all-flags.$args.yaml"
+		if [[ -z "$flags" ]]; then
+			fail "every flag of $args in Deployment $deployment: no KUBE_STS_* flags found in src/main.rs"
+			continue
+		fi
+		missing=()
+		for f in $flags; do
+			grep -q -- "\"--$f=" "$TMP/all-flags.$args.yaml" || missing+=("--$f")
+		done
+		if ((${#missing[@]})); then
+			fail "every flag of $args in Deployment $deployment: not passed: ${missing[*]}"
+		else
+			ok "every flag of $args in Deployment $deployment ($(echo "$flags" | wc -l) flags of src/main.rs)"
+		fi
 	done
-	if ((${#missing[@]})); then
-		fail "every operator flag in the Deployment: not passed: ${missing[*]}"
-	else
-		ok "every operator flag in the Deployment ($(echo "$flags" | wc -l) flags of src/main.rs)"
-	fi
 else
-	fail "every operator flag in the Deployment: helm template failed"
+	fail "every flag in the Deployments: helm template failed"
 	indent <"$TMP/all-flags.err"
 fi
 
@@ -177,6 +204,9 @@ BAD=(
 	"bad enum|logFormat=yaml|logFormat"
 	"replicas>1 without leader election|replicas=2|leaderElection"
 	"unknown NetworkPolicy peer field|networkPolicy.metricsFrom[0].namespaceSelectr.x=y|namespaceSelectr"
+	"bad webhook failurePolicy|webhook.failurePolicy=Sometimes|failurePolicy"
+	"webhook validity not a duration|webhook.certificate.validity=90d|validity"
+	"webhook issuer kind|webhook.certManager.issuerRef.kind=Foo|kind"
 )
 for entry in "${BAD[@]}"; do
 	IFS='|' read -r name arg mention <<<"$entry"
@@ -218,15 +248,16 @@ else
 			fail "server dry-run [$name]: helm template failed"
 			continue
 		fi
-		# Drop the ServiceMonitor (its CRD is not installed here): it is only linted.
+		# Drop the ServiceMonitor and cert-manager's kinds (their CRDs are not installed
+		# here): they are only linted.
 		awk '
-			/^---/ { if (doc !~ /\nkind: ServiceMonitor\n/) printf "%s", doc; doc = "" }
+			/^---/ { if (doc !~ /\nkind: (ServiceMonitor|Certificate|Issuer)\n/) printf "%s", doc; doc = "" }
 			{ doc = doc $0 "\n" }
-			END { if (doc !~ /\nkind: ServiceMonitor\n/) printf "%s", doc }
+			END { if (doc !~ /\nkind: (ServiceMonitor|Certificate|Issuer)\n/) printf "%s", doc }
 		' "$TMP/dry-$name.yaml" >"$TMP/dry-$name.filtered.yaml"
 		dropped=$(($(grep -c '^kind:' "$TMP/dry-$name.yaml") - $(grep -c '^kind:' "$TMP/dry-$name.filtered.yaml")))
 		if out=$(k apply --dry-run=server -f "$TMP/dry-$name.filtered.yaml" 2>&1); then
-			ok "server dry-run [$name]: $(echo "$out" | wc -l) objects accepted$( ((dropped)) && echo ", $dropped ServiceMonitor left out")"
+			ok "server dry-run [$name]: $(echo "$out" | wc -l) objects accepted$( ((dropped)) && echo ", $dropped ServiceMonitor/cert-manager objects left out")"
 		else
 			fail "server dry-run [$name]"
 			echo "$out" | indent
@@ -245,22 +276,44 @@ else
 		done
 	}
 	h() { "$HELM" --kubeconfig "$KUBECONFIG_E2E" "$@"; }
-	exists() { [[ -n "$(k get "$1" "$2" --ignore-not-found -o name 2>/dev/null)" ]]; }
+	exists() { [[ -n "$(k get "$@" --ignore-not-found -o name 2>/dev/null)" ]]; }
+	# The webhook's configuration selects only namespaces with a label nobody has.
+	webhook_args=(--set-json "webhook.namespaceSelector={\"matchLabels\":{\"kube-sts.io/chart-check\":\"$NS\"}}")
+	# What the webhook writes at runtime (here the cluster's own CA stands in for its
+	# certificate): an upgrade must leave both alone.
+	ca=$(k config view --raw -o jsonpath='{.clusters[0].cluster.certificate-authority-data}')
+	webhook_state() {
+		echo "$(k -n "$NS" get secret "$rel-webhook-tls" -o jsonpath='{.data.ca\.crt}' 2>/dev/null)|$(k get mutatingwebhookconfiguration "$rel" -o jsonpath='{.webhooks[0].clientConfig.caBundle}' 2>/dev/null)"
+	}
 	# shellcheck disable=SC2046 # grant_args prints arguments to split
-	if ! out=$(h install "$rel" "$CHART" --namespace "$NS" --skip-crds $(grant_args "${kept[@]}") 2>&1); then
+	if ! out=$(h install "$rel" "$CHART" --namespace "$NS" --skip-crds "${webhook_args[@]}" $(grant_args "${kept[@]}") 2>&1); then
 		fail "helm install with grants"
 		echo "$out" | indent
 	elif ! exists awsrolegrant "${kept[0]}" || ! exists awsrolegrant "${kept[1]}"; then
 		fail "helm install with grants: the grants were not created"
 	else
+		if exists mutatingwebhookconfiguration "$rel" && exists -n "$NS" secret "$rel-webhook-tls" &&
+			out=$(k -n "$NS" patch secret "$rel-webhook-tls" --type merge -p "{\"data\":{\"ca.crt\":\"$ca\"}}" 2>&1) &&
+			out=$(k patch mutatingwebhookconfiguration "$rel" --type json \
+				-p "[{\"op\":\"add\",\"path\":\"/webhooks/0/clientConfig/caBundle\",\"value\":\"$ca\"}]" 2>&1); then
+			ok "helm install: the webhook's configuration and its (empty) certificate Secret exist"
+		else
+			fail "helm install: the webhook's configuration or certificate Secret is missing, or cannot be filled"
+			echo "$out" | indent
+		fi
 		# shellcheck disable=SC2046
-		if ! out=$(h upgrade "$rel" "$CHART" --namespace "$NS" --skip-crds $(grant_args "${kept[1]}") 2>&1); then
+		if ! out=$(h upgrade "$rel" "$CHART" --namespace "$NS" --skip-crds "${webhook_args[@]}" $(grant_args "${kept[1]}") 2>&1); then
 			fail "helm upgrade dropping a grant"
 			echo "$out" | indent
 		elif exists awsrolegrant "${kept[0]}"; then
 			ok "helm upgrade that drops a grant from the values keeps the AWSRoleGrant"
 		else
 			fail "helm upgrade that drops a grant from the values deleted the AWSRoleGrant ${kept[0]}"
+		fi
+		if [[ "$(webhook_state)" == "$ca|$ca" ]]; then
+			ok "helm upgrade keeps the webhook's certificate and the caBundle it wrote"
+		else
+			fail "helm upgrade changed the webhook's certificate Secret or caBundle: $(webhook_state | cut -c1-80)"
 		fi
 		if ! out=$(h uninstall "$rel" --namespace "$NS" 2>&1); then
 			fail "helm uninstall"
@@ -271,6 +324,11 @@ else
 			ok "helm uninstall keeps the AWSRoleGrants the chart installed (and removes the rest, e.g. the ClusterRole)"
 		else
 			fail "helm uninstall deleted the AWSRoleGrant ${kept[1]}"
+		fi
+		if exists mutatingwebhookconfiguration "$rel" || exists -n "$NS" secret "$rel-webhook-tls"; then
+			fail "helm uninstall left the webhook's configuration or certificate Secret"
+		else
+			ok "helm uninstall removes the webhook's configuration and certificate Secret"
 		fi
 	fi
 	h uninstall "$rel" --namespace "$NS" >/dev/null 2>&1 || true

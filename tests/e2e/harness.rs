@@ -821,7 +821,7 @@ pub struct Operator {
     pub metrics_addr: SocketAddr,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -973,15 +973,20 @@ impl Operator {
     }
 
     pub async fn metrics(&self) -> String {
-        let mut stream = TcpStream::connect(self.metrics_addr).await.expect("metrics endpoint");
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = String::new();
-        stream.read_to_string(&mut out).await.unwrap();
-        out
+        scrape(self.metrics_addr).await
     }
+}
+
+/// `GET /metrics` of a kube-sts process: the whole answer, head included.
+pub async fn scrape(addr: SocketAddr) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("metrics endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    out
 }
 
 impl Drop for Operator {

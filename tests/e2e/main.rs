@@ -9,3 +9,4 @@ mod operator;
 mod rbac;
 mod rotation;
 mod security;
+mod webhook;

@@ -1,11 +1,13 @@
-//! The chart's RBAC is what the operator needs, no more and no less: the chart
-//! (`helm template`, watchNamespace, leader election and rbac.serviceAccountTokens on) is
-//! installed into a namespace of the test's own, the operator runs as the chart's
+//! The chart's RBAC is what the operator and the webhook need, no more and no less: the
+//! chart (`helm template`, watchNamespace, leader election and rbac.serviceAccountTokens on)
+//! is installed into a namespace of the test's own, the operator runs as the chart's
 //! ServiceAccount (a TokenRequest token in a kubeconfig of its own) through the core
-//! scenarios, and then, for every (apiGroup, resource, verb) the rendered Roles and
-//! ClusterRole grant, an installation without just that verb must break the scenario, with
-//! the operator logging the 403 for exactly that verb and resource. All installations run at once, each in its own
-//! namespace with its own release, ServiceAccount, STS forwarder and operator.
+//! scenarios, the webhook as the webhook's ServiceAccount (with the chart's arguments)
+//! through its own, and then, for every (apiGroup, resource, verb) the rendered Roles and
+//! ClusterRoles grant, an installation without just that verb must break the scenario of
+//! the process whose ServiceAccount the rule is bound to, with that process logging the 403
+//! for exactly that verb and resource. All installations run at once, each in its own
+//! namespace with its own release, ServiceAccount, STS forwarder and process.
 
 use std::{
     collections::BTreeMap,
@@ -17,7 +19,10 @@ use std::{
 
 use k8s_openapi::{
     ByteString,
-    api::{coordination::v1::Lease, core::v1::Secret, events::v1::Event},
+    api::{
+        admissionregistration::v1::MutatingWebhookConfiguration, coordination::v1::Lease, core::v1::Secret,
+        events::v1::Event,
+    },
 };
 use kube::{
     Api, ResourceExt,
@@ -25,13 +30,16 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use crate::harness::*;
+use crate::{harness::*, webhook::*};
 
 const KUBE_VERSION: &str = "1.34.0";
-/// Kinds of the chart applied here: the operator runs as a local process, not from the
-/// chart's Deployment (there is no kubelet in the local control plane).
-const APPLIED_KINDS: [&str; 5] = [
+/// Kinds of the chart applied here: the operator and the webhook run as local processes, not
+/// from the chart's Deployments (there is no kubelet in the local control plane). The
+/// Secret is the webhook's certificate Secret, which the chart creates (the webhook may
+/// not).
+const APPLIED_KINDS: [&str; 6] = [
     "ServiceAccount",
+    "Secret",
     "ClusterRole",
     "ClusterRoleBinding",
     "Role",
@@ -53,9 +61,8 @@ fn helm() -> &'static Path {
 
 /// `helm template` of the chart for `release` in `namespace`, watching that namespace,
 /// with leader election and the TokenRequest permission (off by default; the scenario's
-/// AssumeRoleWithWebIdentity binding needs it); only the ServiceAccount and RBAC objects,
-/// each rule split so that it names one API group and one resource.
-fn render(release: &str, namespace: &str) -> Vec<Value> {
+/// AssumeRoleWithWebIdentity binding needs it): every object.
+fn render_all(release: &str, namespace: &str) -> Vec<Value> {
     let out = Command::new(helm())
         .args(["template", release])
         .arg(env().repo.join("charts/kube-sts"))
@@ -70,8 +77,14 @@ fn render(release: &str, namespace: &str) -> Vec<Value> {
         "helm template: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let docs: Vec<Value> = serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).expect("rendered YAML");
-    docs.into_iter()
+    serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).expect("rendered YAML")
+}
+
+/// The objects of `render_all` applied here (ServiceAccounts, the webhook's Secret, RBAC),
+/// each rule split so that it names one API group and one resource.
+fn render(release: &str, namespace: &str) -> Vec<Value> {
+    render_all(release, namespace)
+        .into_iter()
         .filter(|d| APPLIED_KINDS.contains(&d["kind"].as_str().unwrap_or_default()))
         .map(|mut d| {
             if let Some(rules) = d.get("rules").and_then(Value::as_array).cloned() {
@@ -110,15 +123,30 @@ struct Grant {
     resource: String,
     verb: String,
     label: String,
+    /// The ServiceAccount the rule is bound to.
+    subject: String,
 }
 
 /// Every verb of every rule; `watched` (the namespace the rendering watches) is shown as
 /// `<watchNamespace>` in the labels.
 fn grants_in(docs: &[Value], fullname: &str, watched: &str) -> Vec<Grant> {
+    // (role kind, role name) -> the ServiceAccount its binding names.
+    let subjects: BTreeMap<(String, String), String> = docs
+        .iter()
+        .filter(|d| d["kind"] == "RoleBinding" || d["kind"] == "ClusterRoleBinding")
+        .map(|d| {
+            let role = (
+                d["roleRef"]["kind"].as_str().unwrap().to_string(),
+                d["roleRef"]["name"].as_str().unwrap().to_string(),
+            );
+            (role, d["subjects"][0]["name"].as_str().unwrap().to_string())
+        })
+        .collect();
     let mut out = Vec::new();
     for (doc, d) in docs.iter().enumerate() {
         let Some(rules) = d["rules"].as_array() else { continue };
         let role = d["metadata"]["name"].as_str().unwrap_or_default();
+        let subject = subjects[&(d["kind"].as_str().unwrap().to_string(), role.to_string())].clone();
         let role = format!(
             "{}{}",
             d["kind"].as_str().unwrap(),
@@ -148,6 +176,7 @@ fn grants_in(docs: &[Value], fullname: &str, watched: &str) -> Vec<Grant> {
                     api_group: api_group.clone(),
                     resource: resource.clone(),
                     verb,
+                    subject: subject.clone(),
                 });
             }
         }
@@ -197,19 +226,90 @@ impl Drop for ClusterObjects {
     }
 }
 
-/// One installation of the chart (maybe without one verb) and its operator.
+/// Which process of the chart an installation runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Who {
+    Operator,
+    Webhook,
+}
+
+/// The running process of an installation.
+enum Process {
+    Operator {
+        operator: Operator,
+        _sts: Forwarder,
+    },
+    Webhook {
+        webhook: Webhook,
+        configuration: Configuration,
+    },
+}
+
+impl Process {
+    fn logs(&self) -> String {
+        match self {
+            Process::Operator { operator, .. } => operator.logs(),
+            Process::Webhook { webhook, .. } => webhook.logs(),
+        }
+    }
+
+    fn log(&self) -> PathBuf {
+        match self {
+            Process::Operator { operator, .. } => operator.log.clone(),
+            Process::Webhook { webhook, .. } => webhook.log.clone(),
+        }
+    }
+}
+
+/// One installation of the chart (maybe without one verb) and one of its processes.
 struct Install {
     ns: TestNamespace,
-    operator: Operator,
-    _sts: Forwarder,
+    process: Process,
     _dir: tempfile::TempDir,
     _cluster: ClusterObjects,
 }
 
-async fn install(grant: Option<&Grant>) -> Install {
+/// The ServiceAccount of `who` in a rendering: the webhook's carries the component label.
+fn service_account_of(docs: &[Value], who: Who) -> String {
+    docs.iter()
+        .filter(|d| d["kind"] == "ServiceAccount")
+        .find(|d| (d["metadata"]["labels"]["app.kubernetes.io/component"] == "webhook") == (who == Who::Webhook))
+        .and_then(|d| d["metadata"]["name"].as_str())
+        .expect("the chart renders the ServiceAccount")
+        .to_string()
+}
+
+/// The webhook's arguments in the chart's Deployment, as `--flag=value`.
+fn webhook_args(all: &[Value]) -> Vec<String> {
+    let deployment = all
+        .iter()
+        .find(|d| d["kind"] == "Deployment" && d["metadata"]["labels"]["app.kubernetes.io/component"] == "webhook")
+        .expect("the chart renders the webhook's Deployment");
+    deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The value of `--flag=` in `args`.
+fn arg<'a>(args: &'a [String], flag: &str) -> &'a str {
+    let prefix = format!("--{flag}=");
+    args.iter()
+        .find_map(|a| a.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("the chart passes --{flag}: {args:?}"))
+}
+
+async fn install(grant: Option<&Grant>, who: Who) -> Install {
     let ns = TestNamespace::new("rbac").await;
     let release = ns.name.clone();
-    let fullname = format!("{release}-kube-sts");
+    let all = {
+        let (release, namespace) = (release.clone(), ns.name.clone());
+        tokio::task::spawn_blocking(move || render_all(&release, &namespace))
+            .await
+            .unwrap()
+    };
     let docs = {
         let (release, namespace) = (release.clone(), ns.name.clone());
         tokio::task::spawn_blocking(move || render(&release, &namespace))
@@ -234,16 +334,20 @@ async fn install(grant: Option<&Grant>) -> Install {
     );
     let list = json!({"apiVersion": "v1", "kind": "List", "items": docs});
     kubectl_ok(&["apply", "-f", "-"], Some(list.to_string())).await;
-    let sa = docs
-        .iter()
-        .find(|d| d["kind"] == "ServiceAccount")
-        .and_then(|d| d["metadata"]["name"].as_str())
-        .unwrap_or(&fullname)
-        .to_string();
+    let sa = service_account_of(&docs, who);
     let token = kubectl_ok(&["create", "token", &sa, "-n", &ns.name, "--duration=3600s"], None).await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     token_kubeconfig(&kubeconfig, token.trim(), &ns.name);
+    if who == Who::Webhook {
+        let (webhook, configuration) = start_webhook(&ns, &all, &kubeconfig).await;
+        return Install {
+            ns,
+            process: Process::Webhook { webhook, configuration },
+            _dir: dir,
+            _cluster: cluster,
+        };
+    }
     let sts = Forwarder::start().await;
     // The Lease namespace comes from the kubeconfig's context and the name is the chart's
     // default. One STS call per second makes the subjects of a binding publish their Events
@@ -257,11 +361,53 @@ async fn install(grant: Option<&Grant>) -> Install {
     .await;
     Install {
         ns,
-        operator,
-        _sts: sts,
+        process: Process::Operator { operator, _sts: sts },
         _dir: dir,
         _cluster: cluster,
     }
+}
+
+/// The webhook with the chart's arguments (but for the addresses it listens on and the
+/// certificate's names, which are the local ones), and a configuration of the chart's name
+/// that calls it by URL for this namespace only, with failurePolicy Fail: a pod created
+/// without an answer of the webhook is refused, so an answer is told from a failed call.
+async fn start_webhook(ns: &TestNamespace, all: &[Value], kubeconfig: &Path) -> (Webhook, Configuration) {
+    let args = webhook_args(all);
+    let (secret, secret_namespace, configuration) = (
+        arg(&args, "tls-secret"),
+        arg(&args, "tls-secret-namespace"),
+        arg(&args, "webhook-configuration"),
+    );
+    let set_here = [
+        "--namespace=",
+        "--tls-secret=",
+        "--tls-secret-namespace=",
+        "--webhook-configuration=",
+        "--webhook-addr=",
+        "--metrics-addr=",
+        "--cert-name=",
+        "--shutdown-delay=",
+        "--log-format=",
+        "--log-level=",
+    ];
+    let extra: Vec<&str> = args
+        .iter()
+        .skip(1) // the subcommand
+        .map(String::as_str)
+        .filter(|a| !set_here.iter().any(|p| a.starts_with(p)))
+        .collect();
+    let webhook = Webhook::start(&WebhookOptions {
+        namespace: Some(arg(&args, "namespace")),
+        secret: (secret_namespace, secret),
+        configuration,
+        extra: &extra,
+        kubeconfig,
+    })
+    .await;
+    let names = [format!("pods.{}.kube-sts.io", ns.name)];
+    let configuration = configure(configuration, &names, &webhook.url(), &ns.name, "Fail").await;
+    select_namespace(&ns.name, &ns.name).await;
+    (webhook, configuration)
 }
 
 /// Starts the operator; again when its metrics port was taken between the harness
@@ -350,9 +496,7 @@ async fn issued_secret(ns: &TestNamespace, name: &str, within: Duration) -> Opti
 const STEP: Duration = Duration::from_secs(30);
 
 /// The core scenarios, in order; `Err` names the first step that did not happen.
-async fn scenario(install: &mut Install, role: &str) -> Result<(), String> {
-    let ns = &install.ns;
-    let operator = &install.operator;
+async fn scenario(ns: &TestNamespace, operator: &mut Operator, role: &str) -> Result<(), String> {
     poll(STEP, || async {
         operator.logs().contains("caches synced").then_some(())
     })
@@ -461,13 +605,87 @@ async fn scenario(install: &mut Install, role: &str) -> Result<(), String> {
     })
     .await
     .ok_or("the leader renews its Lease")?;
-    if let Some(status) = install.operator.exited() {
+    if let Some(status) = operator.exited() {
         return Err(format!("the operator keeps running (exited: {status})"));
     }
     Ok(())
 }
 
-/// Whether the operator logged the API server's 403 for `verb` on `resource`.
+/// The webhook's scenario, in order; `Err` names the first step that did not happen.
+async fn webhook_scenario(ns: &TestNamespace, webhook: &Webhook, configuration: &Configuration) -> Result<(), String> {
+    poll(STEP, || async {
+        webhook.logs().contains("serving the admission webhook").then_some(())
+    })
+    .await
+    .ok_or("the webhook syncs its caches, issues its certificate (Secret update) and serves it")?;
+    let confs = Api::<MutatingWebhookConfiguration>::all(ns.client.clone());
+    let published = || async {
+        let conf = confs.get(&configuration.name).await.ok()?;
+        conf.webhooks?[0].client_config.ca_bundle.as_ref().map(|_| ())
+    };
+    poll(STEP, published).await.ok_or("the caBundle is published")?;
+
+    // Created after the webhook started: it must come through the watch.
+    ns.service_account("app").await;
+    apply(
+        ns,
+        binding_yaml(
+            "main",
+            "  roleArn: arn:aws:iam::123456789012:role/r\n  subjects: [{name: app}]\n",
+        ),
+    )
+    .await?;
+    let injected = |want: bool| async move {
+        poll(STEP, || async {
+            let pod = create_pod(&ns.name, &pod_json("probe", Some("app"), json!({}), json!({})), true)
+                .await
+                .ok()?;
+            (injected_secret(&pod).is_some() == want).then_some(())
+        })
+        .await
+    };
+    injected(true)
+        .await
+        .ok_or("a pod of a binding's subject is injected (binding watch)")?;
+
+    // The namespace label comes through the namespace watch.
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(ns.client.clone());
+    let label = |value: Option<&str>| {
+        let patch = json!({"metadata": {"labels": {"kube-sts.io/inject": value}}});
+        let namespaces = namespaces.clone();
+        async move {
+            namespaces
+                .patch(&ns.name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .unwrap();
+        }
+    };
+    label(Some("false")).await;
+    injected(false)
+        .await
+        .ok_or("a namespace labelled kube-sts.io/inject=false is left alone (namespace watch)")?;
+    label(None).await;
+    injected(true)
+        .await
+        .ok_or("the label removed, pods are injected again")?;
+
+    // A caBundle wiped (as `helm upgrade --force` would) is restored (configuration watch).
+    let wipe: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "remove", "path": "/webhooks/0/clientConfig/caBundle"}
+    ]))
+    .unwrap();
+    confs
+        .patch(&configuration.name, &PatchParams::default(), &Patch::Json::<()>(wipe))
+        .await
+        .map_err(|e| format!("wiping the caBundle: {e}"))?;
+    poll(STEP, published).await.ok_or("a wiped caBundle is restored")?;
+    injected(true)
+        .await
+        .ok_or("pods are injected after the caBundle came back")?;
+    Ok(())
+}
+
+/// Whether the process logged the API server's 403 for `verb` on `resource`.
 fn logged_forbidden(log: &str, grant: &Grant) -> bool {
     let log = log.replace("\\\"", "\"");
     let group = if grant.api_group.is_empty() {
@@ -484,7 +702,7 @@ fn logged_forbidden(log: &str, grant: &Grant) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn chart_rbac_is_exactly_what_the_operator_needs() {
+async fn chart_rbac_is_exactly_what_the_operator_and_the_webhook_need() {
     let started = Instant::now();
     let role = tokio::task::spawn_blocking(|| create_role(&unique("rbac"), &operator_arn(), None, true))
         .await
@@ -492,21 +710,37 @@ async fn chart_rbac_is_exactly_what_the_operator_needs() {
     let probe = tokio::task::spawn_blocking(|| render("probe", "probe")).await.unwrap();
     let grants = grants_in(&probe, "probe-kube-sts", "probe");
     assert!(grants.len() > 10, "rules found: {grants:?}");
+    let webhook_sa = service_account_of(&probe, Who::Webhook);
+    let who = |g: &Grant| {
+        if g.subject == webhook_sa {
+            Who::Webhook
+        } else {
+            Who::Operator
+        }
+    };
+    assert!(
+        grants.iter().any(|g| who(g) == Who::Webhook) && grants.iter().any(|g| who(g) == Who::Operator),
+        "rules of both ServiceAccounts: {grants:?}"
+    );
 
     // E2E_RBAC_ONLY=<text>: only the variants whose label contains <text> (for debugging).
     let only = std::env::var("E2E_RBAC_ONLY").ok();
     let variants = grants
         .iter()
         .filter(|g| only.as_deref().is_none_or(|o| g.label.contains(o)))
-        .cloned()
-        .map(Some);
-    let runs = std::iter::once(None).chain(variants).map(|grant| {
+        .map(|g| (Some(g.clone()), who(g)));
+    let baselines = [(None, Who::Operator), (None, Who::Webhook)];
+    let runs = baselines.into_iter().chain(variants).map(|(grant, who)| {
         let role = role.clone();
         tokio::spawn(async move {
-            let mut install = install(grant.as_ref()).await;
-            let result = scenario(&mut install, &role).await;
-            let log = install.operator.logs();
-            (grant, result, log, install.operator.log.clone())
+            let mut install = install(grant.as_ref(), who).await;
+            let result = match &mut install.process {
+                Process::Operator { operator, .. } => scenario(&install.ns, operator, &role).await,
+                Process::Webhook { webhook, configuration } => {
+                    webhook_scenario(&install.ns, webhook, configuration).await
+                }
+            };
+            (grant, who, result, install.process.logs(), install.process.log())
         })
     });
     let results = futures::future::join_all(runs).await;
@@ -514,22 +748,22 @@ async fn chart_rbac_is_exactly_what_the_operator_needs() {
     let mut problems = Vec::new();
     let mut table = BTreeMap::new();
     for r in results {
-        let (grant, result, log, path) = r.expect("variant task");
+        let (grant, who, result, log, path) = r.expect("variant task");
         match grant {
             None => {
                 if let Err(step) = &result {
                     problems.push(format!(
-                        "with the chart's RBAC the scenario failed at: {step} (log {})",
+                        "with the chart's RBAC the {who:?} scenario failed at: {step} (log {})",
                         path.display()
                     ));
                 }
                 if log.contains("is forbidden") {
                     problems.push(format!(
-                        "with the chart's RBAC the operator was refused something (log {})",
+                        "with the chart's RBAC the {who:?} was refused something (log {})",
                         path.display()
                     ));
                 }
-                table.insert("(none removed)".to_string(), format!("{result:?}"));
+                table.insert(format!("(none removed: {who:?})"), format!("{result:?}"));
             }
             Some(g) => {
                 let forbidden = logged_forbidden(&log, &g);
@@ -540,7 +774,7 @@ async fn chart_rbac_is_exactly_what_the_operator_needs() {
                         path.display()
                     )),
                     Err(_) if !forbidden => problems.push(format!(
-                        "without `{}` the scenario broke, but the operator did not log a 403 for it (log {})",
+                        "without `{}` the scenario broke, but the {who:?} did not log a 403 for it (log {})",
                         g.label,
                         path.display()
                     )),

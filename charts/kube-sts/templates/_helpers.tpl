@@ -84,3 +84,38 @@ so that `helm template` and `helm install` fail with a message.
 {{- printf "%s:%d" $host (int64 .Values.metrics.port) }}
 {{- end }}
 {{- end }}
+
+{{/* The webhook's objects: its own name, so that its pods never match the operator's selector. */}}
+{{- define "kube-sts.webhook.fullname" -}}
+{{- printf "%s-webhook" (include "kube-sts.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kube-sts.webhook.selectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-webhook" (include "kube-sts.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "kube-sts.webhook.labels" -}}
+helm.sh/chart: {{ include "kube-sts.chart" . }}
+{{ include "kube-sts.webhook.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kube-sts
+app.kubernetes.io/component: webhook
+{{- end }}
+
+{{/* The Secret holding the serving certificate (the webhook's or cert-manager's). */}}
+{{- define "kube-sts.webhook.tlsSecret" -}}
+{{- printf "%s-tls" (include "kube-sts.webhook.fullname" .) }}
+{{- end }}
+
+{{/* The MutatingWebhookConfiguration (cluster-scoped): the release's full name. */}}
+{{- define "kube-sts.webhook.configuration" -}}
+{{- include "kube-sts.fullname" . }}
+{{- end }}
+
+{{/* Names the serving certificate is for: how the API server reaches the Service. */}}
+{{- define "kube-sts.webhook.certNames" -}}
+{{- $svc := include "kube-sts.webhook.fullname" . }}
+{{- printf "%s,%s.%s,%s.%s.svc" $svc $svc .Release.Namespace $svc .Release.Namespace }}
+{{- end }}
