@@ -433,24 +433,6 @@ async fn start_operator(namespace: &str, sts: &Forwarder, args: &[&str], kubecon
     }
 }
 
-/// Polls `check` until it returns `Some` or `timeout` passes.
-async fn poll<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 fn binding_yaml(name: &str, spec: &str) -> String {
     format!("apiVersion: kube-sts.io/v1alpha1\nkind: AWSRoleBinding\nmetadata: {{name: {name}}}\nspec:\n{spec}")
 }

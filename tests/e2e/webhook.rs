@@ -163,24 +163,6 @@ impl Drop for Webhook {
     }
 }
 
-/// Polls `check` until it returns `Some` or `timeout` passes.
-pub async fn poll<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// A MutatingWebhookConfiguration of the test's own, deleted at drop.
 pub struct Configuration {
     pub name: String,
