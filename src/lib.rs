@@ -4,6 +4,7 @@ pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod decision;
+pub mod events;
 pub mod grants;
 pub mod leader;
 pub mod metrics;

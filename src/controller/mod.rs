@@ -26,7 +26,6 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt,
         controller::Action,
-        events::{Event, EventType, Recorder, Reporter},
         reflector,
         reflector::{ObjectRef, Store},
         watcher,
@@ -39,6 +38,7 @@ use crate::{
     conditions::{self, DEGRADED, READY, Reason, SubjectOutcome},
     crd::{AWSRoleBinding, AWSRoleBindingStatus, AWSRoleGrant, SubjectStatus},
     decision::{self, Decision, SubjectState},
+    events::{EventType, Publisher},
     grants::{GrantRequest, GrantVerdict, grant_allows},
     metrics::{Metrics, SubjectLabels},
     plan::{self, BindingPlan, IssueSettings, Resolved, SubjectPlan},
@@ -103,7 +103,7 @@ fn forget_subjects_where(
 
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    pub events: Publisher,
     pub metrics: Arc<Metrics>,
     pub issuer: Arc<dyn Issuer>,
     pub settings: Settings,
@@ -132,12 +132,8 @@ impl Context {
         instance: Option<String>,
         subjects: Arc<Mutex<HashMap<SubjectKey, SubjectState>>>,
     ) -> Self {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance,
-        };
         Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: Publisher::new(client.clone(), FIELD_MANAGER, instance),
             client,
             metrics,
             issuer,
@@ -186,14 +182,8 @@ impl Context {
     }
 
     async fn publish(&self, binding: &AWSRoleBinding, type_: EventType, reason: &str, note: String) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &binding.object_ref(&())).await {
+        let regarding = binding.object_ref(&());
+        if let Err(e) = self.events.publish(&regarding, type_, reason, "Reconcile", &note).await {
             tracing::warn!(error = %e, "publishing event failed");
         }
     }
