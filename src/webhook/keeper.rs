@@ -2,9 +2,12 @@
 //! webhook manages the certificate, takes the Secret through the steps of `certs` and keeps
 //! the `caBundle` of the MutatingWebhookConfiguration current. Every replica runs it; they
 //! agree through the Secret alone (writes are guarded by its resourceVersion, a replica
-//! that loses a race reads the winner's Secret and decides again).
+//! that loses a race reads the winner's Secret and decides again). The `caBundle` is only
+//! ever set from the Secret as the API has it at that moment (read fresh, not from the
+//! cache): a replica whose cache lags behind another's write never takes out a CA the
+//! Secret holds as active or staged.
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{borrow::Cow, collections::BTreeSet, sync::Arc, time::Duration};
 
 use base64::Engine;
 use futures::StreamExt;
@@ -142,6 +145,7 @@ fn load(serving: &ServingCert, secret: Option<&Secret>, metrics: &Metrics, last_
         }
         Err(e) if last_error.as_ref() != Some(&e) => {
             tracing::warn!(error = %e, "the Secret's certificate cannot be served; serving the previous one");
+            metrics.webhook_certificate_failure();
             *last_error = Some(e);
         }
         Err(_) => {}
@@ -199,6 +203,7 @@ impl Keeper {
     }
 
     /// Publishes the `caBundle`, then takes the rotation step that is due, if any.
+    /// `secret`: the Secret as the cache has it.
     async fn pass(
         &self,
         managed: &Managed,
@@ -206,17 +211,30 @@ impl Keeper {
         configuration: Option<Option<Arc<MutatingWebhookConfiguration>>>,
     ) -> Result<Pass, KeepError> {
         let now = Timestamp::now();
-        let empty = Default::default();
-        let stored = Stored::from_data(secret.and_then(|s| s.data.as_ref()).unwrap_or(&empty));
+        let stored_in = |secret: Option<&Secret>| {
+            secret
+                .and_then(|s| s.data.as_ref())
+                .map(Stored::from_data)
+                .unwrap_or_default()
+        };
+        let mut secret = secret.map(Cow::Borrowed);
+        let mut stored = stored_in(secret.as_deref());
         if let (Some(Some(conf)), Some(name)) = (&configuration, &managed.configuration)
-            && let Some(patch) = bundle_patch(conf, &certs::bundle(&stored, now))
+            && bundle_patch(conf, &certs::bundle(&stored, now)).is_some()
         {
-            let patch: json_patch::Patch = serde_json::from_value(patch).expect("test and add operations");
-            Api::<MutatingWebhookConfiguration>::all(self.client.clone())
-                .patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
-                .await?;
-            self.metrics.api_write("mutatingwebhookconfigurations", "patch");
-            tracing::info!(configuration = %name, "caBundle updated");
+            // The cache may lag behind another replica's write (a CA it staged): the bundle
+            // comes from the Secret as it is now, and so does the rest of this pass.
+            let fresh = self.secrets().get_opt(&self.settings.secret).await?;
+            stored = stored_in(fresh.as_ref());
+            secret = fresh.map(Cow::Owned);
+            if let Some(patch) = bundle_patch(conf, &certs::bundle(&stored, now)) {
+                let patch: json_patch::Patch = serde_json::from_value(patch).expect("test and add operations");
+                Api::<MutatingWebhookConfiguration>::all(self.client.clone())
+                    .patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
+                    .await?;
+                self.metrics.api_write("mutatingwebhookconfigurations", "patch");
+                tracing::info!(configuration = %name, "caBundle updated");
+            }
         }
         let next_trusted = match (&configuration, &stored.next) {
             // Nobody to tell: the overlap alone counts.
@@ -235,7 +253,7 @@ impl Keeper {
         };
         let written = match secret {
             Some(secret) => {
-                let mut secret = secret.clone();
+                let mut secret = secret.into_owned();
                 secret.data = Some(updated.to_data());
                 secret.string_data = None;
                 let written = self.secrets().replace(&secret.name_any(), &params, &secret).await?;
@@ -336,6 +354,7 @@ pub async fn keep(
                 }
                 Err(e) => {
                     failures += 1;
+                    metrics.webhook_certificate_failure();
                     let retry = Duration::from_secs(1 << failures.min(6)).min(RECHECK);
                     // A conflict means another replica (or a person) wrote first: the watch
                     // brings that version, and the next pass decides on it.
@@ -402,5 +421,37 @@ mod tests {
         assert!(!trusts(&conf, &b.ca));
         assert!(trusts(&configuration(&[Some(&both), Some(&reordered)]), &b.ca));
         assert!(!trusts(&configuration(&[]), &a.ca));
+    }
+
+    #[test]
+    fn a_lagging_cache_never_takes_a_staged_or_active_ca_out_of_the_bundle() {
+        let now = Timestamp::now();
+        let names = vec!["127.0.0.1".to_string()];
+        let a = certs::issue(&names, jiff::SignedDuration::from_hours(1), now).unwrap();
+        let b = certs::issue(&names, jiff::SignedDuration::from_hours(1), now).unwrap();
+        // Another replica staged b; the configuration trusts a and b.
+        let conf = configuration(&[Some(&format!("{}{}", a.ca, b.ca))]);
+        let lagging = Stored {
+            active: Some(a.clone()),
+            ..Default::default()
+        };
+        let staged = Stored {
+            next: Some(b.clone()),
+            ..lagging.clone()
+        };
+        // From the lagging cache, b would be taken out (which is why the keeper then reads
+        // the Secret fresh); from the Secret as it is, nothing changes.
+        let from_cache = bundle_patch(&conf, &certs::bundle(&lagging, now)).expect("the cache says: a only");
+        assert_eq!(from_cache.as_array().unwrap().len(), 3);
+        assert_eq!(bundle_patch(&conf, &certs::bundle(&staged, now)), None);
+        // Promoted (b active, a previous): still both.
+        let promoted = Stored {
+            active: Some(b.clone()),
+            next: None,
+            previous_ca: Some(a.ca.clone()),
+        };
+        assert_eq!(bundle_patch(&conf, &certs::bundle(&promoted, now)), None);
+        // A Secret read fresh that is gone or empty publishes nothing: the bundle stays.
+        assert_eq!(bundle_patch(&conf, &certs::bundle(&Stored::default(), now)), None);
     }
 }
