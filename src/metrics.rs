@@ -152,7 +152,7 @@ impl Metrics {
         let webhook_certificate_failures = Counter::default();
         webhook.register(
             "webhook_certificate_failures",
-            "Failures keeping the webhook's certificate (API errors, a certificate in the Secret that cannot be served); each is retried",
+            "Failures keeping the webhook's certificate (API errors but for write conflicts between replicas, a certificate in the Secret that cannot be served); each is retried",
             webhook_certificate_failures.clone(),
         );
         Metrics {

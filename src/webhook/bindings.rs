@@ -32,7 +32,10 @@ impl Default for Cache {
 
 fn add(namespaces: &mut HashMap<String, Bindings>, binding: &AWSRoleBinding) {
     let namespace = binding.namespace().unwrap_or_default();
-    namespaces.entry(namespace).or_default().insert(Binding::project(binding));
+    namespaces
+        .entry(namespace)
+        .or_default()
+        .insert(Binding::project(binding));
 }
 
 impl Cache {
@@ -119,7 +122,10 @@ mod tests {
     #[test]
     fn events_keep_each_namespace_apart_and_a_relist_replaces_everything() {
         let cache = Cache::default();
-        assert!(cache.wait_until_ready().now_or_never().is_none(), "not ready before a list");
+        assert!(
+            cache.wait_until_ready().now_or_never().is_none(),
+            "not ready before a list"
+        );
         cache.apply(watcher::Event::Init);
         cache.apply(watcher::Event::InitApply(binding("team-a", "reports", "[{name: app}]")));
         cache.apply(watcher::Event::InitApply(binding("team-b", "reports", "[{name: app}]")));

@@ -54,8 +54,8 @@ pub struct Managed {
 /// How often the keeper looks again when nothing else wakes it. Changes of the Secret and
 /// of the configuration wake it at once; this is the safety net.
 const RECHECK: Duration = Duration::from_secs(60);
-/// How long after its own write the keeper waits for the watch to show it, before it
-/// decides again on what the cache holds.
+/// How long after its own write (of the Secret or of the configuration) the keeper waits
+/// for the watch to show it, before it decides again on what the cache holds.
 const WRITE_SEEN_WITHIN: Duration = Duration::from_secs(10);
 
 /// Watches the one object `name` of `api` (list and watch with a `metadata.name` field
@@ -203,13 +203,14 @@ impl Keeper {
     }
 
     /// Publishes the `caBundle`, then takes the rotation step that is due, if any.
-    /// `secret`: the Secret as the cache has it.
+    /// `secret`: the Secret as the cache has it. With the pass, the resourceVersion of the
+    /// configuration when this pass patched it.
     async fn pass(
         &self,
         managed: &Managed,
         secret: Option<&Secret>,
         configuration: Option<Option<Arc<MutatingWebhookConfiguration>>>,
-    ) -> Result<Pass, KeepError> {
+    ) -> Result<(Pass, Option<String>), KeepError> {
         let now = Timestamp::now();
         let stored_in = |secret: Option<&Secret>| {
             secret
@@ -219,6 +220,7 @@ impl Keeper {
         };
         let mut secret = secret.map(Cow::Borrowed);
         let mut stored = stored_in(secret.as_deref());
+        let mut patched = None;
         if let (Some(Some(conf)), Some(name)) = (&configuration, &managed.configuration)
             && bundle_patch(conf, &certs::bundle(&stored, now)).is_some()
         {
@@ -229,11 +231,12 @@ impl Keeper {
             secret = fresh.map(Cow::Owned);
             if let Some(patch) = bundle_patch(conf, &certs::bundle(&stored, now)) {
                 let patch: json_patch::Patch = serde_json::from_value(patch).expect("test and add operations");
-                Api::<MutatingWebhookConfiguration>::all(self.client.clone())
+                let patched_conf = Api::<MutatingWebhookConfiguration>::all(self.client.clone())
                     .patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
                     .await?;
                 self.metrics.api_write("mutatingwebhookconfigurations", "patch");
                 tracing::info!(configuration = %name, "caBundle updated");
+                patched = patched_conf.resource_version();
             }
         }
         let next_trusted = match (&configuration, &stored.next) {
@@ -244,7 +247,7 @@ impl Keeper {
         };
         let plan = certs::plan(&View::of(&stored), &managed.policy, next_trusted, now);
         let Some((step, why)) = plan.step else {
-            return Ok(Pass::Idle(plan.wake_at));
+            return Ok((Pass::Idle(plan.wake_at), patched));
         };
         let updated = certs::apply(&stored, step, &managed.policy, now)?;
         let params = PostParams {
@@ -275,7 +278,7 @@ impl Keeper {
             Step::Retire => "dropped the previous CA from the caBundle",
         };
         tracing::info!(secret = %self.settings.secret, reason = ?why, expires = ?expires, "webhook certificate: {step}");
-        Ok(Pass::Wrote(written.resource_version().unwrap_or_default()))
+        Ok((Pass::Wrote(written.resource_version().unwrap_or_default()), patched))
     }
 }
 
@@ -313,36 +316,55 @@ pub async fn keep(
         metrics: metrics.clone(),
     };
     let (mut failures, mut last_error) = (0u32, None);
-    // The version this replica wrote last, until its cache shows it (or a newer one).
-    let mut awaiting: Option<(String, tokio::time::Instant)> = None;
+    // The versions of the Secret and of the configuration this replica wrote last, until its
+    // caches show them (or newer ones): deciding on an older one would write again.
+    let (mut awaiting_secret, mut awaiting_conf): (Option<(String, tokio::time::Instant)>, _) = (None, None);
     loop {
         let secret = secret_store.get(&secret_ref);
         load(&serving, secret.as_deref(), &metrics, &mut last_error);
         if serving.is_loaded() {
             loaded.send_replace(true);
         }
-        let cached = secret.as_ref().and_then(|s| s.resource_version());
-        if let Some((version, until)) = &awaiting
-            && cached.as_ref() != Some(version)
-            && tokio::time::Instant::now() < *until
+        let conf = configuration
+            .as_ref()
+            .map(|(name, store)| store.get(&ObjectRef::new(name)));
+        let cached_secret = secret.as_ref().and_then(|s| s.resource_version());
+        let cached_conf = conf.clone().flatten().and_then(|c| c.resource_version());
+        let now = tokio::time::Instant::now();
+        let unseen = |awaiting: &Option<(String, tokio::time::Instant)>, cached: &Option<String>| {
+            awaiting
+                .as_ref()
+                .filter(|(version, until)| cached.as_ref() != Some(version) && now < *until)
+                .map(|(_, until)| *until)
+        };
+        if let Some(until) = [
+            unseen(&awaiting_secret, &cached_secret),
+            unseen(&awaiting_conf, &cached_conf),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
         {
-            let until = *until;
             tokio::select! {
                 () = changed.notified() => {}
                 () = tokio::time::sleep_until(until) => {}
             }
             continue;
         }
-        awaiting = None;
+        (awaiting_secret, awaiting_conf) = (None, None);
         let mut wake = tokio::time::Instant::now() + RECHECK;
         if let Some(managed) = &keeper.settings.managed {
-            let conf = configuration
-                .as_ref()
-                .map(|(name, store)| store.get(&ObjectRef::new(name)));
-            match keeper.pass(managed, secret.as_deref(), conf).await {
+            let result = keeper
+                .pass(managed, secret.as_deref(), conf)
+                .await
+                .map(|(pass, patched)| {
+                    awaiting_conf = patched.map(|version| (version, tokio::time::Instant::now() + WRITE_SEEN_WITHIN));
+                    pass
+                });
+            match result {
                 Ok(Pass::Wrote(version)) => {
                     failures = 0;
-                    awaiting = Some((version, tokio::time::Instant::now() + WRITE_SEEN_WITHIN));
+                    awaiting_secret = Some((version, tokio::time::Instant::now() + WRITE_SEEN_WITHIN));
                     continue;
                 }
                 Ok(Pass::Idle(at)) => {
@@ -354,7 +376,10 @@ pub async fn keep(
                 }
                 Err(e) => {
                     failures += 1;
-                    metrics.webhook_certificate_failure();
+                    // A conflict is another replica having written first: not a failure.
+                    if !matches!(&e, KeepError::Kube(kube::Error::Api(status)) if status.code == 409) {
+                        metrics.webhook_certificate_failure();
+                    }
                     let retry = Duration::from_secs(1 << failures.min(6)).min(RECHECK);
                     // A conflict means another replica (or a person) wrote first: the watch
                     // brings that version, and the next pass decides on it.

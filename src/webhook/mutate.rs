@@ -337,10 +337,7 @@ impl Wiring {
 }
 
 fn wiring(binding: &Binding, service_account: &str) -> Wiring {
-    let mount_path = binding
-        .mount_path
-        .clone()
-        .unwrap_or_else(|| DEFAULT_MOUNT_PATH.into());
+    let mount_path = binding.mount_path.clone().unwrap_or_else(|| DEFAULT_MOUNT_PATH.into());
     let mut env = vec![(
         ENV_CONFIG_FILE,
         format!("{}/{KEY_CONFIG}", mount_path.trim_end_matches('/')),
@@ -591,9 +588,9 @@ fn container_additions(container: &Container, volume_name: &str, wiring: &Wiring
         .collect();
     // AWS_CONFIG_FILE pointing at the mounted config: wired already (by an earlier
     // admission, or by hand); whatever else it sets is its choice.
-    let wired = own
-        .iter()
-        .any(|e| e.name == ENV_CONFIG_FILE && e.value.as_deref() == Some(wiring.config_file()) && e.value_from.is_none());
+    let wired = own.iter().any(|e| {
+        e.name == ENV_CONFIG_FILE && e.value.as_deref() == Some(wiring.config_file()) && e.value_from.is_none()
+    });
     let (env, env_left_alone) = if wired {
         (Vec::new(), None)
     } else if !own.is_empty() {
@@ -601,7 +598,10 @@ fn container_additions(container: &Container, volume_name: &str, wiring: &Wiring
         let names: Vec<&str> = names.into_iter().collect();
         (Vec::new(), Some(format!("sets {} itself", names.join(", "))))
     } else if container.env_from.as_ref().is_some_and(|from| !from.is_empty()) {
-        (Vec::new(), Some("has envFrom, which may set AWS_* variables".to_string()))
+        (
+            Vec::new(),
+            Some("has envFrom, which may set AWS_* variables".to_string()),
+        )
     } else {
         let env = wiring
             .env
@@ -764,8 +764,14 @@ spec:
         let by_hand =
             format!("env: [{{name: AWS_CONFIG_FILE, value: {config}}}, {{name: AWS_REGION, value: us-east-1}}]");
         // (case, the container's env and envFrom, the env it ends with, the warning)
-        let cases: Vec<(&str, &str, Vec<(String, String)>, Option<String>)> = vec![
-            ("nothing set", "env: [{name: LOG, value: x}]", [pairs(&[("LOG", "x")]), ours.clone()].concat(), None),
+        type Case<'a> = (&'a str, &'a str, Vec<(String, String)>, Option<String>);
+        let cases: Vec<Case> = vec![
+            (
+                "nothing set",
+                "env: [{name: LOG, value: x}]",
+                [pairs(&[("LOG", "x")]), ours.clone()].concat(),
+                None,
+            ),
             (
                 "a region of its own: never beside ours (SDKs disagree on which wins)",
                 "env: [{name: AWS_REGION, value: us-east-1}]",
@@ -782,7 +788,10 @@ spec:
                 "keys or a credentials file of its own, each named",
                 "env: [{name: AWS_SHARED_CREDENTIALS_FILE, value: /c}, {name: AWS_ACCESS_KEY_ID, valueFrom: {secretKeyRef: {name: s, key: k}}}]",
                 pairs(&[("AWS_SHARED_CREDENTIALS_FILE", "/c"), ("AWS_ACCESS_KEY_ID", "")]),
-                Some(note("app", "sets AWS_ACCESS_KEY_ID, AWS_SHARED_CREDENTIALS_FILE itself")),
+                Some(note(
+                    "app",
+                    "sets AWS_ACCESS_KEY_ID, AWS_SHARED_CREDENTIALS_FILE itself",
+                )),
             ),
             (
                 "envFrom may set any of them",
@@ -1097,7 +1106,9 @@ spec:
         assert_eq!((m.outcome, m.patch.len()), (Outcome::Refused, 0));
         assert_eq!(
             m.warnings,
-            ["kube-sts: Secret shared is also the Secret of AWSRoleBinding old for ServiceAccount ci; nothing injected"]
+            [
+                "kube-sts: Secret shared is also the Secret of AWSRoleBinding old for ServiceAccount ci; nothing injected"
+            ]
         );
         // Once the operator reports the move, the name is free.
         old.status.as_mut().unwrap().subjects[0].secret_name = Some("renamed".into());

@@ -219,7 +219,8 @@ mod tests {
         elsewhere.metadata.namespace = Some("team-b".into());
         let r = reviewer(&[elsewhere], json!({}));
         let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "annotations": {"kube-sts.io/binding": "elsewhere"}}, "spec": {"serviceAccountName": "app", "containers": [{"name": "app", "image": "x"}]}});
-        let answer: Value = serde_json::from_slice(&r.review(&review_in("team-a", pod.clone(), false)).unwrap()).unwrap();
+        let answer: Value =
+            serde_json::from_slice(&r.review(&review_in("team-a", pod.clone(), false)).unwrap()).unwrap();
         assert!(answer["response"].get("patch").is_none());
         assert_eq!(
             answer["response"]["warnings"][0],

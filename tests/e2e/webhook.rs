@@ -123,6 +123,16 @@ impl Webhook {
         scrape(self.metrics_addr).await
     }
 
+    /// The value of the counter or gauge `series` (`0` when absent).
+    pub async fn metric(&self, series: &str) -> u64 {
+        let prefix = format!("{series} ");
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// How many admissions ended with `outcome`.
     pub async fn admissions(&self, outcome: &str) -> u64 {
         let series = format!("kube_sts_webhook_admissions_total{{outcome=\"{outcome}\"}} ");
@@ -705,9 +715,13 @@ async fn webhook_closes_a_client_that_trickles_its_request_and_keeps_admitting()
 
     // Meanwhile pods are admitted and injected as ever.
     for i in 0..3 {
-        let pod = create_pod(&ns.name, &pod_json(&format!("p-{i}"), Some("app"), json!({}), json!({})), false)
-            .await
-            .expect("admitted while a client trickles");
+        let pod = create_pod(
+            &ns.name,
+            &pod_json(&format!("p-{i}"), Some("app"), json!({}), json!({})),
+            false,
+        )
+        .await
+        .expect("admitted while a client trickles");
         assert_eq!(injected_secret(&pod).as_deref(), Some("reports-app"));
     }
     let sent = tokio::time::timeout(Duration::from_secs(120), trickling)
@@ -716,7 +730,11 @@ async fn webhook_closes_a_client_that_trickles_its_request_and_keeps_admitting()
         .unwrap();
     assert!(sent < total, "closed after {sent} of {total} bytes");
     println!("trickling client closed after {:?} ({sent} bytes)", started.elapsed());
-    assert_eq!(s.webhook.admissions("invalid").await, 1, "the cut request counts as unreadable");
+    assert_eq!(
+        s.webhook.admissions("invalid").await,
+        1,
+        "the cut request counts as unreadable"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -790,6 +808,11 @@ async fn webhook_certificate_rotates_without_a_rejected_admission() {
     ] {
         assert!(logs.contains(step), "{step}: log {log}");
     }
+    assert_eq!(
+        s.webhook.metric("kube_sts_webhook_certificate_failures_total").await,
+        0,
+        "no failed attempt to keep the certificate (e.g. a patch on a stale configuration); log {log}"
+    );
     println!("{created} pods created across a rotation in {:?}", started.elapsed());
 }
 
