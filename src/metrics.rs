@@ -62,6 +62,7 @@ pub struct Metrics {
     writes: Family<WriteLabels, Counter>,
     admissions: Family<AdmissionLabels, Counter>,
     webhook_certificate_expiration: Gauge,
+    webhook_certificate_failures: Counter,
     ready: AtomicBool,
     /// Reconciles running now, and when one last finished (for `/healthz`).
     in_flight: AtomicI64,
@@ -148,6 +149,12 @@ impl Metrics {
             "When the certificate the webhook serves expires (Unix time; 0 before one is served)",
             webhook_certificate_expiration.clone(),
         );
+        let webhook_certificate_failures = Counter::default();
+        webhook.register(
+            "webhook_certificate_failures",
+            "Failures keeping the webhook's certificate (API errors but for write conflicts between replicas, a certificate in the Secret that cannot be served); each is retried",
+            webhook_certificate_failures.clone(),
+        );
         Metrics {
             registry: match process {
                 Process::Operator => operator,
@@ -162,6 +169,7 @@ impl Metrics {
             writes,
             admissions,
             webhook_certificate_expiration,
+            webhook_certificate_failures,
             ready: AtomicBool::new(false),
             in_flight: AtomicI64::new(0),
             last_progress: Mutex::new(Instant::now()),
@@ -220,6 +228,10 @@ impl Metrics {
 
     pub fn webhook_certificate_expiration(&self, at: jiff::Timestamp) {
         self.webhook_certificate_expiration.set(at.as_second());
+    }
+
+    pub fn webhook_certificate_failure(&self) {
+        self.webhook_certificate_failures.inc();
     }
 
     /// A subject's state after a reconcile: when its valid credentials expire (`None`: it

@@ -63,16 +63,22 @@ pub struct Policy {
     pub overlap: SignedDuration,
 }
 
+/// The shortest overlap: every API server must have seen the new CA in the `caBundle`
+/// (through its watch of the configuration; seconds, but more when it is busy) before a
+/// replica serves a certificate it signed.
+pub const MIN_OVERLAP: SignedDuration = SignedDuration::from_mins(1);
+
 impl Policy {
     /// Refuses settings under which a rotation could not finish before the certificate it
-    /// replaces expires (staging starts with a third of the lifetime left).
+    /// replaces expires (staging starts with a third of the lifetime left), or could serve
+    /// a certificate before the API servers trust its CA.
     pub fn check(&self) -> Result<(), String> {
         if self.names.is_empty() {
             return Err("the serving certificate needs at least one name (--cert-name)".into());
         }
-        if self.overlap <= SignedDuration::ZERO || self.overlap * 4 > self.validity {
+        if self.overlap < MIN_OVERLAP || self.overlap * 4 > self.validity {
             return Err(format!(
-                "--cert-overlap must be positive and at most a quarter of --cert-validity ({} and {})",
+                "--cert-overlap must be at least {MIN_OVERLAP:#} and at most a quarter of --cert-validity ({:#} and {:#})",
                 self.overlap, self.validity
             ));
         }
@@ -406,21 +412,23 @@ pub fn apply(stored: &Stored, step: Step, policy: &Policy, now: Timestamp) -> Re
     })
 }
 
-/// The CAs the API server must trust now (PEM, one after the other): the active one, the
-/// staged one and the previous one, those not expired, each once.
+/// The CAs the API server must trust now (PEM, one after the other): the active one and
+/// the staged one, always (a replica may serve either), and the previous one until it
+/// expires; each once.
 pub fn bundle(stored: &Stored, now: Timestamp) -> String {
     let cas = [
-        stored.active.as_ref().map(|g| g.ca.as_str()),
-        stored.next.as_ref().map(|g| g.ca.as_str()),
-        stored.previous_ca.as_deref(),
+        (stored.active.as_ref().map(|g| g.ca.as_str()), true),
+        (stored.next.as_ref().map(|g| g.ca.as_str()), true),
+        (stored.previous_ca.as_deref(), false),
     ];
     let mut seen = Vec::new();
     let mut out = String::new();
-    for ca in cas.into_iter().flatten() {
+    for (ca, always) in cas {
+        let Some(ca) = ca else { continue };
         let Some(der) = ders(ca).into_iter().next() else {
             continue;
         };
-        if seen.contains(&der) || not_after(ca).map_or(true, |at| at <= now) {
+        if seen.contains(&der) || (!always && not_after(ca).map_or(true, |at| at <= now)) {
             continue;
         }
         seen.push(der);
@@ -673,8 +681,31 @@ mod tests {
         assert!(p.check().unwrap_err().contains("quarter"));
         p.overlap = SignedDuration::ZERO;
         assert!(p.check().is_err());
-        p.overlap = SignedDuration::from_secs(1);
+        // Under a minute the API servers may not all trust the new CA when it is served.
+        p.overlap = SignedDuration::from_secs(59);
+        assert!(p.check().unwrap_err().contains("at least 1m"), "{:?}", p.check());
+        p.overlap = MIN_OVERLAP;
+        assert!(p.check().is_ok());
         p.names.clear();
         assert!(p.check().unwrap_err().contains("--cert-name"));
+    }
+
+    #[test]
+    fn the_bundle_always_holds_the_active_and_the_staged_ca() {
+        let p = policy();
+        let t = t0();
+        let active = issue(&p.names, HOUR, t).unwrap();
+        let next = issue(&p.names, HOUR, t).unwrap();
+        let previous = issue(&p.names, HOUR, t).unwrap();
+        let stored = Stored {
+            active: Some(active.clone()),
+            next: Some(next.clone()),
+            previous_ca: Some(previous.ca.clone()),
+        };
+        let ca = |g: &Generation| ders(&g.ca)[0].clone();
+        assert_eq!(ders(&bundle(&stored, t)), [ca(&active), ca(&next), ca(&previous)]);
+        // Past their expiry only the previous CA goes: a replica may still serve the
+        // others until the keeper has replaced them.
+        assert_eq!(ders(&bundle(&stored, t + HOUR * 2)), [ca(&active), ca(&next)]);
     }
 }

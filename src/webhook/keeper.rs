@@ -2,9 +2,12 @@
 //! webhook manages the certificate, takes the Secret through the steps of `certs` and keeps
 //! the `caBundle` of the MutatingWebhookConfiguration current. Every replica runs it; they
 //! agree through the Secret alone (writes are guarded by its resourceVersion, a replica
-//! that loses a race reads the winner's Secret and decides again).
+//! that loses a race reads the winner's Secret and decides again). The `caBundle` is only
+//! ever set from the Secret as the API has it at that moment (read fresh, not from the
+//! cache): a replica whose cache lags behind another's write never takes out a CA the
+//! Secret holds as active or staged.
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{borrow::Cow, collections::BTreeSet, sync::Arc, time::Duration};
 
 use base64::Engine;
 use futures::StreamExt;
@@ -51,8 +54,8 @@ pub struct Managed {
 /// How often the keeper looks again when nothing else wakes it. Changes of the Secret and
 /// of the configuration wake it at once; this is the safety net.
 const RECHECK: Duration = Duration::from_secs(60);
-/// How long after its own write the keeper waits for the watch to show it, before it
-/// decides again on what the cache holds.
+/// How long after its own write (of the Secret or of the configuration) the keeper waits
+/// for the watch to show it, before it decides again on what the cache holds.
 const WRITE_SEEN_WITHIN: Duration = Duration::from_secs(10);
 
 /// Watches the one object `name` of `api` (list and watch with a `metadata.name` field
@@ -142,6 +145,7 @@ fn load(serving: &ServingCert, secret: Option<&Secret>, metrics: &Metrics, last_
         }
         Err(e) if last_error.as_ref() != Some(&e) => {
             tracing::warn!(error = %e, "the Secret's certificate cannot be served; serving the previous one");
+            metrics.webhook_certificate_failure();
             *last_error = Some(e);
         }
         Err(_) => {}
@@ -199,24 +203,41 @@ impl Keeper {
     }
 
     /// Publishes the `caBundle`, then takes the rotation step that is due, if any.
+    /// `secret`: the Secret as the cache has it. With the pass, the resourceVersion of the
+    /// configuration when this pass patched it.
     async fn pass(
         &self,
         managed: &Managed,
         secret: Option<&Secret>,
         configuration: Option<Option<Arc<MutatingWebhookConfiguration>>>,
-    ) -> Result<Pass, KeepError> {
+    ) -> Result<(Pass, Option<String>), KeepError> {
         let now = Timestamp::now();
-        let empty = Default::default();
-        let stored = Stored::from_data(secret.and_then(|s| s.data.as_ref()).unwrap_or(&empty));
+        let stored_in = |secret: Option<&Secret>| {
+            secret
+                .and_then(|s| s.data.as_ref())
+                .map(Stored::from_data)
+                .unwrap_or_default()
+        };
+        let mut secret = secret.map(Cow::Borrowed);
+        let mut stored = stored_in(secret.as_deref());
+        let mut patched = None;
         if let (Some(Some(conf)), Some(name)) = (&configuration, &managed.configuration)
-            && let Some(patch) = bundle_patch(conf, &certs::bundle(&stored, now))
+            && bundle_patch(conf, &certs::bundle(&stored, now)).is_some()
         {
-            let patch: json_patch::Patch = serde_json::from_value(patch).expect("test and add operations");
-            Api::<MutatingWebhookConfiguration>::all(self.client.clone())
-                .patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
-                .await?;
-            self.metrics.api_write("mutatingwebhookconfigurations", "patch");
-            tracing::info!(configuration = %name, "caBundle updated");
+            // The cache may lag behind another replica's write (a CA it staged): the bundle
+            // comes from the Secret as it is now, and so does the rest of this pass.
+            let fresh = self.secrets().get_opt(&self.settings.secret).await?;
+            stored = stored_in(fresh.as_ref());
+            secret = fresh.map(Cow::Owned);
+            if let Some(patch) = bundle_patch(conf, &certs::bundle(&stored, now)) {
+                let patch: json_patch::Patch = serde_json::from_value(patch).expect("test and add operations");
+                let patched_conf = Api::<MutatingWebhookConfiguration>::all(self.client.clone())
+                    .patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
+                    .await?;
+                self.metrics.api_write("mutatingwebhookconfigurations", "patch");
+                tracing::info!(configuration = %name, "caBundle updated");
+                patched = patched_conf.resource_version();
+            }
         }
         let next_trusted = match (&configuration, &stored.next) {
             // Nobody to tell: the overlap alone counts.
@@ -226,7 +247,7 @@ impl Keeper {
         };
         let plan = certs::plan(&View::of(&stored), &managed.policy, next_trusted, now);
         let Some((step, why)) = plan.step else {
-            return Ok(Pass::Idle(plan.wake_at));
+            return Ok((Pass::Idle(plan.wake_at), patched));
         };
         let updated = certs::apply(&stored, step, &managed.policy, now)?;
         let params = PostParams {
@@ -235,7 +256,7 @@ impl Keeper {
         };
         let written = match secret {
             Some(secret) => {
-                let mut secret = secret.clone();
+                let mut secret = secret.into_owned();
                 secret.data = Some(updated.to_data());
                 secret.string_data = None;
                 let written = self.secrets().replace(&secret.name_any(), &params, &secret).await?;
@@ -257,7 +278,7 @@ impl Keeper {
             Step::Retire => "dropped the previous CA from the caBundle",
         };
         tracing::info!(secret = %self.settings.secret, reason = ?why, expires = ?expires, "webhook certificate: {step}");
-        Ok(Pass::Wrote(written.resource_version().unwrap_or_default()))
+        Ok((Pass::Wrote(written.resource_version().unwrap_or_default()), patched))
     }
 }
 
@@ -295,36 +316,55 @@ pub async fn keep(
         metrics: metrics.clone(),
     };
     let (mut failures, mut last_error) = (0u32, None);
-    // The version this replica wrote last, until its cache shows it (or a newer one).
-    let mut awaiting: Option<(String, tokio::time::Instant)> = None;
+    // The versions of the Secret and of the configuration this replica wrote last, until its
+    // caches show them (or newer ones): deciding on an older one would write again.
+    let (mut awaiting_secret, mut awaiting_conf): (Option<(String, tokio::time::Instant)>, _) = (None, None);
     loop {
         let secret = secret_store.get(&secret_ref);
         load(&serving, secret.as_deref(), &metrics, &mut last_error);
         if serving.is_loaded() {
             loaded.send_replace(true);
         }
-        let cached = secret.as_ref().and_then(|s| s.resource_version());
-        if let Some((version, until)) = &awaiting
-            && cached.as_ref() != Some(version)
-            && tokio::time::Instant::now() < *until
+        let conf = configuration
+            .as_ref()
+            .map(|(name, store)| store.get(&ObjectRef::new(name)));
+        let cached_secret = secret.as_ref().and_then(|s| s.resource_version());
+        let cached_conf = conf.clone().flatten().and_then(|c| c.resource_version());
+        let now = tokio::time::Instant::now();
+        let unseen = |awaiting: &Option<(String, tokio::time::Instant)>, cached: &Option<String>| {
+            awaiting
+                .as_ref()
+                .filter(|(version, until)| cached.as_ref() != Some(version) && now < *until)
+                .map(|(_, until)| *until)
+        };
+        if let Some(until) = [
+            unseen(&awaiting_secret, &cached_secret),
+            unseen(&awaiting_conf, &cached_conf),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
         {
-            let until = *until;
             tokio::select! {
                 () = changed.notified() => {}
                 () = tokio::time::sleep_until(until) => {}
             }
             continue;
         }
-        awaiting = None;
+        (awaiting_secret, awaiting_conf) = (None, None);
         let mut wake = tokio::time::Instant::now() + RECHECK;
         if let Some(managed) = &keeper.settings.managed {
-            let conf = configuration
-                .as_ref()
-                .map(|(name, store)| store.get(&ObjectRef::new(name)));
-            match keeper.pass(managed, secret.as_deref(), conf).await {
+            let result = keeper
+                .pass(managed, secret.as_deref(), conf)
+                .await
+                .map(|(pass, patched)| {
+                    awaiting_conf = patched.map(|version| (version, tokio::time::Instant::now() + WRITE_SEEN_WITHIN));
+                    pass
+                });
+            match result {
                 Ok(Pass::Wrote(version)) => {
                     failures = 0;
-                    awaiting = Some((version, tokio::time::Instant::now() + WRITE_SEEN_WITHIN));
+                    awaiting_secret = Some((version, tokio::time::Instant::now() + WRITE_SEEN_WITHIN));
                     continue;
                 }
                 Ok(Pass::Idle(at)) => {
@@ -336,6 +376,10 @@ pub async fn keep(
                 }
                 Err(e) => {
                     failures += 1;
+                    // A conflict is another replica having written first: not a failure.
+                    if !matches!(&e, KeepError::Kube(kube::Error::Api(status)) if status.code == 409) {
+                        metrics.webhook_certificate_failure();
+                    }
                     let retry = Duration::from_secs(1 << failures.min(6)).min(RECHECK);
                     // A conflict means another replica (or a person) wrote first: the watch
                     // brings that version, and the next pass decides on it.
@@ -402,5 +446,37 @@ mod tests {
         assert!(!trusts(&conf, &b.ca));
         assert!(trusts(&configuration(&[Some(&both), Some(&reordered)]), &b.ca));
         assert!(!trusts(&configuration(&[]), &a.ca));
+    }
+
+    #[test]
+    fn a_lagging_cache_never_takes_a_staged_or_active_ca_out_of_the_bundle() {
+        let now = Timestamp::now();
+        let names = vec!["127.0.0.1".to_string()];
+        let a = certs::issue(&names, jiff::SignedDuration::from_hours(1), now).unwrap();
+        let b = certs::issue(&names, jiff::SignedDuration::from_hours(1), now).unwrap();
+        // Another replica staged b; the configuration trusts a and b.
+        let conf = configuration(&[Some(&format!("{}{}", a.ca, b.ca))]);
+        let lagging = Stored {
+            active: Some(a.clone()),
+            ..Default::default()
+        };
+        let staged = Stored {
+            next: Some(b.clone()),
+            ..lagging.clone()
+        };
+        // From the lagging cache, b would be taken out (which is why the keeper then reads
+        // the Secret fresh); from the Secret as it is, nothing changes.
+        let from_cache = bundle_patch(&conf, &certs::bundle(&lagging, now)).expect("the cache says: a only");
+        assert_eq!(from_cache.as_array().unwrap().len(), 3);
+        assert_eq!(bundle_patch(&conf, &certs::bundle(&staged, now)), None);
+        // Promoted (b active, a previous): still both.
+        let promoted = Stored {
+            active: Some(b.clone()),
+            next: None,
+            previous_ca: Some(a.ca.clone()),
+        };
+        assert_eq!(bundle_patch(&conf, &certs::bundle(&promoted, now)), None);
+        // A Secret read fresh that is gone or empty publishes nothing: the bundle stays.
+        assert_eq!(bundle_patch(&conf, &certs::bundle(&Stored::default(), now)), None);
     }
 }

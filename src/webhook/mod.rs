@@ -2,6 +2,7 @@
 //! pods of its subjects.
 //!
 //! - `mutate`: the pure decision (pod, bindings, namespace labels → JSON patch, warnings);
+//! - `bindings`: the cache of bindings, compact and by namespace;
 //! - `review`: one AdmissionReview in, one out, from the caches;
 //! - `certs`: the serving certificate's generations and the pure rotation policy;
 //! - `keeper`: the certificate's I/O (Secret, `caBundle`) and loading it into the server;
@@ -26,6 +27,7 @@ use kube::{
 
 use crate::{crd::AWSRoleBinding, metrics::Metrics};
 
+pub mod bindings;
 pub mod certs;
 pub mod keeper;
 pub mod mutate;
@@ -61,20 +63,25 @@ where
     });
 }
 
-/// The caches the admissions read: the bindings (managedFields dropped) and the metadata of
-/// the namespaces (their labels), of one namespace or all.
-fn caches(client: &Client, namespace: Option<&str>) -> (Store<AWSRoleBinding>, Store<PartialObjectMeta<Namespace>>) {
-    let (bindings, writer) = reflector::store();
+/// The caches the admissions read: the bindings (compact, by namespace) and the labels of
+/// the namespaces, of one namespace or all.
+fn caches(client: &Client, namespace: Option<&str>) -> (Arc<bindings::Cache>, Store<PartialObjectMeta<Namespace>>) {
+    let cache = Arc::new(bindings::Cache::default());
     let api: Api<AWSRoleBinding> = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let stream = reflector(
-        writer,
-        watcher(api, watcher::Config::default()).modify(|b| b.managed_fields_mut().clear()),
-    )
-    .default_backoff();
-    drive("awsrolebindings", stream);
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    let fed = cache.clone();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => fed.apply(event),
+                Err(e) => tracing::warn!(watch = "awsrolebindings", error = %e, "watch failed; retrying with backoff"),
+            }
+        }
+    });
 
     let (namespaces, writer) = reflector::store();
     let config = match namespace {
@@ -82,9 +89,31 @@ fn caches(client: &Client, namespace: Option<&str>) -> (Store<AWSRoleBinding>, S
         None => watcher::Config::default(),
     };
     let api = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
-    let stream = reflector(writer, watcher(api, config).modify(|n| n.managed_fields_mut().clear())).default_backoff();
+    // Only the labels are read: annotations (a last-applied configuration, say) are not kept.
+    let stream = reflector(
+        writer,
+        watcher(api, config).modify(|n| {
+            n.managed_fields_mut().clear();
+            n.annotations_mut().clear();
+        }),
+    )
+    .default_backoff();
     drive("namespaces", stream);
-    (bindings, namespaces)
+    (cache, namespaces)
+}
+
+/// Serves until `serving` completes, unless the certificate keeper stops first (it never
+/// returns; a panic ends it): then the process must end and be restarted, since nothing
+/// would keep the certificate any more.
+async fn supervised(serving: impl Future<Output = ()>, keeper: tokio::task::JoinHandle<()>) -> Result<(), String> {
+    tokio::select! {
+        () = serving => Ok(()),
+        ended = keeper => Err(match ended {
+            Err(e) if e.is_panic() => "the certificate keeper panicked".to_string(),
+            Err(e) => format!("the certificate keeper stopped: {e}"),
+            Ok(()) => "the certificate keeper stopped".to_string(),
+        }),
+    }
 }
 
 /// Runs the webhook until `shutdown` completes (and the shutdown delay has passed).
@@ -104,7 +133,7 @@ pub async fn run(
     let serving = Arc::new(server::ServingCert::default());
     let tls = server::tls_config(serving.clone())?;
     let (loaded_tx, mut loaded) = tokio::sync::watch::channel(false);
-    tokio::spawn(keeper::keep(
+    let keeper = tokio::spawn(keeper::keep(
         client,
         settings.certificate.clone(),
         serving,
@@ -120,7 +149,9 @@ pub async fn run(
             (bindings.clone(), namespaces.clone(), accepting.clone(), metrics.clone());
         tokio::spawn(async move {
             let _ = futures::join!(bindings.wait_until_ready(), namespaces.wait_until_ready());
-            let _ = loaded.wait_for(|loaded| *loaded).await;
+            if loaded.wait_for(|loaded| *loaded).await.is_err() {
+                return; // the keeper is gone (and the process is ending): never serve
+            }
             accepting.store(true, Ordering::Relaxed);
             metrics.set_ready(true);
             tracing::info!("serving the admission webhook");
@@ -139,7 +170,27 @@ pub async fn run(
         tracing::info!(delay = ?delay, "shutting down: not ready, serving on for the shutdown delay");
         tokio::time::sleep(delay).await;
     };
-    server::serve(listener, tls, reviewer, accepting, stop).await;
+    let serving = server::serve(listener, tls, reviewer, accepting, stop);
+    supervised(serving, keeper).await?;
     tracing::info!("webhook stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_webhook_ends_with_an_error_when_its_certificate_keeper_stops() {
+        let panicked = tokio::spawn(async { panic!("a bug in the keeper") });
+        let ended = supervised(std::future::pending(), panicked).await;
+        assert_eq!(ended, Err("the certificate keeper panicked".to_string()));
+        let returned = tokio::spawn(async {});
+        assert!(supervised(std::future::pending(), returned).await.is_err());
+        // Serving to its end (a shutdown) with the keeper running is a clean stop.
+        let running = tokio::spawn(std::future::pending::<()>());
+        assert_eq!(supervised(async {}, running).now_or_never(), Some(Ok(())));
+    }
 }

@@ -1,11 +1,11 @@
 //! One AdmissionReview in, one out: decode it, read the caches, decide (`mutate`), answer,
-//! count. The webhook never refuses a pod: every answer allows it, with or without a patch.
+//! count (dry runs are answered alike but not counted). The webhook never refuses a pod:
+//! every answer allows it, with or without a patch.
 
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
-    ResourceExt,
     core::{
         PartialObjectMeta,
         admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
@@ -13,14 +13,17 @@ use kube::{
     runtime::reflector::{ObjectRef, Store},
 };
 
-use super::mutate::{self, Admission};
-use crate::{crd::AWSRoleBinding, metrics::Metrics};
+use super::{
+    bindings::Cache,
+    mutate::{self, Admission},
+};
+use crate::metrics::Metrics;
 
 /// Outcome counted for a request that could not be read.
 pub const INVALID: &str = "invalid";
 
 pub struct Reviewer {
-    pub bindings: Store<AWSRoleBinding>,
+    pub bindings: Arc<Cache>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     pub metrics: Arc<Metrics>,
 }
@@ -42,23 +45,23 @@ impl Reviewer {
             self.metrics.admission(INVALID);
             return encode(response);
         };
-        let bindings = self.bindings.state();
-        let bindings: Vec<&AWSRoleBinding> = bindings
-            .iter()
-            .map(Arc::as_ref)
-            .filter(|b| b.namespace().as_deref() == Some(namespace))
-            .collect();
         let labels = self
             .namespaces
             .get(&ObjectRef::new(namespace))
             .map(|n| n.metadata.labels.clone().unwrap_or_default());
-        let mutation = mutate::mutate(&Admission {
-            namespace,
-            pod,
-            namespace_labels: labels.as_ref(),
-            bindings: &bindings,
+        let mutation = self.bindings.read(namespace, |bindings| {
+            mutate::mutate(&Admission {
+                namespace,
+                pod,
+                namespace_labels: labels.as_ref(),
+                bindings,
+            })
         });
-        self.metrics.admission(mutation.outcome.as_str());
+        // A dry run (`kubectl --dry-run=server`, a GitOps tool's diff) creates no pod: the
+        // counts are of pods created.
+        if !request.dry_run {
+            self.metrics.admission(mutation.outcome.as_str());
+        }
         let name = pod
             .metadata
             .name
@@ -66,9 +69,9 @@ impl Reviewer {
             .or_else(|| pod.metadata.generate_name.clone())
             .unwrap_or_default();
         if mutation.warnings.is_empty() {
-            tracing::debug!(namespace, pod = name, outcome = mutation.outcome.as_str(), binding = ?mutation.binding, "admission");
+            tracing::debug!(namespace, pod = name, outcome = mutation.outcome.as_str(), binding = ?mutation.binding, dry_run = request.dry_run, "admission");
         } else {
-            tracing::info!(namespace, pod = name, outcome = mutation.outcome.as_str(), binding = ?mutation.binding, warnings = ?mutation.warnings, "admission with warnings");
+            tracing::info!(namespace, pod = name, outcome = mutation.outcome.as_str(), binding = ?mutation.binding, dry_run = request.dry_run, warnings = ?mutation.warnings, "admission with warnings");
         }
         if !mutation.warnings.is_empty() {
             response.warnings = Some(mutation.warnings.clone());
@@ -94,23 +97,29 @@ mod tests {
     use super::*;
 
     fn reviewer(bindings: &[AWSRoleBinding], namespace_labels: Value) -> Reviewer {
-        let (store, mut writer) = kube::runtime::reflector::store();
+        let cache = Arc::new(Cache::default());
+        cache.apply(watcher::Event::Init);
         for b in bindings {
-            writer.apply_watcher_event(&watcher::Event::Apply(b.clone()));
+            cache.apply(watcher::Event::InitApply(b.clone()));
         }
+        cache.apply(watcher::Event::InitDone);
         let (namespaces, mut ns_writer) = kube::runtime::reflector::store();
         let ns: PartialObjectMeta<Namespace> =
             serde_json::from_value(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a", "labels": namespace_labels}}))
                 .unwrap();
         ns_writer.apply_watcher_event(&watcher::Event::Apply(ns));
         Reviewer {
-            bindings: store,
+            bindings: cache,
             namespaces,
             metrics: Arc::new(Metrics::new(crate::metrics::Process::Webhook)),
         }
     }
 
     fn review_of(pod: Value) -> Vec<u8> {
+        review_in("team-a", pod, false)
+    }
+
+    fn review_in(namespace: &str, pod: Value, dry_run: bool) -> Vec<u8> {
         serde_json::to_vec(&json!({
             "apiVersion": "admission.k8s.io/v1",
             "kind": "AdmissionReview",
@@ -118,15 +127,17 @@ mod tests {
                 "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
                 "kind": {"group": "", "version": "v1", "kind": "Pod"},
                 "resource": {"group": "", "version": "v1", "resource": "pods"},
-                "namespace": "team-a",
+                "namespace": namespace,
                 "operation": "CREATE",
                 "userInfo": {"username": "someone"},
                 "object": pod,
-                "dryRun": false,
+                "dryRun": dry_run,
             }
         }))
         .unwrap()
     }
+
+    use crate::crd::AWSRoleBinding;
 
     fn binding(name: &str, subjects: &str) -> AWSRoleBinding {
         let mut b = crate::plan::tests::binding(&format!(
@@ -200,5 +211,29 @@ mod tests {
                 .render()
                 .contains("kube_sts_webhook_admissions_total{outcome=\"opted_out\"} 1")
         );
+    }
+
+    #[test]
+    fn only_bindings_of_the_requests_namespace_count_and_dry_runs_are_not_counted() {
+        let mut elsewhere = binding("elsewhere", "[{name: app}]");
+        elsewhere.metadata.namespace = Some("team-b".into());
+        let r = reviewer(&[elsewhere], json!({}));
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "annotations": {"kube-sts.io/binding": "elsewhere"}}, "spec": {"serviceAccountName": "app", "containers": [{"name": "app", "image": "x"}]}});
+        let answer: Value =
+            serde_json::from_slice(&r.review(&review_in("team-a", pod.clone(), false)).unwrap()).unwrap();
+        assert!(answer["response"].get("patch").is_none());
+        assert_eq!(
+            answer["response"]["warnings"][0],
+            "kube-sts: no AWSRoleBinding elsewhere in namespace team-a; nothing injected"
+        );
+        // The same pod in team-b, as a dry run: answered alike, not counted.
+        let answer: Value = serde_json::from_slice(&r.review(&review_in("team-b", pod, true)).unwrap()).unwrap();
+        assert_eq!(answer["response"]["patchType"], "JSONPatch");
+        let text = r.metrics.render();
+        assert!(
+            text.contains("kube_sts_webhook_admissions_total{outcome=\"refused\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("outcome=\"injected\""), "{text}");
     }
 }

@@ -36,14 +36,17 @@ const KUBE_VERSION: &str = "1.34.0";
 /// Kinds of the chart applied here: the operator and the webhook run as local processes, not
 /// from the chart's Deployments (there is no kubelet in the local control plane). The
 /// Secret is the webhook's certificate Secret, which the chart creates (the webhook may
-/// not).
-const APPLIED_KINDS: [&str; 6] = [
+/// not); the ValidatingAdmissionPolicy limits what the webhook may change in its
+/// configuration to the caBundle, which its scenario keeps.
+const APPLIED_KINDS: [&str; 8] = [
     "ServiceAccount",
     "Secret",
     "ClusterRole",
     "ClusterRoleBinding",
     "Role",
     "RoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
 ];
 
 fn helm() -> &'static Path {
@@ -322,7 +325,11 @@ async fn install(grant: Option<&Grant>, who: Who) -> Install {
     };
     let cluster = ClusterObjects(
         docs.iter()
-            .filter(|d| d["kind"].as_str().is_some_and(|k| k.starts_with("Cluster")))
+            .filter(|d| {
+                d["kind"]
+                    .as_str()
+                    .is_some_and(|k| k.starts_with("Cluster") || k.starts_with("ValidatingAdmissionPolicy"))
+            })
             .map(|d| {
                 (
                     d["kind"].as_str().unwrap().to_string(),

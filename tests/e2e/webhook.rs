@@ -123,6 +123,16 @@ impl Webhook {
         scrape(self.metrics_addr).await
     }
 
+    /// The value of the counter or gauge `series` (`0` when absent).
+    pub async fn metric(&self, series: &str) -> u64 {
+        let prefix = format!("{series} ");
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// How many admissions ended with `outcome`.
     pub async fn admissions(&self, outcome: &str) -> u64 {
         let series = format!("kube_sts_webhook_admissions_total{{outcome=\"{outcome}\"}} ");
@@ -467,6 +477,42 @@ async fn webhook_injects_the_binding_into_pods_of_its_subjects() {
     assert_eq!(env_of(&containers[0]), []);
     assert_eq!(env_of(&containers[1]).len(), 3);
 
+    // The AWS variables are one group: a container that sets one itself, or has envFrom,
+    // gets the mount and none of ours, with a warning saying why.
+    let own = pod_json(
+        "own-env",
+        Some("app"),
+        json!({"containers": [
+            {"name": "app", "image": "registry.invalid/app", "env": [{"name": "AWS_REGION", "value": "us-east-1"}]},
+            {"name": "sidecar", "image": "registry.invalid/sidecar", "envFrom": [{"configMapRef": {"name": "settings"}}]}]}),
+        json!({}),
+    );
+    let (own, warnings) = kubectl_create(&ns.name, &own);
+    assert_eq!(injected_secret(&own).as_deref(), Some("reports-app"));
+    let containers = &own.spec.as_ref().unwrap().containers;
+    assert_eq!(
+        env_of(&containers[0]),
+        [("AWS_REGION".to_string(), "us-east-1".to_string())]
+    );
+    assert_eq!(env_of(&containers[1]), []);
+    for c in containers {
+        assert!(
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == "kube-sts-credentials" && m.mount_path == MOUNT_PATH),
+            "{}: {:?}",
+            c.name,
+            c.volume_mounts
+        );
+    }
+    for why in [
+        "container app sets AWS_REGION itself: none of the AWS_* variables added",
+        "container sidecar has envFrom, which may set AWS_* variables: none of the AWS_* variables added",
+    ] {
+        assert!(warnings.contains(why), "{why}: {warnings}");
+    }
+
     // Opt-outs: the pod's annotation, and the namespace's label (from the webhook's cache).
     let off = pod_json("off", Some("app"), json!({}), json!({"kube-sts.io/inject": "false"}));
     assert_eq!(injected_secret(&create_pod(&ns.name, &off, false).await.unwrap()), None);
@@ -586,8 +632,11 @@ async fn webhook_down_admits_pods_unchanged_and_the_api_server_counts_it() {
     assert!(!restarted.logs().contains("issued a certificate"));
 }
 
-/// A client that trusts what `bundle` holds: the served certificate, if the handshake passes.
-async fn handshake(addr: SocketAddr, bundle: &[u8]) -> Result<Vec<u8>, String> {
+/// A TLS connection to the webhook from a client that trusts what `bundle` holds.
+async fn tls_connect(
+    addr: SocketAddr,
+    bundle: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for der in kube_sts::webhook::certs::ders(&String::from_utf8_lossy(bundle)) {
         roots.add(der.into()).map_err(|e| e.to_string())?;
@@ -599,38 +648,122 @@ async fn handshake(addr: SocketAddr, bundle: &[u8]) -> Result<Vec<u8>, String> {
         .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// A client that trusts what `bundle` holds: the served certificate, if the handshake passes.
+async fn handshake(addr: SocketAddr, bundle: &[u8]) -> Result<Vec<u8>, String> {
+    let tls = tls_connect(addr, bundle).await?;
     let (_, session) = tls.get_ref();
     Ok(session.peer_certificates().ok_or("no certificate")?[0].to_vec())
 }
 
+/// The caBundle of the first webhook of the configuration `name`.
+async fn published_bundle(name: &str) -> Vec<u8> {
+    let conf = Api::<MutatingWebhookConfiguration>::all(client().await)
+        .get(name)
+        .await
+        .unwrap();
+    conf.webhooks.unwrap()[0]
+        .client_config
+        .ca_bundle
+        .clone()
+        .expect("a caBundle")
+        .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_closes_a_client_that_trickles_its_request_and_keeps_admitting() {
+    // failurePolicy Fail: an admission the webhook does not answer refuses the pod.
+    let s = setup("wh-slow", false, 1, "Fail", &[]).await;
+    let ns = &s.ns;
+    ns.service_account("app").await;
+    ns.apply_ok(&binding("reports", &["app"], ""));
+    wait_effective(&ns.name, "app").await;
+
+    // A request head promising a body of 1 MB, then a byte a second: days of it.
+    let total = 1_000_000;
+    let tls = tls_connect(s.webhook.addr, &published_bundle(&s.configuration.name).await)
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = tokio::io::split(tls);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let head = format!(
+        "POST /mutate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {total}\r\n\r\n{{"
+    );
+    writer.write_all(head.as_bytes()).await.unwrap();
+    writer.flush().await.unwrap();
+    let started = Instant::now();
+    let trickling = tokio::spawn(async move {
+        let mut sent = 1;
+        let mut buf = [0u8; 4096];
+        loop {
+            tokio::select! {
+                read = reader.read(&mut buf) => if matches!(read, Ok(0) | Err(_)) { return sent },
+                () = tokio::time::sleep(Duration::from_secs(1)) => {
+                    if writer.write_all(b" ").await.is_err() || writer.flush().await.is_err() {
+                        return sent;
+                    }
+                    sent += 1;
+                }
+            }
+        }
+    });
+
+    // Meanwhile pods are admitted and injected as ever.
+    for i in 0..3 {
+        let pod = create_pod(
+            &ns.name,
+            &pod_json(&format!("p-{i}"), Some("app"), json!({}), json!({})),
+            false,
+        )
+        .await
+        .expect("admitted while a client trickles");
+        assert_eq!(injected_secret(&pod).as_deref(), Some("reports-app"));
+    }
+    let sent = tokio::time::timeout(Duration::from_secs(120), trickling)
+        .await
+        .expect("the webhook closes the trickling client")
+        .unwrap();
+    assert!(sent < total, "closed after {sent} of {total} bytes");
+    println!("trickling client closed after {:?} ({sent} bytes)", started.elapsed());
+    assert_eq!(
+        s.webhook.admissions("invalid").await,
+        1,
+        "the cut request counts as unreadable"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_certificate_rotates_without_a_rejected_admission() {
-    // Compressed lifetimes: a generation lives 60 s and is staged after 40 s; the new CA is
-    // trusted 5 s before it is served. failurePolicy Fail: a failed call rejects the pod.
+    // The shortest lifetimes the webhook accepts: a generation lives 4 min and is staged
+    // after 160 s; the new CA is trusted for the minimum overlap, 1 min, before it is
+    // served; the old CA leaves the bundle when its certificate expires (240 s). One whole
+    // rotation, every step of it. failurePolicy Fail: a failed call rejects the pod.
     let s = setup(
         "wh-rotate",
         false,
         1,
         "Fail",
-        &["--cert-validity", "60s", "--cert-overlap", "5s"],
+        &["--cert-validity", "4m", "--cert-overlap", "1m"],
     )
     .await;
     let ns = &s.ns;
     ns.service_account("app").await;
     ns.apply_ok(&binding("reports", &["app"], ""));
     wait_effective(&ns.name, "app").await;
-    let confs = Api::<MutatingWebhookConfiguration>::all(client().await);
 
     let started = Instant::now();
     let (mut created, mut failed, mut unmutated) = (0, Vec::new(), 0);
     let mut served = BTreeSet::new();
-    let mut most_cas = 0;
-    // Until the third generation is served (two rotations), with a deadline.
-    while served.len() < 3 && started.elapsed() < Duration::from_secs(240) {
+    let (mut most_cas, mut cas) = (0, 0);
+    let retired = || s.webhook.logs().contains("dropped the previous CA from the caBundle");
+    // Until the second certificate is served and the first CA has left the bundle, with a
+    // deadline.
+    while !(served.len() >= 2 && retired() && cas == 1) && started.elapsed() < Duration::from_secs(420) {
         match create_pod(
             &ns.name,
             &pod_json(&format!("p-{created}"), Some("app"), json!({}), json!({})),
@@ -644,35 +777,43 @@ async fn webhook_certificate_rotates_without_a_rejected_admission() {
         }
         created += 1;
         // What the API server would see right now: the caBundle, and the certificate served.
-        let conf = confs.get(&s.configuration.name).await.unwrap();
-        let bundle = conf.webhooks.unwrap()[0].client_config.ca_bundle.clone().unwrap().0;
-        most_cas = most_cas.max(kube_sts::webhook::certs::ders(&String::from_utf8_lossy(&bundle)).len());
+        let bundle = published_bundle(&s.configuration.name).await;
+        cas = kube_sts::webhook::certs::ders(&String::from_utf8_lossy(&bundle)).len();
+        most_cas = most_cas.max(cas);
         match handshake(s.webhook.addr, &bundle).await {
             Ok(cert) => {
                 served.insert(cert);
             }
             Err(e) => failed.push(format!("handshake with the published caBundle: {e}")),
         }
-        // A steady load of about five pods a second, not a wait for anything.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A steady load of about two pods a second, not a wait for anything.
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(failed.is_empty(), "{} of {created} failed: {failed:?}", failed.len());
     assert_eq!(unmutated, 0, "every pod was injected");
+    let log = s.webhook.log.display();
     assert!(
-        served.len() >= 3,
-        "three certificates served in {:?} ({} seen); log {}",
+        served.len() >= 2,
+        "two certificates served in {:?} ({} seen); log {log}",
         started.elapsed(),
         served.len(),
-        s.webhook.log.display()
     );
     assert_eq!(most_cas, 2, "old and new CA were trusted together during the overlap");
+    assert!(retired() && cas == 1, "the old CA left the bundle; log {log}");
     let logs = s.webhook.logs();
-    assert!(
-        logs.matches("switched to the staged certificate").count() >= 2,
-        "log {}",
-        s.webhook.log.display()
+    for step in [
+        "staged the next certificate",
+        "switched to the staged certificate",
+        "dropped the previous CA from the caBundle",
+    ] {
+        assert!(logs.contains(step), "{step}: log {log}");
+    }
+    assert_eq!(
+        s.webhook.metric("kube_sts_webhook_certificate_failures_total").await,
+        0,
+        "no failed attempt to keep the certificate (e.g. a patch on a stale configuration); log {log}"
     );
-    println!("{created} pods created across two rotations in {:?}", started.elapsed());
+    println!("{created} pods created across a rotation in {:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

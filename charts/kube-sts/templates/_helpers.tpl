@@ -69,6 +69,9 @@ so that `helm template` and `helm install` fail with a message.
 {{- if and .Values.aws.profile (not .Values.aws.configSecret) }}
 {{- fail "aws.profile needs aws.configSecret (the Secret holding the config/credentials files that define the profile)" }}
 {{- end }}
+{{- if and .Values.webhook.networkPolicy.from (not (and .Values.networkPolicy.enabled .Values.webhook.enabled)) }}
+{{- fail "webhook.networkPolicy.from needs webhook.enabled=true and networkPolicy.enabled=true (the webhook's NetworkPolicy is made only with the operator's)" }}
+{{- end }}
 {{- $pdb := .Values.podDisruptionBudget }}
 {{- if and (not (kindIs "invalid" $pdb.minAvailable)) (not (kindIs "invalid" $pdb.maxUnavailable)) }}
 {{- fail "set at most one of podDisruptionBudget.minAvailable and podDisruptionBudget.maxUnavailable" }}
