@@ -1217,3 +1217,33 @@ async fn forwarder_rewrites_expirations_and_reframes_chunked_answers() {
     );
     assert_eq!(rewrite_expiration("<GetCallerIdentityResult/>", "x"), None);
 }
+
+/// The local node's test image (`e2e/scripts/build-images.sh`): Debian's static busybox
+/// with its applets, imported into the node's containerd (never pulled).
+pub const BUSYBOX_IMAGE: &str = "kube-sts.local/busybox:e2e";
+
+/// The pod `name` of `namespace` once it runs with every container ready, or None.
+pub async fn pod_ready(client: &Client, namespace: &str, name: &str) -> Option<k8s_openapi::api::core::v1::Pod> {
+    let pod = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .ok()??;
+    let status = pod.status.as_ref()?;
+    let ready = status
+        .conditions
+        .as_ref()?
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    (status.phase.as_deref() == Some("Running") && ready).then_some(pod)
+}
+
+/// `kubectl exec` of `command` in the pod's first container: its stdout when it exits 0,
+/// None otherwise (the command failed or the pod is not there yet).
+pub fn pod_exec(namespace: &str, pod: &str, command: &[&str]) -> Option<String> {
+    let mut args = vec!["exec", "-n", namespace, pod, "--"];
+    args.extend_from_slice(command);
+    let out = kubectl(&args, None);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -28,8 +28,8 @@ use serde_json::{Value, json};
 use crate::harness::*;
 
 const KUBE_VERSION: &str = "1.34.0";
-/// Kinds of the chart applied here: the operator runs as a local process, not from the
-/// chart's Deployment (there is no kubelet in the local control plane).
+/// Kinds of the chart applied here: these tests run the operator as a local process with
+/// the chart's identity, not from the chart's Deployment.
 const APPLIED_KINDS: [&str; 5] = [
     "ServiceAccount",
     "ClusterRole",
