@@ -14,6 +14,8 @@ timestamps, root-owned unless told otherwise, gzip without a name or time).
       [--user U:G] [--entrypoint JSON] [--cmd JSON] [--env K=V]... [--workdir DIR]
       [--expose PORT/tcp]... [--label K=V]...
       [--print-config]  print the image config JSON on stdout as well
+      [--describe]      print the image's config and its files (path, type, mode,
+                        owner) as JSON on stdout, and write nothing
 
 Parent directories are added (0755, root) where not given.
 """
@@ -94,7 +96,19 @@ def build_layer(args):
             ti.mtime = 0
             ti.uname = ti.gname = ""
             tar.addfile(ti, io.BytesIO(data) if data is not None else None)
-    return raw.getvalue()
+    return raw.getvalue(), entries
+
+
+def describe(entries):
+    kinds = {tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.REGTYPE: "file"}
+    out = []
+    for path in sorted(entries):
+        ti, _ = entries[path]
+        item = {"path": "/" + path, "type": kinds.get(ti.type, "other"), "mode": oct(ti.mode), "uid": ti.uid, "gid": ti.gid}
+        if ti.type == tarfile.SYMTYPE:
+            item["target"] = ti.linkname
+        out.append(item)
+    return out
 
 
 def blob(data):
@@ -117,13 +131,14 @@ def main():
     ap.add_argument("--expose", action="append", default=[])
     ap.add_argument("--label", action="append", default=[])
     ap.add_argument("--print-config", action="store_true")
+    ap.add_argument("--describe", action="store_true")
     args = ap.parse_args()
 
     name, _, tag = args.ref.rpartition(":")
     if not name or "/" in tag:
         sys.exit(f"oci-image: --ref needs NAME:TAG, got {args.ref!r}")
 
-    layer_tar = build_layer(args)
+    layer_tar, entries = build_layer(args)
     diff_id = "sha256:" + hashlib.sha256(layer_tar).hexdigest()
     layer_digest, layer_gz = blob(gzip.compress(layer_tar, compresslevel=6, mtime=0))
 
@@ -148,6 +163,9 @@ def main():
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
         "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "e2e/images/oci-image.py"}],
     }
+    if args.describe:
+        print(json.dumps({"ref": args.ref, "config": image_config, "files": describe(entries)}, indent=2, sort_keys=True))
+        return
     config_digest, config_bytes = blob(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
     manifest = {
         "schemaVersion": 2,

@@ -2,6 +2,7 @@
 mod foundation;
 mod harness;
 mod healing;
+mod image;
 mod leader;
 mod methods;
 mod metrics;

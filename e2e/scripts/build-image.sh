@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# `make image` without a container engine: the operator's OCI image, the same
+# image the Dockerfile describes (a single static binary on a distroless
+# "static" nonroot base: user 65532:65532, no shell, the CA bundle,
+# ENTRYPOINT ["/kube-sts"], CMD ["run"], port 8080), assembled by
+# e2e/images/oci-image.py from the release binary.
+#
+# The binary is linked statically against glibc (-C target-feature=+crt-static
+# for the host's gnu target; the musl target's standard library is not
+# installable here). The files the distroless base would bring are written
+# here: /etc/passwd and /etc/group (root, nobody, nonroot), /etc/nsswitch.conf,
+# the system CA bundle, /home/nonroot and /tmp. tests/image.rs checks that this
+# script and the Dockerfile describe the same image.
+#
+#   build-image.sh [--describe]   build (cached by content) and print "REF PATH";
+#                                 --describe prints the image's config and file list
+#                                 as JSON, building nothing
+#   KUBE_STS_IMAGE_REF   reference to give the image (default kube-sts.local/kube-sts:<version>)
+#   KUBE_STS_CACHE       cache root (default ${XDG_CACHE_HOME:-$HOME/.cache}/kube-sts)
+set -euo pipefail
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$SCRIPT_DIR/../.." && pwd)
+CACHE="${KUBE_STS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kube-sts}"
+log() { echo "build-image: $*" >&2; }
+
+version=$(awk -F'"' '/^version *=/ { print $2; exit }' "$REPO/Cargo.toml")
+REF="${KUBE_STS_IMAGE_REF:-kube-sts.local/kube-sts:$version}"
+CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
+TRIPLE=x86_64-unknown-linux-gnu
+
+# What the image is, apart from the binary: the distroless static nonroot
+# base's users, groups and files, and the Dockerfile's final stage.
+image_args() { # image_args BINARY
+	local passwd='root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n'
+	local group='root:x:0:\nnobody:x:65534:\ntty:x:5:\nstaff:x:50:\nnonroot:x:65532:\n'
+	printf '%s\0' \
+		--file "$1:/kube-sts:0755" \
+		--file "$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:0644" \
+		--text "etc/passwd=$passwd" \
+		--text "etc/group=$group" \
+		--text 'etc/nsswitch.conf=passwd: files\ngroup: files\nhosts: files dns\n' \
+		--dir "home/nonroot:0700:65532:65532" \
+		--dir "tmp:1777" \
+		--user 65532:65532 \
+		--workdir /home/nonroot \
+		--env "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+		--env "SSL_CERT_FILE=$CA_BUNDLE" \
+		--entrypoint '["/kube-sts"]' \
+		--cmd '["run"]' \
+		--expose 8080/tcp
+}
+
+if [[ "${1:-}" == --describe ]]; then
+	tmp=$(mktemp -d)
+	trap 'rm -rf "$tmp"' EXIT
+	: >"$tmp/kube-sts"
+	mapfile -d '' args < <(image_args "$tmp/kube-sts")
+	python3 "$REPO/e2e/images/oci-image.py" --ref "$REF" --out "$tmp/image.tar" "${args[@]}" --describe
+	exit 0
+fi
+
+[[ -f "$CA_BUNDLE" ]] || { log "$CA_BUNDLE not found (Debian's ca-certificates)"; exit 1; }
+target_dir="${CARGO_TARGET_DIR:-$REPO/target}"
+log "building the static release binary (cargo build --release --target $TRIPLE, crt-static)"
+(
+	cd "$REPO"
+	RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+		cargo build --locked --release --target "$TRIPLE" --quiet
+) >&2
+bin="$target_dir/$TRIPLE/release/kube-sts"
+if LC_ALL=C readelf -l "$bin" | grep -q INTERP; then
+	log "$bin is dynamically linked"
+	exit 1
+fi
+"$bin" version >&2
+
+mkdir -p "$CACHE/images"
+mapfile -d '' args < <(image_args "$bin")
+h=$( { printf '%s\n' "$REF" "${args[@]}"; cat "$bin" "$CA_BUNDLE" "$REPO/e2e/images/oci-image.py"; } | sha256sum | cut -c1-12)
+out="$CACHE/images/kube-sts-$h.tar"
+if [[ ! -s "$out" ]]; then
+	python3 "$REPO/e2e/images/oci-image.py" --ref "$REF" --out "$out" "${args[@]}"
+	ls -1t "$CACHE/images"/kube-sts-*.tar 2>/dev/null | tail -n +4 | while read -r old; do rm -f -- "$old"; done
+fi
+log "image $REF: $out ($(du -h "$out" | cut -f1))"
+echo "$REF $out"
