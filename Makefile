@@ -57,10 +57,10 @@ docker-image:
 	@docker info >/dev/null 2>&1 || { echo "make docker-image needs a running Docker engine" >&2; exit 1; }
 	docker build -t kube-sts:$$($(CARGO) run --quiet --locked -- version | cut -d' ' -f2) .
 
+# The release binary, linked statically (glibc, crt-static) as `make image` ships it.
 release:
-	$(CARGO) build --locked --release
-	$(CARGO) run --quiet --locked --release -- version
-	$(CARGO) run --quiet --locked --release -- crd | diff -q - crds/kube-sts.yaml && echo "release binary: crd matches crds/"
+	@bin=$$(bash e2e/scripts/build-image.sh --binary) && echo "$$bin" && "$$bin" version && \
+	  "$$bin" crd | diff -q - crds/kube-sts.yaml && echo "release binary: crd matches crds/"
 
 lint:
 	$(CARGO) fmt --check

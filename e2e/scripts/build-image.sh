@@ -6,15 +6,19 @@
 # e2e/images/oci-image.py from the release binary.
 #
 # The binary is linked statically against glibc (-C target-feature=+crt-static
-# for the host's gnu target; the musl target's standard library is not
-# installable here). The files the distroless base would bring are written
+# for the host's gnu target, as `make release` builds it; the musl target's
+# standard library is not installable here), and stripped. glibc's own "files"
+# and "dns" name services are part of the static binary (/etc/nsswitch.conf
+# names them). The files the distroless base would bring are written
 # here: /etc/passwd and /etc/group (root, nobody, nonroot), /etc/nsswitch.conf,
 # the system CA bundle, /home/nonroot and /tmp. tests/image.rs checks that this
 # script and the Dockerfile describe the same image.
 #
-#   build-image.sh [--describe]   build (cached by content) and print "REF PATH";
-#                                 --describe prints the image's config and file list
-#                                 as JSON, building nothing
+#   build-image.sh                build (cached by content) and print "REF PATH"
+#   build-image.sh --binary       only build the static release binary; print its path
+#                                 (`make release` uses this)
+#   build-image.sh --describe     print the image's config and file list as JSON,
+#                                 building nothing
 #   KUBE_STS_IMAGE_REF   reference to give the image (default kube-sts.local/kube-sts:<version>)
 #   KUBE_STS_CACHE       cache root (default ${XDG_CACHE_HOME:-$HOME/.cache}/kube-sts)
 set -euo pipefail
@@ -59,24 +63,42 @@ if [[ "${1:-}" == --describe ]]; then
 	exit 0
 fi
 
-[[ -f "$CA_BUNDLE" ]] || { log "$CA_BUNDLE not found (Debian's ca-certificates)"; exit 1; }
-target_dir="${CARGO_TARGET_DIR:-$REPO/target}"
-log "building the static release binary (cargo build --release --target $TRIPLE, crt-static)"
-(
-	cd "$REPO"
-	RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
-		cargo build --locked --release --target "$TRIPLE" --quiet
-) >&2
-bin="$target_dir/$TRIPLE/release/kube-sts"
-if LC_ALL=C readelf -l "$bin" | grep -q INTERP; then
-	log "$bin is dynamically linked"
-	exit 1
+# cargo runs with a fixed environment (whatever calls this: make, a test, a shell),
+# so that its fingerprints match and the binary is built once.
+build_binary() {
+	local target_dir="${CARGO_TARGET_DIR:-$REPO/target}" keep=() v
+	for v in PATH HOME CARGO_HOME RUSTUP_HOME RUSTUP_TOOLCHAIN CARGO_NET_OFFLINE CARGO_HTTP_CAINFO \
+		SSL_CERT_FILE SSL_CERT_DIR CURL_CA_BUNDLE HTTPS_PROXY HTTP_PROXY NO_PROXY https_proxy http_proxy no_proxy; do
+		[[ -n "${!v:-}" ]] && keep+=("$v=${!v}")
+	done
+	log "building the static release binary (cargo build --release --target $TRIPLE, crt-static)"
+	(cd "$REPO" && env -i "${keep[@]}" CARGO_TARGET_DIR="$target_dir" \
+		RUSTFLAGS="-C target-feature=+crt-static" \
+		cargo build --locked --release --target "$TRIPLE" --quiet) >&2
+	bin="$target_dir/$TRIPLE/release/kube-sts"
+	if LC_ALL=C readelf -l "$bin" | grep -q INTERP; then
+		log "$bin is dynamically linked"
+		exit 1
+	fi
+}
+
+if [[ "${1:-}" == --binary ]]; then
+	build_binary
+	echo "$bin"
+	exit 0
 fi
+
+[[ -f "$CA_BUNDLE" ]] || { log "$CA_BUNDLE not found (Debian's ca-certificates)"; exit 1; }
+build_binary
 "$bin" version >&2
 
 mkdir -p "$CACHE/images"
-mapfile -d '' args < <(image_args "$bin")
-h=$( { printf '%s\n' "$REF" "${args[@]}"; cat "$bin" "$CA_BUNDLE" "$REPO/e2e/images/oci-image.py"; } | sha256sum | cut -c1-12)
+# The image carries the binary without its symbol tables.
+stripped="$CACHE/images/.kube-sts.stripped.$$"
+trap 'rm -f "$stripped"' EXIT
+strip -o "$stripped" "$bin"
+mapfile -d '' args < <(image_args "$stripped")
+h=$( { printf '%s\n' "$REF" "${args[@]//$stripped/kube-sts}"; cat "$stripped" "$CA_BUNDLE" "$REPO/e2e/images/oci-image.py"; } | sha256sum | cut -c1-12)
 out="$CACHE/images/kube-sts-$h.tar"
 if [[ ! -s "$out" ]]; then
 	python3 "$REPO/e2e/images/oci-image.py" --ref "$REF" --out "$out" "${args[@]}"

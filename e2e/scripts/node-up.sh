@@ -68,6 +68,12 @@ bash "$SCRIPT_DIR/node-net.sh" up
 CONTROLPLANE_BIN="${KUBE_STS_CONTROLPLANE_BIN:-$("$SCRIPT_DIR/build-controlplane.sh" | tail -n 1)}"
 CONTAINERD_DIR=$("$SCRIPT_DIR/build-containerd.sh" | tail -n 1)
 NODE_IMAGES=$("$SCRIPT_DIR/build-images.sh" | awk '{ print $2 }' | tr '\n' ' ')
+# and whatever node-import.sh imported into an earlier node (when still there)
+if [[ -f "$NODE_E2E/run/node-images" ]]; then
+	while read -r tar; do
+		if [[ -f "$tar" ]]; then NODE_IMAGES+="$tar "; fi
+	done <"$NODE_E2E/run/node-images"
+fi
 PKI="$NODE_E2E/controlplane/pki"
 
 # Without CAP_SYS_RESOURCE (as on these VMs) an oom_score_adj below ours cannot be set.
@@ -228,4 +234,12 @@ until node_ready "$t0_iso"; do
 	(($(date +%s) < deadline)) || fail "Node $NODE_NAME not Ready after ${TIMEOUT}s"
 	sleep 1
 done
+# What tests and scripts need to know of the node.
+cat >"$NODE_E2E/node.env" <<EOF
+KUBE_STS_NODE_NAME=$NODE_NAME
+KUBE_STS_NODE_ADDRESS=$NODE_ADDR
+KUBE_STS_NODE_HOST_ADDRESS=$HOST_ADDR
+KUBE_STS_NODE_POD_CIDR=$POD_CIDR
+KUBE_STS_NODE_SOCKET=$NODE_SOCK
+EOF
 log "node $NODE_NAME Ready in $(($(date +%s) - t0))s (InternalIP $NODE_ADDR, pods $POD_CIDR; logs .e2e/logs/{kubelet,containerd,kube-proxy}.log)"

@@ -3,6 +3,7 @@ mod foundation;
 mod harness;
 mod healing;
 mod image;
+mod incluster;
 mod leader;
 mod methods;
 mod metrics;

@@ -1,0 +1,145 @@
+//! The operator installed the way users install it: `helm install` of `charts/kube-sts`
+//! with the image `make image` builds (imported into the node's containerd, never pulled),
+//! running as a pod on the real node with in-cluster config, the ServiceAccount token the
+//! kubelet mounts, the chart's probes and securityContext, and the operator identity from
+//! a Secret (`aws.existingSecret`). It reaches STS at the peer's address on the node link.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::OnceLock,
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, api::ListParams};
+
+use crate::harness::*;
+
+fn script_output(script: &str, args: &[&str]) -> String {
+    let out = Command::new("bash")
+        .arg(env().repo.join("e2e/scripts").join(script))
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("{script}: {e}"));
+    assert!(out.status.success(), "{script} failed");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The operator's image (`make image`), imported into the node once per test run.
+fn operator_image() -> &'static str {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let line = script_output("build-image.sh", &[]);
+        let (reference, path) = line.lines().last().unwrap().split_once(' ').unwrap();
+        script_output("node-import.sh", &[path]);
+        reference.to_string()
+    })
+}
+
+fn helm() -> &'static PathBuf {
+    static HELM: OnceLock<PathBuf> = OnceLock::new();
+    HELM.get_or_init(|| PathBuf::from(script_output("build-helm.sh", &[]).lines().last().unwrap().trim()))
+}
+
+fn node_env(key: &str) -> String {
+    let path = env().repo.join(".e2e/node.env");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; make up starts the node", path.display()));
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key} in {}", path.display()))
+        .to_string()
+}
+
+/// The STS peer as pods reach it: its proxy's port, on the host's end of the node link.
+fn sts_url_for_pods() -> String {
+    let local = &env().aws["AWS_ENDPOINT_URL_STS"];
+    let port = local.rsplit(':').next().unwrap().trim_end_matches('/');
+    format!("http://{}:{port}", node_env("KUBE_STS_NODE_HOST_ADDRESS"))
+}
+
+fn helm_run(args: &[&str]) {
+    let out = Command::new(helm())
+        .args(args)
+        .env("KUBECONFIG", &env().kubeconfig)
+        .output()
+        .expect("helm runs");
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn helm_install_runs_the_operator_as_a_pod_that_issues_credentials() {
+    let image = operator_image();
+    let (repository, tag) = image.rsplit_once(':').unwrap();
+    let ns = TestNamespace::new("incluster").await;
+    ns.create_secret(
+        "operator-aws",
+        &[
+            ("AWS_ACCESS_KEY_ID", &env().aws["AWS_ACCESS_KEY_ID"]),
+            ("AWS_SECRET_ACCESS_KEY", &env().aws["AWS_SECRET_ACCESS_KEY"]),
+        ],
+    )
+    .await;
+
+    // The chart's defaults, plus the image and the operator identity (and the test's own
+    // namespace to watch, as tests run side by side).
+    let release = "kube-sts";
+    helm_run(&[
+        "install",
+        release,
+        env().repo.join("charts/kube-sts").to_str().unwrap(),
+        "--namespace",
+        &ns.name,
+        "--set",
+        &format!("image.repository={repository}"),
+        "--set",
+        &format!("image.tag={tag}"),
+        "--set",
+        "image.pullPolicy=Never",
+        "--set",
+        &format!("watchNamespace={}", ns.name),
+        "--set",
+        "aws.existingSecret=operator-aws",
+        "--set",
+        &format!("aws.region={}", env().aws["AWS_REGION"]),
+        "--set",
+        &format!("stsEndpoint={}", sts_url_for_pods()),
+    ]);
+
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let pod = eventually("the operator pod is Ready", Duration::from_secs(180), || async {
+        let list = pods
+            .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={release}")))
+            .await
+            .ok()?;
+        let pod = list.items.into_iter().next()?;
+        pod_ready(&ns.client, &ns.name, pod.metadata.name.as_deref()?).await
+    })
+    .await;
+    let spec = pod.spec.as_ref().unwrap();
+    assert_eq!(spec.containers[0].image.as_deref(), Some(image));
+    let sc = spec.containers[0].security_context.as_ref().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+
+    // A binding, issued by the operator in the pod.
+    let role = create_role(&unique("incluster"), &operator_arn(), None, true);
+    let out = kubectl(
+        &["apply", "--server-side", "-f", "-"],
+        Some(&grant_yaml(&ns.name, &ns.name, &role)),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ns.service_account("app").await;
+    ns.apply_ok(&binding_yaml("reports", &role, &["app"], ""));
+    wait_ready(&ns.bindings(), "reports", "True", "CredentialsIssued").await;
+    let secret = ns.secrets().get("reports-app").await.expect("the binding's Secret");
+    assert!(secret_value(&secret, "AWS_ACCESS_KEY_ID").starts_with("ASIA"));
+
+    helm_run(&["uninstall", release, "--namespace", &ns.name, "--wait"]);
+    let _ = kubectl(&["delete", "awsrolegrant", &ns.name], None);
+}
