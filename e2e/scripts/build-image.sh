@@ -19,6 +19,7 @@
 #                                 (`make release` uses this)
 #   build-image.sh --describe     print the image's config and file list as JSON,
 #                                 building nothing
+#   build-image.sh consumer       the tests' consumer image instead (below); "REF PATH"
 #   KUBE_STS_IMAGE_REF   reference to give the image (default kube-sts.local/kube-sts:<version>)
 #   KUBE_STS_CACHE       cache root (default ${XDG_CACHE_HOME:-$HOME/.cache}/kube-sts)
 set -euo pipefail
@@ -65,8 +66,10 @@ fi
 
 # cargo runs with a fixed environment (whatever calls this: make, a test, a shell),
 # so that its fingerprints match and the binary is built once.
+# build_binary [CARGO TARGET ARGS] sets $bin (default: the kube-sts binary).
 build_binary() {
-	local target_dir="${CARGO_TARGET_DIR:-$REPO/target}" keep=() v
+	local target_dir="${CARGO_TARGET_DIR:-$REPO/target}" keep=() v what=("$@")
+	((${#what[@]})) || what=(--bin kube-sts)
 	for v in PATH HOME CARGO_HOME RUSTUP_HOME RUSTUP_TOOLCHAIN CARGO_NET_OFFLINE CARGO_HTTP_CAINFO \
 		SSL_CERT_FILE SSL_CERT_DIR CURL_CA_BUNDLE HTTPS_PROXY HTTP_PROXY NO_PROXY https_proxy http_proxy no_proxy; do
 		[[ -n "${!v:-}" ]] && keep+=("$v=${!v}")
@@ -74,8 +77,9 @@ build_binary() {
 	log "building the static release binary (cargo build --release --target $TRIPLE, crt-static)"
 	(cd "$REPO" && env -i "${keep[@]}" CARGO_TARGET_DIR="$target_dir" \
 		RUSTFLAGS="-C target-feature=+crt-static" \
-		cargo build --locked --release --target "$TRIPLE" --quiet) >&2
+		cargo build --locked --release --target "$TRIPLE" --quiet "${what[@]}") >&2
 	bin="$target_dir/$TRIPLE/release/kube-sts"
+	[[ "${what[0]}" == --example ]] && bin="$target_dir/$TRIPLE/release/examples/${what[1]}"
 	if LC_ALL=C readelf -l "$bin" | grep -q INTERP; then
 		log "$bin is dynamically linked"
 		exit 1
@@ -85,6 +89,32 @@ build_binary() {
 if [[ "${1:-}" == --binary ]]; then
 	build_binary
 	echo "$bin"
+	exit 0
+fi
+
+# The consumer image of the tests and the demo: examples/consumer.rs (the AWS SDK,
+# GetCallerIdentity every second), static, with busybox's sh and cat, which the
+# SDK's credential_process runs.
+if [[ "${1:-}" == consumer ]]; then
+	build_binary --example consumer
+	mkdir -p "$CACHE/images"
+	stripped="$CACHE/images/.consumer.stripped.$$"
+	trap 'rm -f "$stripped"' EXIT
+	strip -o "$stripped" "$bin"
+	ref=kube-sts.local/consumer:e2e
+	h=$(cat "$stripped" /bin/busybox "${BASH_SOURCE[0]}" "$REPO/e2e/images/oci-image.py" | sha256sum | cut -c1-12)
+	out="$CACHE/images/consumer-$h.tar"
+	if [[ ! -s "$out" ]]; then
+		python3 "$REPO/e2e/images/oci-image.py" --ref "$ref" --out "$out" \
+			--file "$stripped:/consumer:0755" --file "/bin/busybox:/bin/busybox:0755" \
+			--symlink bin/sh:busybox --symlink bin/cat:busybox --dir tmp:1777 \
+			--text 'etc/passwd=root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' \
+			--text 'etc/group=root:x:0:\nnonroot:x:65532:\n' \
+			--file "$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:0644" \
+			--user 65532:65532 --entrypoint '["/consumer"]'
+		ls -1t "$CACHE/images"/consumer-*.tar 2>/dev/null | tail -n +3 | while read -r old; do rm -f -- "$old"; done
+	fi
+	echo "$ref $out"
 	exit 0
 fi
 

@@ -40,7 +40,10 @@ fn dockerfile() -> FinalStage {
                     Some(arg) => args.get(arg).cloned().unwrap_or_default(),
                     None => image.to_string(),
                 };
-                stage = Some(FinalStage { base, instructions: vec![] });
+                stage = Some(FinalStage {
+                    base,
+                    instructions: vec![],
+                });
             }
             _ => {
                 if let Some(stage) = stage.as_mut() {
@@ -91,7 +94,13 @@ fn the_dockerfile_and_make_image_describe_the_same_image() {
     let exposed: Vec<String> = instruction(&stage, "EXPOSE")
         .iter()
         .flat_map(|p| p.split_whitespace())
-        .map(|p| if p.contains('/') { p.to_string() } else { format!("{p}/tcp") })
+        .map(|p| {
+            if p.contains('/') {
+                p.to_string()
+            } else {
+                format!("{p}/tcp")
+            }
+        })
         .collect();
     let ports: Vec<String> = config["ExposedPorts"].as_object().unwrap().keys().cloned().collect();
     assert_eq!(exposed, ports);
@@ -105,7 +114,10 @@ fn the_dockerfile_and_make_image_describe_the_same_image() {
     assert_eq!(binary["type"], "file");
     assert_eq!(binary["mode"], "0o755");
     assert!(
-        stage.instructions.iter().all(|(w, _)| ["COPY", "USER", "EXPOSE", "ENTRYPOINT", "CMD"].contains(&w.as_str())),
+        stage
+            .instructions
+            .iter()
+            .all(|(w, _)| ["COPY", "USER", "EXPOSE", "ENTRYPOINT", "CMD"].contains(&w.as_str())),
         "the final stage does only what is compared here: {:?}",
         stage.instructions
     );
@@ -126,12 +138,23 @@ fn the_dockerfile_and_make_image_describe_the_same_image() {
     assert_eq!(file("/tmp").expect("/tmp")["mode"], "0o1777");
     assert!(file("/etc/ssl/certs/ca-certificates.crt").is_some());
     assert!(file("/etc/passwd").is_some() && file("/etc/group").is_some());
-    let env: Vec<&str> = config["Env"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-    assert!(env.contains(&"SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"), "{env:?}");
+    let env: Vec<&str> = config["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        env.contains(&"SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"),
+        "{env:?}"
+    );
     assert!(file("/bin/sh").is_none() && file("/bin").is_none(), "no shell");
     let executables: Vec<&str> = files
         .iter()
-        .filter(|f| f["type"] == "file" && i64::from_str_radix(f["mode"].as_str().unwrap().trim_start_matches("0o"), 8).unwrap() & 0o111 != 0)
+        .filter(|f| {
+            f["type"] == "file"
+                && i64::from_str_radix(f["mode"].as_str().unwrap().trim_start_matches("0o"), 8).unwrap() & 0o111 != 0
+        })
         .map(|f| f["path"].as_str().unwrap())
         .collect();
     assert_eq!(executables, vec![dest], "the single binary");

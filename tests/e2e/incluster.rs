@@ -27,15 +27,62 @@ fn script_output(script: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// An image built by `build-image.sh ARGS` ("REF PATH"), imported into the node.
+fn import(args: &[&str]) -> String {
+    let line = script_output("build-image.sh", args);
+    let (reference, path) = line.lines().last().unwrap().split_once(' ').unwrap();
+    script_output("node-import.sh", &[path]);
+    reference.to_string()
+}
+
 /// The operator's image (`make image`), imported into the node once per test run.
 fn operator_image() -> &'static str {
     static IMAGE: OnceLock<String> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        let line = script_output("build-image.sh", &[]);
-        let (reference, path) = line.lines().last().unwrap().split_once(' ').unwrap();
-        script_output("node-import.sh", &[path]);
-        reference.to_string()
-    })
+    IMAGE.get_or_init(|| import(&[]))
+}
+
+/// The consumer image: the AWS SDK calling GetCallerIdentity every second
+/// (`examples/consumer.rs`), with `sh` and `cat` for `credential_process`.
+fn consumer_image() -> &'static str {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE.get_or_init(|| import(&["consumer"]))
+}
+
+/// A consumer pod that mounts the Secret exactly as the README says: a volume at the
+/// default mountPath, no subPath, `AWS_CONFIG_FILE` naming its `config`.
+fn consumer_pod(name: &str, service_account: &str, secret: &str) -> String {
+    let image = consumer_image();
+    let sts = sts_url_for_pods();
+    let region = &env().aws["AWS_REGION"];
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}}}
+spec:
+  serviceAccountName: {service_account}
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: app
+      image: {image}
+      imagePullPolicy: Never
+      env:
+        - {{name: AWS_CONFIG_FILE, value: /var/run/secrets/kube-sts.io/config}}
+        - {{name: AWS_ENDPOINT_URL_STS, value: "{sts}"}}
+        - {{name: AWS_REGION, value: {region}}}
+        - {{name: AWS_EC2_METADATA_DISABLED, value: "true"}}
+      volumeMounts: [{{name: aws, mountPath: /var/run/secrets/kube-sts.io, readOnly: true}}]
+  volumes: [{{name: aws, secret: {{secretName: {secret}}}}}]
+"#
+    )
+}
+
+/// The consumer's calls so far (its log: one JSON object per call).
+fn consumer_calls(namespace: &str, pod: &str) -> Vec<serde_json::Value> {
+    let out = kubectl(&["logs", "-n", namespace, pod], None);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 fn helm() -> &'static PathBuf {
@@ -45,7 +92,8 @@ fn helm() -> &'static PathBuf {
 
 fn node_env(key: &str) -> String {
     let path = env().repo.join(".e2e/node.env");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; make up starts the node", path.display()));
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; make up starts the node", path.display()));
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{key}=")))
         .unwrap_or_else(|| panic!("{key} in {}", path.display()))
@@ -139,6 +187,26 @@ async fn helm_install_runs_the_operator_as_a_pod_that_issues_credentials() {
     wait_ready(&ns.bindings(), "reports", "True", "CredentialsIssued").await;
     let secret = ns.secrets().get("reports-app").await.expect("the binding's Secret");
     assert!(secret_value(&secret, "AWS_ACCESS_KEY_ID").starts_with("ASIA"));
+
+    // A workload on the node uses it: its SDK's calls succeed as the role's session.
+    ns.apply_ok(&consumer_pod("consumer", "app", "reports-app"));
+    let role_name = role.rsplit('/').next().unwrap();
+    let calls = eventually("the consumer's calls succeed", Duration::from_secs(120), || {
+        let ns = ns.name.clone();
+        async move {
+            let calls = consumer_calls(&ns, "consumer");
+            (calls.iter().filter(|c| c["ok"] == true).count() >= 3).then_some(calls)
+        }
+    })
+    .await;
+    for call in &calls {
+        assert_eq!(call["ok"], true, "{call}");
+        let arn = call["arn"].as_str().unwrap();
+        assert!(
+            arn.starts_with(&format!("arn:aws:sts::{}:assumed-role/{role_name}/", account())),
+            "{arn}"
+        );
+    }
 
     helm_run(&["uninstall", release, "--namespace", &ns.name, "--wait"]);
     let _ = kubectl(&["delete", "awsrolegrant", &ns.name], None);

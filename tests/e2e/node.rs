@@ -70,7 +70,10 @@ async fn a_pod_on_the_node_sees_a_secret_update_through_the_kubelets_data_swap()
     let lines: Vec<&str> = first.lines().collect();
     assert_eq!(lines.len(), 3, "{first:?}");
     let first_dir = lines[0].to_string();
-    assert!(first_dir.starts_with("..") && first_dir != "..data", "..data -> {first_dir}");
+    assert!(
+        first_dir.starts_with("..") && first_dir != "..data",
+        "..data -> {first_dir}"
+    );
     assert_eq!(lines[1], "..data/config", "the key is a symlink into ..data");
     assert_eq!(lines[2], "one");
 
@@ -122,7 +125,11 @@ async fn a_pod_on_the_node_sees_a_secret_update_through_the_kubelets_data_swap()
     let status = &pod.status.unwrap().container_statuses.unwrap()[0];
     assert_eq!(status.restart_count, 0);
     assert_eq!(
-        status.state.as_ref().and_then(|s| s.running.as_ref()).and_then(|r| r.started_at.clone()),
+        status
+            .state
+            .as_ref()
+            .and_then(|s| s.running.as_ref())
+            .and_then(|r| r.started_at.clone()),
         Some(started)
     );
 }
