@@ -582,11 +582,20 @@ async fn exchange(peer: &mut Peer, head: &[u8], body: &[u8], is_head: bool) -> s
 
 impl Forwarder {
     pub async fn start() -> Self {
+        Self::start_on("127.0.0.1").await
+    }
+
+    /// A forwarder that pods on the local node reach: on the host's end of the node link.
+    pub async fn start_for_pods() -> Self {
+        Self::start_on(&node_env("KUBE_STS_NODE_HOST_ADDRESS")).await
+    }
+
+    async fn start_on(ip: &str) -> Self {
         let upstream: String = env().aws["AWS_ENDPOINT_URL_STS"]
             .trim_start_matches("http://")
             .trim_end_matches('/')
             .to_string();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
         listener.set_nonblocking(true).unwrap();
         let fwd = Forwarder {
             addr: listener.local_addr().unwrap(),
@@ -1216,6 +1225,30 @@ async fn forwarder_rewrites_expirations_and_reframes_chunked_answers() {
         )
     );
     assert_eq!(rewrite_expiration("<GetCallerIdentityResult/>", "x"), None);
+}
+
+/// A value of `.e2e/node.env`, which `make up` writes for the node (`KUBE_STS_NODE_*`).
+pub fn node_env(key: &str) -> String {
+    let path = env().repo.join(".e2e/node.env");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; make up starts the node", path.display()));
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key} in {}", path.display()))
+        .to_string()
+}
+
+/// `GET /metrics` of an operator at `addr` (a local process, or a pod: the host reaches
+/// pod addresses through the node link).
+pub async fn metrics_at(addr: SocketAddr) -> Option<String> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .ok()?;
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.ok()?;
+    Some(out)
 }
 
 /// The local node's test image (`e2e/scripts/build-images.sh`): Debian's static busybox

@@ -90,16 +90,6 @@ fn helm() -> &'static PathBuf {
     HELM.get_or_init(|| PathBuf::from(script_output("build-helm.sh", &[]).lines().last().unwrap().trim()))
 }
 
-fn node_env(key: &str) -> String {
-    let path = env().repo.join(".e2e/node.env");
-    let text =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; make up starts the node", path.display()));
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("{key} in {}", path.display()))
-        .to_string()
-}
-
 /// The STS peer as pods reach it: its proxy's port, on the host's end of the node link.
 fn sts_url_for_pods() -> String {
     let local = &env().aws["AWS_ENDPOINT_URL_STS"];
@@ -121,11 +111,12 @@ fn helm_run(args: &[&str]) {
     );
 }
 
-#[tokio::test]
-async fn helm_install_runs_the_operator_as_a_pod_that_issues_credentials() {
+/// `helm install` of the chart into the test's namespace (release named after it): the chart's defaults, plus the
+/// image and the operator identity (an IAM user's keys in a Secret), STS at `sts`, and the
+/// test's own namespace to watch (tests run side by side).
+async fn install(ns: &TestNamespace, sts: &str, extra: &[&str]) {
     let image = operator_image();
     let (repository, tag) = image.rsplit_once(':').unwrap();
-    let ns = TestNamespace::new("incluster").await;
     ns.create_secret(
         "operator-aws",
         &[
@@ -134,48 +125,64 @@ async fn helm_install_runs_the_operator_as_a_pod_that_issues_credentials() {
         ],
     )
     .await;
+    let chart = env().repo.join("charts/kube-sts");
+    let sets = [
+        format!("image.repository={repository}"),
+        format!("image.tag={tag}"),
+        "image.pullPolicy=Never".to_string(),
+        format!("watchNamespace={}", ns.name),
+        "aws.existingSecret=operator-aws".to_string(),
+        format!("aws.region={}", env().aws["AWS_REGION"]),
+        format!("stsEndpoint={sts}"),
+    ];
+    // The release is named after the namespace: its cluster-scoped objects (the ClusterRole
+    // for grants) must not collide with another test's.
+    let mut args = vec!["install", &ns.name, chart.to_str().unwrap(), "--namespace", &ns.name];
+    for set in &sets {
+        args.extend(["--set", set.as_str()]);
+    }
+    args.extend_from_slice(extra);
+    helm_run(&args);
+}
 
-    // The chart's defaults, plus the image and the operator identity (and the test's own
-    // namespace to watch, as tests run side by side).
-    let release = "kube-sts";
-    helm_run(&[
-        "install",
-        release,
-        env().repo.join("charts/kube-sts").to_str().unwrap(),
-        "--namespace",
-        &ns.name,
-        "--set",
-        &format!("image.repository={repository}"),
-        "--set",
-        &format!("image.tag={tag}"),
-        "--set",
-        "image.pullPolicy=Never",
-        "--set",
-        &format!("watchNamespace={}", ns.name),
-        "--set",
-        "aws.existingSecret=operator-aws",
-        "--set",
-        &format!("aws.region={}", env().aws["AWS_REGION"]),
-        "--set",
-        &format!("stsEndpoint={}", sts_url_for_pods()),
-    ]);
-
+/// The operator's pod once it is Ready, other than `not` (a pod deleted since).
+async fn operator_pod(ns: &TestNamespace, not: Option<&str>) -> Pod {
     let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
-    let pod = eventually("the operator pod is Ready", Duration::from_secs(180), || async {
+    eventually("the operator pod is Ready", Duration::from_secs(180), || async {
         let list = pods
-            .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={release}")))
+            .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={}", ns.name)))
             .await
             .ok()?;
-        let pod = list.items.into_iter().next()?;
-        pod_ready(&ns.client, &ns.name, pod.metadata.name.as_deref()?).await
+        for pod in list.items {
+            let name = pod.metadata.name.as_deref()?;
+            if Some(name) != not && pod.metadata.deletion_timestamp.is_none() {
+                if let Some(pod) = pod_ready(&ns.client, &ns.name, name).await {
+                    return Some(pod);
+                }
+            }
+        }
+        None
+    })
+    .await
+}
+
+/// Waits until the operator in `pod` finished at least one reconcile (its metrics, read
+/// from the host at the pod's address).
+async fn wait_pod_reconciled(pod: &Pod) {
+    let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).expect("pod IP");
+    let addr = std::net::SocketAddr::new(ip.parse().unwrap(), 8080);
+    eventually("a reconcile finished in the pod", Duration::from_secs(60), || async {
+        let m = metrics_at(addr).await?;
+        m.lines()
+            .any(|l| l.starts_with("kube_sts_reconcile_duration_seconds_count") && !l.ends_with(" 0"))
+            .then_some(())
     })
     .await;
-    let spec = pod.spec.as_ref().unwrap();
-    assert_eq!(spec.containers[0].image.as_deref(), Some(image));
-    let sc = spec.containers[0].security_context.as_ref().unwrap();
-    assert_eq!(sc.read_only_root_filesystem, Some(true));
+}
 
-    // A binding, issued by the operator in the pod.
+/// A role that trusts the operator, granted to the test's namespace, and a binding of it
+/// for the ServiceAccount `app`; returns the role's ARN once the binding is Ready.
+async fn issued_binding(ns: &TestNamespace) -> String {
     let role = create_role(&unique("incluster"), &operator_arn(), None, true);
     let out = kubectl(
         &["apply", "--server-side", "-f", "-"],
@@ -185,6 +192,22 @@ async fn helm_install_runs_the_operator_as_a_pod_that_issues_credentials() {
     ns.service_account("app").await;
     ns.apply_ok(&binding_yaml("reports", &role, &["app"], ""));
     wait_ready(&ns.bindings(), "reports", "True", "CredentialsIssued").await;
+    role
+}
+
+#[tokio::test]
+async fn helm_install_runs_the_operator_as_a_pod_that_issues_credentials() {
+    let ns = TestNamespace::new("incluster").await;
+    install(&ns, &sts_url_for_pods(), &[]).await;
+    let image = operator_image();
+    let pod = operator_pod(&ns, None).await;
+    let spec = pod.spec.as_ref().unwrap();
+    assert_eq!(spec.containers[0].image.as_deref(), Some(image));
+    let sc = spec.containers[0].security_context.as_ref().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+
+    // A binding, issued by the operator in the pod.
+    let role = issued_binding(&ns).await;
     let secret = ns.secrets().get("reports-app").await.expect("the binding's Secret");
     assert!(secret_value(&secret, "AWS_ACCESS_KEY_ID").starts_with("ASIA"));
 
@@ -208,6 +231,41 @@ async fn helm_install_runs_the_operator_as_a_pod_that_issues_credentials() {
         );
     }
 
-    helm_run(&["uninstall", release, "--namespace", &ns.name, "--wait"]);
+    helm_run(&["uninstall", &ns.name, "--namespace", &ns.name, "--wait"]);
+    let _ = kubectl(&["delete", "awsrolegrant", &ns.name], None);
+}
+
+#[tokio::test]
+async fn a_deleted_operator_pod_is_recreated_and_adopts_the_secrets_with_no_sts_call() {
+    let ns = TestNamespace::new("adopt").await;
+    let sts = Forwarder::start_for_pods().await;
+    install(&ns, &sts.url(), &[]).await;
+    let first = operator_pod(&ns, None).await;
+    issued_binding(&ns).await;
+    wait_pod_reconciled(&first).await;
+    assert_eq!(sts.count("AssumeRole"), 1);
+    let before = ns.secrets().get("reports-app").await.unwrap();
+
+    let first_name = first.metadata.name.clone().unwrap();
+    let out = kubectl(&["delete", "pod", "-n", &ns.name, &first_name, "--wait=false"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let second = operator_pod(&ns, Some(&first_name)).await;
+    assert_ne!(second.metadata.uid, first.metadata.uid, "the Deployment made a new pod");
+    wait_pod_reconciled(&second).await;
+
+    assert_eq!(
+        sts.count("AssumeRole"),
+        1,
+        "the new pod adopted the Secret: no STS call"
+    );
+    assert_eq!(sts.total(), 1, "{:?}", sts.exchanges("AssumeRole").len());
+    let after = ns.secrets().get("reports-app").await.unwrap();
+    assert_eq!(
+        after.metadata.resource_version, before.metadata.resource_version,
+        "and no write"
+    );
+    wait_ready(&ns.bindings(), "reports", "True", "CredentialsIssued").await;
+
+    helm_run(&["uninstall", &ns.name, "--namespace", &ns.name, "--wait"]);
     let _ = kubectl(&["delete", "awsrolegrant", &ns.name], None);
 }

@@ -2,7 +2,8 @@
 //! locally built image runs there, mounts a Secret as the README tells users to (a volume,
 //! no `subPath`), and sees the Secret's update delivered by the kubelet itself: a new
 //! timestamped directory and an atomic swap of the `..data` symlink, in the running
-//! container, with no restart.
+//! container, with no restart; and a `subPath` mount of the same key in the same container
+//! never updates (the README's warning).
 
 use std::time::Duration;
 
@@ -23,7 +24,9 @@ spec:
       image: {BUSYBOX_IMAGE}
       imagePullPolicy: Never
       command: ["sleep", "3600"]
-      volumeMounts: [{{name: creds, mountPath: /var/run/secrets/kube-sts.io, readOnly: true}}]
+      volumeMounts:
+        - {{name: creds, mountPath: /var/run/secrets/kube-sts.io, readOnly: true}}
+        - {{name: creds, mountPath: /subpath/config, subPath: config, readOnly: true}}
   volumes: [{{name: creds, secret: {{secretName: {secret}}}}}]
 "#
     )
@@ -32,7 +35,7 @@ spec:
 const MOUNT: &str = "/var/run/secrets/kube-sts.io";
 
 #[tokio::test]
-async fn a_pod_on_the_node_sees_a_secret_update_through_the_kubelets_data_swap() {
+async fn a_pod_on_the_node_sees_a_secret_update_through_the_kubelets_data_swap_and_a_subpath_mount_does_not() {
     let ns = TestNamespace::new("node").await;
     ns.create_secret("creds", &[("config", "one")]).await;
     ns.apply_ok(&reader_pod("reader", "creds"));
@@ -61,14 +64,14 @@ async fn a_pod_on_the_node_sees_a_secret_update_through_the_kubelets_data_swap()
                 &[
                     "sh",
                     "-c",
-                    &format!("readlink {MOUNT}/..data; readlink {MOUNT}/config; cat {MOUNT}/config"),
+                    &format!("readlink {MOUNT}/..data; readlink {MOUNT}/config; cat {MOUNT}/config; echo; cat /subpath/config"),
                 ],
             )
         }
     })
     .await;
     let lines: Vec<&str> = first.lines().collect();
-    assert_eq!(lines.len(), 3, "{first:?}");
+    assert_eq!(lines.len(), 4, "{first:?}");
     let first_dir = lines[0].to_string();
     assert!(
         first_dir.starts_with("..") && first_dir != "..data",
@@ -76,6 +79,7 @@ async fn a_pod_on_the_node_sees_a_secret_update_through_the_kubelets_data_swap()
     );
     assert_eq!(lines[1], "..data/config", "the key is a symlink into ..data");
     assert_eq!(lines[2], "one");
+    assert_eq!(lines[3], "one", "the subPath mount has the key's content");
 
     // The update, through the API as the operator writes it.
     let patch = Secret {
@@ -99,7 +103,7 @@ async fn a_pod_on_the_node_sees_a_secret_update_through_the_kubelets_data_swap()
                     &[
                         "sh",
                         "-c",
-                        &format!("cat {MOUNT}/config; echo; readlink {MOUNT}/..data; ls -a {MOUNT}"),
+                        &format!("cat {MOUNT}/config; echo; cat /subpath/config; echo; readlink {MOUNT}/..data; ls -a {MOUNT}"),
                     ],
                 )?;
                 out.starts_with("two\n").then_some(out)
@@ -108,12 +112,15 @@ async fn a_pod_on_the_node_sees_a_secret_update_through_the_kubelets_data_swap()
     )
     .await;
     let lines: Vec<&str> = after.lines().collect();
-    let new_dir = lines[1];
+    // The kubelet has delivered "two" into this container's volume, and the subPath mount
+    // of the same key still shows what it was bound to at container start.
+    assert_eq!(lines[1], "one", "a subPath mount does not update: {after:?}");
+    let new_dir = lines[2];
     assert!(
         new_dir.starts_with("..") && new_dir != "..data" && new_dir != first_dir,
         "..data now points to a new directory: {after:?}"
     );
-    let entries: Vec<&str> = lines[2..].to_vec();
+    let entries: Vec<&str> = lines[3..].to_vec();
     assert!(entries.contains(&new_dir), "{entries:?}");
     assert!(
         !entries.contains(&first_dir.as_str()),
