@@ -155,10 +155,11 @@ async fn operator_pod(ns: &TestNamespace, not: Option<&str>) -> Pod {
             .ok()?;
         for pod in list.items {
             let name = pod.metadata.name.as_deref()?;
-            if Some(name) != not && pod.metadata.deletion_timestamp.is_none() {
-                if let Some(pod) = pod_ready(&ns.client, &ns.name, name).await {
-                    return Some(pod);
-                }
+            if Some(name) != not
+                && pod.metadata.deletion_timestamp.is_none()
+                && let Some(pod) = pod_ready(&ns.client, &ns.name, name).await
+            {
+                return Some(pod);
             }
         }
         None
