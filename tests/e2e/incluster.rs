@@ -270,3 +270,70 @@ async fn a_deleted_operator_pod_is_recreated_and_adopts_the_secrets_with_no_sts_
     helm_run(&["uninstall", &ns.name, "--namespace", &ns.name, "--wait"]);
     let _ = kubectl(&["delete", "awsrolegrant", &ns.name], None);
 }
+
+/// The pods of the release that run (started, whether Ready or standing by), by name.
+async fn running_pods(ns: &TestNamespace) -> Vec<String> {
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let list = pods
+        .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={}", ns.name)))
+        .await
+        .unwrap();
+    list.items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .is_some_and(|c| c.iter().all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some())))
+        })
+        .filter_map(|p| p.metadata.name)
+        .collect()
+}
+
+/// The pod whose operator holds the Lease (its identity starts with the pod's name).
+async fn lease_holder(ns: &TestNamespace, among: &[String]) -> Option<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(ns.client.clone(), &ns.name);
+    let holder = leases.get_opt("kube-sts").await.ok()??.spec?.holder_identity?;
+    among.iter().find(|p| holder.starts_with(p.as_str())).cloned()
+}
+
+#[tokio::test]
+async fn two_replicas_with_leader_election_fail_over_when_the_leader_pod_is_deleted() {
+    let ns = TestNamespace::new("leader").await;
+    install(
+        &ns,
+        &sts_url_for_pods(),
+        &["--set", "replicas=2", "--set", "leaderElection.enabled=true"],
+    )
+    .await;
+    let pods = eventually("two operator pods run", Duration::from_secs(180), || async {
+        let pods = running_pods(&ns).await;
+        (pods.len() == 2).then_some(pods)
+    })
+    .await;
+    let leader = eventually("one of them holds the Lease", Duration::from_secs(60), || {
+        lease_holder(&ns, &pods)
+    })
+    .await;
+    // The leader is the Ready one (the chart's readiness probe), and it reconciles.
+    assert!(operator_pod(&ns, None).await.metadata.name.as_deref() == Some(leader.as_str()));
+    let role = issued_binding(&ns).await;
+
+    let out = kubectl(&["delete", "pod", "-n", &ns.name, &leader, "--wait=false"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let successor = eventually("another pod holds the Lease", Duration::from_secs(120), || async {
+        let others: Vec<String> = running_pods(&ns).await.into_iter().filter(|p| *p != leader).collect();
+        lease_holder(&ns, &others).await
+    })
+    .await;
+    assert_ne!(successor, leader);
+    let standby = pods.iter().find(|p| **p != leader).unwrap();
+    println!("successor {successor} (the standby was {standby})");
+    // The successor reconciles: a new binding is issued.
+    ns.apply_ok(&binding_yaml("second", &role, &["app"], ""));
+    wait_ready(&ns.bindings(), "second", "True", "CredentialsIssued").await;
+
+    helm_run(&["uninstall", &ns.name, "--namespace", &ns.name, "--wait"]);
+    let _ = kubectl(&["delete", "awsrolegrant", &ns.name], None);
+}
