@@ -19,6 +19,11 @@ log() { echo "node-down: $*" >&2; }
 [[ "$NODE_CGROUP" =~ ^kubests-[0-9]+$ && "$NODE_NETNS" =~ ^kubests-[0-9]+$ ]] || { log "bad node names"; exit 1; }
 keep_network=0
 [[ "${1:-}" == --keep-network ]] && keep_network=1
+# Another checkout with the same apiserver port runs this instance's node: touch nothing.
+if node_foreign; then
+	log "the node $NODE_NETNS belongs to $(node_owner), not to this checkout: left alone"
+	exit 0
+fi
 
 # 1. The supervisor.
 if [[ -f "$NODE_PIDFILE" ]]; then

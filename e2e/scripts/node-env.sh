@@ -46,3 +46,25 @@ NODE_SOCK="$NODE_DIR/containerd.sock"
 NODE_PIDFILE="$NODE_E2E/run/node.pid"
 NODE_NAMES="$NODE_E2E/run/node.names" # what node-net.sh created, for node-down.sh
 NODE_CACHE="${KUBE_STS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kube-sts}"
+
+# Who owns this instance's node: both ends of the node link carry the owning
+# checkout's .e2e path as their alias (set by node-net.sh). Prints it; empty
+# when there is no such network.
+node_owner() {
+	local alias=""
+	if [[ -e "/run/netns/$NODE_NETNS" ]]; then
+		alias=$(ip -n "$NODE_NETNS" -o link show kubests-link 2>/dev/null | sed -n 's/.* alias \(.*\)$/\1/p')
+	fi
+	if [[ -z "$alias" ]] && ip link show dev "$NODE_VETH" >/dev/null 2>&1; then
+		alias=$(cat "/sys/class/net/$NODE_VETH/ifalias" 2>/dev/null) || true
+	fi
+	echo "$alias"
+}
+
+# node_foreign: the instance's network exists and belongs to another checkout
+# (same apiserver port): then nothing of it may be touched from here.
+node_foreign() {
+	local owner
+	owner=$(node_owner)
+	[[ -n "$owner" && "$owner" != "$NODE_E2E" ]]
+}

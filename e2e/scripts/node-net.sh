@@ -5,7 +5,8 @@
 # namespace, so the host's own tables are never touched.
 #
 #   node-net.sh up     create (idempotent) and record what was created in .e2e/run/node.names
-#   node-net.sh down   remove exactly what is recorded there (and the names of this instance)
+#   node-net.sh down   remove exactly what is recorded there (and the names of this instance),
+#                      unless the link names another checkout as its owner
 #   node-net.sh check  exit 0 when the network is up as configured
 #
 # On the host this adds: /run/netns/kubests-<id>, the link kubests<id> with
@@ -29,6 +30,10 @@ check() {
 }
 
 down() {
+	if node_foreign; then
+		log "$NODE_NETNS belongs to $(node_owner), not to this checkout: left alone"
+		return 0
+	fi
 	local netns="$NODE_NETNS" veth="$NODE_VETH"
 	if [[ -f "$NODE_NAMES" ]]; then
 		# shellcheck disable=SC1090
@@ -49,6 +54,10 @@ overlaps() { # does the host already use addresses of NODE_SUBNET? (ours are rem
 }
 
 up() {
+	if node_foreign; then
+		log "$NODE_NETNS (the node of apiserver port $NODE_ID) belongs to another checkout: $(node_owner); give this one other ports (KUBE_STS_APISERVER_PORT, ...)"
+		exit 1
+	fi
 	if check; then
 		log "reusing $NODE_NETNS ($HOST_ADDR <-> $NODE_ADDR, pods $POD_CIDR)"
 		return 0
@@ -63,6 +72,10 @@ up() {
 	printf 'netns=%q\nveth=%q\n' "$NODE_NETNS" "$NODE_VETH" >"$NODE_NAMES"
 	ip netns add "$NODE_NETNS"
 	ip link add "$NODE_VETH" type veth peer name kubests-link netns "$NODE_NETNS"
+	# Both ends name their owner (node-env.sh: node_owner), so that no other checkout
+	# using the same port ever removes them.
+	ip link set "$NODE_VETH" alias "$NODE_E2E"
+	in_ns ip link set kubests-link alias "$NODE_E2E"
 	ip addr add "$HOST_ADDR/30" dev "$NODE_VETH"
 	ip link set "$NODE_VETH" up
 	in_ns ip link set lo up
