@@ -316,8 +316,14 @@ async fn two_replicas_with_leader_election_fail_over_when_the_leader_pod_is_dele
         lease_holder(&ns, &pods)
     })
     .await;
-    // The leader is the Ready one (the chart's readiness probe), and it reconciles.
-    assert!(operator_pod(&ns, None).await.metadata.name.as_deref() == Some(leader.as_str()));
+    // Both pods are Ready (Ready means "in the election": the standby counts, so that a
+    // rolling update and a PodDisruptionBudget work); the leader reconciles.
+    for pod in &pods {
+        eventually(&format!("{pod} Ready"), Duration::from_secs(60), || {
+            pod_ready(&ns.client, &ns.name, pod)
+        })
+        .await;
+    }
     let role = issued_binding(&ns).await;
 
     let out = kubectl(&["delete", "pod", "-n", &ns.name, &leader, "--wait=false"], None);
