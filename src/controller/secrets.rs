@@ -1,6 +1,8 @@
 //! Secret I/O: finding a subject's Secret, writing it (create or apply), deleting it,
 //! removing run-out credentials, and reading the keys a binding references.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
 
 use super::*;
@@ -367,7 +369,8 @@ pub(super) async fn expire_credentials(
             // The current spec renders a Secret the apiserver refuses (say, invalid labels):
             // the credentials go all the same, the Secret keeping its own labels.
             Err(Error::Kube(kube::Error::Api(e))) if e.code == 422 => {
-                if !expire_in_place(ctx, secret, target).await? {
+                let owner = (target.binding.as_str(), target.binding_uid.as_str());
+                if !expire_in_place(ctx, secret, owner, (&target.extra_labels, &target.extra_annotations)).await? {
                     return Ok(false);
                 }
             }
@@ -385,35 +388,27 @@ pub(super) async fn expire_secret_in_place(ctx: &Context, binding: &AWSRoleBindi
         return Ok(());
     }
     let template = binding.spec.secret.clone().unwrap_or_default();
-    let wanted = render::SecretTarget {
-        namespace: secret.namespace().unwrap_or_default(),
-        name: secret.name_any(),
-        binding: binding.name_any(),
-        binding_uid: binding.uid().unwrap_or_default(),
-        service_account: sa_label(secret),
-        spec_hash: String::new(),
-        role_arn: None,
-        region: None,
-        profile: render::DEFAULT_PROFILE.into(),
-        mount_path: render::DEFAULT_MOUNT_PATH.into(),
-        secret_type: crate::crd::SecretType::Credentials,
-        extra_labels: template.labels,
-        extra_annotations: template.annotations,
-    };
-    if !expire_in_place(ctx, secret, &wanted).await? {
+    let wanted = (&template.labels, &template.annotations);
+    let owner = (binding.name_any(), binding.uid().unwrap_or_default());
+    if !expire_in_place(ctx, secret, (&owner.0, &owner.1), wanted).await? {
         return Ok(());
     }
     tracing::warn!(secret = %secret.name_any(), namespace = %secret.namespace().unwrap_or_default(), "credentials expired while the binding's spec is invalid; removed them from the Secret");
     Ok(())
 }
 
-/// Writes `secret` without its credentials when its spec cannot render it: invalid, or
-/// refused by the apiserver; says whether they are gone. Its type, spec hash and role come from the Secret itself, and
-/// of the labels and annotations `wanted` asks for only those it already carries (so
-/// nothing refused is written, and nothing someone else added is taken over).
-async fn expire_in_place(ctx: &Context, secret: &Secret, wanted: &render::SecretTarget) -> Result<bool> {
-    let carried = |wanted: &std::collections::BTreeMap<String, String>,
-                   has: &std::collections::BTreeMap<String, String>| {
+/// Writes `secret` of binding `(name, uid)` without its credentials when its spec cannot
+/// render it (invalid, or refused by the apiserver); says whether they are gone. Its type,
+/// spec hash and role come from the Secret itself; of the labels and annotations `wanted`
+/// asks for, only those it already carries are written (so nothing refused is written, and
+/// nothing someone else added is taken over).
+async fn expire_in_place(
+    ctx: &Context,
+    secret: &Secret,
+    (binding, binding_uid): (&str, &str),
+    wanted: (&BTreeMap<String, String>, &BTreeMap<String, String>),
+) -> Result<bool> {
+    let carried = |wanted: &BTreeMap<String, String>, has: &BTreeMap<String, String>| {
         wanted
             .iter()
             .filter(|(k, v)| has.get(*k) == Some(*v))
@@ -421,19 +416,26 @@ async fn expire_in_place(ctx: &Context, secret: &Secret, wanted: &render::Secret
             .collect()
     };
     let target = render::SecretTarget {
+        namespace: secret.namespace().unwrap_or_default(),
+        name: secret.name_any(),
+        binding: binding.into(),
+        binding_uid: binding_uid.into(),
+        service_account: sa_label(secret),
         spec_hash: secret
             .annotations()
             .get(render::SPEC_HASH_ANNOTATION)
             .cloned()
             .unwrap_or_default(),
         role_arn: secret.annotations().get(render::ROLE_ARN_ANNOTATION).cloned(),
+        region: None,
+        profile: render::DEFAULT_PROFILE.into(),
+        mount_path: render::DEFAULT_MOUNT_PATH.into(),
         secret_type: match secret.type_.as_deref() {
             Some(render::TYPE_DOCKER_CONFIG) => crate::crd::SecretType::DockerConfigJson,
             _ => crate::crd::SecretType::Credentials,
         },
-        extra_labels: carried(&wanted.extra_labels, secret.labels()),
-        extra_annotations: carried(&wanted.extra_annotations, secret.annotations()),
-        ..wanted.clone()
+        extra_labels: carried(wanted.0, secret.labels()),
+        extra_annotations: carried(wanted.1, secret.annotations()),
     };
     let expired_at =
         render::annotation_time(secret, render::EXPIRATION_ANNOTATION).unwrap_or_else(|| ctx.settings.clock.now());
