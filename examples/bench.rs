@@ -13,7 +13,9 @@
 //!    runs. The bare client does one binding's minimum work: one signed AssumeRole (the
 //!    operator's request, with its identity, through the same kind of forwarder to the same
 //!    STS peer), one Secret create and one server-side apply of `status`, with 32 bindings in
-//!    flight (the tuned concurrency). Time to Ready is seen through a watch.
+//!    flight (the tuned concurrency). A third bare run adds the two requests the operator
+//!    makes beyond that minimum (a GET of the Secret, an Event), to show what they cost. Time
+//!    to Ready is seen through a watch.
 //! 2. Peak RSS (`VmHWM`) of the tuned operator at `BENCH_BINDINGS`, and again after more
 //!    bindings were added to the same namespace up to `BENCH_LARGE` (10000, or as many as
 //!    the time budget allows; the table says how many).
@@ -72,7 +74,11 @@ use kube::{
     Api, Client, Config, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{WatchStreamExt, watcher},
+    runtime::{
+        WatchStreamExt,
+        events::{Event as KubeEvent, EventType, Recorder, Reporter},
+        watcher,
+    },
 };
 use kube_sts::{
     conditions::{self, DEGRADED, READY, SubjectOutcome},
@@ -1274,14 +1280,17 @@ async fn bare_sts_client(bench: &Bench, endpoint: &str) -> aws_sdk_sts::Client {
 /// `bench.concurrency` bindings in flight: one AssumeRole (the request the operator sends for
 /// it: role, session name, duration, session tags), one Secret create holding what STS
 /// answered (rendered as the operator renders it), one server-side apply of a Ready status.
-/// As the operator identity, against the same apiserver and STS peer. Returns the time from
-/// the first request to the last answer.
+/// As the operator identity, against the same apiserver and STS peer. With `extras`, it also
+/// makes the two requests the operator adds for a new binding: a GET of the Secret (the
+/// operator looks for a Secret of that name it does not own, 404 here) and an Event, as the
+/// operator publishes it. Returns the time from the first request to the last answer.
 async fn bare_client(
     bench: &Bench,
     identity: &Identity,
     sts: &Forwarder,
     namespace: &str,
     bindings: &[AWSRoleBinding],
+    extras: bool,
 ) -> Duration {
     let settings = IssueSettings {
         cluster_name: "kubernetes".into(),
@@ -1292,6 +1301,13 @@ async fn bare_client(
     let client = bare_sts_client(bench, &sts.url()).await;
     let secrets: Api<Secret> = Api::namespaced(identity.client.clone(), namespace);
     let api: Api<AWSRoleBinding> = Api::namespaced(identity.client.clone(), namespace);
+    let recorder = Recorder::new(
+        identity.client.clone(),
+        Reporter {
+            controller: BASELINE_MANAGER.into(),
+            instance: None,
+        },
+    );
     let work: Vec<(AWSRoleBinding, SubjectPlan)> = bindings
         .iter()
         .map(|b| {
@@ -1302,8 +1318,15 @@ async fn bare_client(
     let t0 = Instant::now();
     stream::iter(work)
         .map(|(b, sp)| {
-            let (client, secrets, api) = (client.clone(), secrets.clone(), api.clone());
+            let (client, secrets, api, recorder) = (client.clone(), secrets.clone(), api.clone(), recorder.clone());
             async move {
+                if extras {
+                    let found = secrets
+                        .get_opt(&sp.target.name)
+                        .await
+                        .map_err(|e| format!("Secret get: {e}"))?;
+                    assert!(found.is_none(), "Secret {} exists already", sp.target.name);
+                }
                 let req = &sp.request;
                 let tags = req
                     .tags
@@ -1341,6 +1364,25 @@ async fn bare_client(
                     .create(&params, &render::render_secret(&creds, &sp.target))
                     .await
                     .map_err(|e| format!("Secret create: {e}"))?;
+                if extras {
+                    let event = KubeEvent {
+                        type_: EventType::Normal,
+                        reason: "CredentialsIssued".into(),
+                        note: Some(format!(
+                            "issued credentials for ServiceAccount {} into Secret {} (access key {}, expires {})",
+                            sp.service_account,
+                            sp.target.name,
+                            creds.access_key_id,
+                            render::rfc3339(creds.expiration)
+                        )),
+                        action: "Reconcile".into(),
+                        secondary: None,
+                    };
+                    recorder
+                        .publish(&event, &b.object_ref(&()))
+                        .await
+                        .map_err(|e| format!("Event: {e}"))?;
+                }
                 let patch = json!({
                     "apiVersion": "kube-sts.io/v1alpha1",
                     "kind": "AWSRoleBinding",
@@ -1482,7 +1524,11 @@ async fn main() {
     let grant_name = format!("bench-{}", bench.id);
     // One namespace per run of section 1 (the tuned operator with bindings created while it
     // runs uses `ns`, and goes on into the large phase).
-    let ns_bare = [format!("{ns}-bare-1"), format!("{ns}-bare-2")];
+    let ns_bare = [
+        format!("{ns}-bare-1"),
+        format!("{ns}-bare-2"),
+        format!("{ns}-bare-extras"),
+    ];
     let ns_default_before = format!("{ns}-default-before");
     let ns_default_while = format!("{ns}-default-while");
     let ns_tuned_before = format!("{ns}-tuned-before");
@@ -1535,18 +1581,18 @@ async fn main() {
 
     // ---- phase 1: N bindings to Ready: bare client, operator at default and tuned flags
     let section = &format!("1. {n} bindings to Ready");
-    let bare_run = async |namespace: &str| {
+    let bare_run = async |namespace: &str, extras: bool| {
         bench.run_namespace(&ns, namespace).await;
         let bindings = bench.create_bindings(namespace, &role, &first).await;
         let sts = Forwarder::start(&bench.aws["AWS_ENDPOINT_URL_STS"], namespace).await;
         let before = bench.apiserver_counts(&identity.flow_schema).await;
-        let time = bare_client(&bench, &identity, &sts, namespace, &bindings).await;
+        let time = bare_client(&bench, &identity, &sts, namespace, &bindings, extras).await;
         let requests = (bench.apiserver_counts(&identity.flow_schema).await - before).operator;
         say!(bench, "bare client: {n} bindings in {}", secs(time));
         bench.clear_namespace(namespace).await;
         (time, sts.calls(), requests)
     };
-    let bare_first = bare_run(&ns_bare[0]).await;
+    let bare_first = bare_run(&ns_bare[0], false).await;
     let mut runs = Vec::new();
     for (namespace, flags, created) in [
         (&ns_default_before, Flags::Default, Created::Before),
@@ -1562,7 +1608,8 @@ async fn main() {
         bench.clear_namespace(namespace).await;
         runs.push((flags, created, measured));
     }
-    let bare_second = bare_run(&ns_bare[1]).await;
+    let bare_second = bare_run(&ns_bare[1], false).await;
+    let bare_extras = bare_run(&ns_bare[2], true).await;
     let (measured, mut operator, sts, mut watch) =
         to_ready(&bench, &identity, &role, &ns, &first, Flags::Tuned, Created::While, "a").await;
     let operator_time = measured.time;
@@ -1586,6 +1633,17 @@ async fn main() {
         section,
         "  STS calls at the wire / apiserver requests (both runs)",
         format!("{} / {:.0}", bare_first.1 + bare_second.1, bare_first.2 + bare_second.2),
+    );
+    results.add(
+        section,
+        "bare client + the operator's GET of the Secret and Event per binding",
+        format!(
+            "{} ({} bare client; STS calls {}, apiserver requests {:.0})",
+            secs(bare_extras.0),
+            ratio(bare_extras.0, bare),
+            bare_extras.1,
+            bare_extras.2
+        ),
     );
     for (flags, created, measured) in &runs {
         let when = match created {
