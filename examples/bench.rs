@@ -2024,6 +2024,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn quantiles_are_nearest_rank() {
+        let mut values: Vec<Duration> = [5, 1, 4, 2, 3].map(Duration::from_secs).to_vec();
+        assert_eq!(quantile(&mut values, 0.5), Duration::from_secs(3));
+        assert_eq!(quantile(&mut values, 0.9), Duration::from_secs(5));
+        assert_eq!(quantile(&mut values, 1.0), Duration::from_secs(5));
+        assert_eq!(quantile(&mut values, 0.0), Duration::from_secs(1));
+        assert_eq!(quantile(&mut [], 0.5), Duration::ZERO);
+    }
+
+    #[test]
     fn needles_split_across_reads_are_counted_once() {
         let body = b"Action=AssumeRole&RoleSessionName=bench-1.sa-1&Action=GetCallerIdentity";
         for size in 1..body.len() {
