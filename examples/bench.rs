@@ -75,11 +75,7 @@ use kube::{
     Api, Client, Config, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        WatchStreamExt,
-        events::{Event as KubeEvent, EventType, Recorder, Reporter},
-        watcher,
-    },
+    runtime::{WatchStreamExt, watcher},
 };
 use kube_sts::{
     conditions::{self, DEGRADED, READY, SubjectOutcome},
@@ -87,6 +83,7 @@ use kube_sts::{
         AWSRoleBinding, AWSRoleBindingSpec, AWSRoleBindingStatus, AWSRoleGrant, AWSRoleGrantSpec, Subject,
         SubjectStatus,
     },
+    events::{EventType, Publisher},
     plan::{self, IssueSettings, Resolved, SubjectPlan},
     render::{self, Credentials, MANAGED_BY, MANAGED_BY_LABEL},
 };
@@ -1342,13 +1339,8 @@ async fn bare_client(
     let client = bare_sts_client(bench, &sts.url()).await;
     let secrets: Api<Secret> = Api::namespaced(identity.client.clone(), namespace);
     let api: Api<AWSRoleBinding> = Api::namespaced(identity.client.clone(), namespace);
-    let recorder = Recorder::new(
-        identity.client.clone(),
-        Reporter {
-            controller: BASELINE_MANAGER.into(),
-            instance: None,
-        },
-    );
+    // The operator's own Event publisher (one create per Event).
+    let publisher = Arc::new(Publisher::new(identity.client.clone(), BASELINE_MANAGER, None));
     let work: Vec<(AWSRoleBinding, SubjectPlan)> = bindings
         .iter()
         .map(|b| {
@@ -1359,7 +1351,7 @@ async fn bare_client(
     let t0 = Instant::now();
     stream::iter(work)
         .map(|(b, sp)| {
-            let (client, secrets, api, recorder) = (client.clone(), secrets.clone(), api.clone(), recorder.clone());
+            let (client, secrets, api, publisher) = (client.clone(), secrets.clone(), api.clone(), publisher.clone());
             async move {
                 if extras {
                     let found = secrets
@@ -1406,21 +1398,21 @@ async fn bare_client(
                     .await
                     .map_err(|e| format!("Secret create: {e}"))?;
                 if extras {
-                    let event = KubeEvent {
-                        type_: EventType::Normal,
-                        reason: "CredentialsIssued".into(),
-                        note: Some(format!(
-                            "issued credentials for ServiceAccount {} into Secret {} (access key {}, expires {})",
-                            sp.service_account,
-                            sp.target.name,
-                            creds.access_key_id,
-                            render::rfc3339(creds.expiration)
-                        )),
-                        action: "Reconcile".into(),
-                        secondary: None,
-                    };
-                    recorder
-                        .publish(&event, &b.object_ref(&()))
+                    let note = format!(
+                        "issued credentials for ServiceAccount {} into Secret {} (access key {}, expires {})",
+                        sp.service_account,
+                        sp.target.name,
+                        creds.access_key_id,
+                        render::rfc3339(creds.expiration)
+                    );
+                    publisher
+                        .publish(
+                            &b.object_ref(&()),
+                            EventType::Normal,
+                            "CredentialsIssued",
+                            "Reconcile",
+                            &note,
+                        )
                         .await
                         .map_err(|e| format!("Event: {e}"))?;
                 }
