@@ -1,33 +1,49 @@
-//! `make bench`: throughput, memory and restart figures for kube-sts against the local
+//! `make bench`: throughput, memory, rest and restart figures for kube-sts against the local
 //! control plane and STS peer (`make up`). Figures are printed, never asserted.
 //!
 //! Run through `e2e/scripts/bench.sh`, which starts the environment, installs the CRDs and
 //! builds `kube-sts` and this example with `--release`. In one run, in this order:
 //!
-//! 1. `BENCH_BINDINGS` (1000) bindings, one ServiceAccount subject each, in namespace
-//!    `bench-<id>`, reconciled by a release operator (`--namespace`, `--sts-qps 200
-//!    --sts-burst 200 --concurrency 32`): time from the first create until the last
-//!    binding reports Ready=True (seen through a watch). Beside it, a bare client doing the
-//!    operator's writes (one Secret create + one server-side apply of `status`) for a
-//!    second set of as many bindings in `bench-<id>-baseline`, which no operator watches.
-//! 2. Peak RSS (`VmHWM`) of that operator at `BENCH_BINDINGS`, and again after more
+//! 1. `BENCH_BINDINGS` (1000) bindings, one ServiceAccount subject each, to Ready, six times,
+//!    each in a namespace of its own: a bare client, then a release operator (`--namespace`)
+//!    at its default flags and at tuned flags (`--sts-qps 200 --sts-burst 200
+//!    --concurrency 32`), with the bindings created before the operator starts (timed from
+//!    the process start) and while it runs (timed from the first create), then the bare
+//!    client again; every operator time is also given as a ratio to the mean of the two bare
+//!    runs. The bare client does one binding's minimum work: one signed AssumeRole (the
+//!    operator's request, with its identity, through the same kind of forwarder to the same
+//!    STS peer), one Secret create and one server-side apply of `status`, with 32 bindings in
+//!    flight (the tuned concurrency). A third bare run adds the two requests the operator
+//!    makes beyond that minimum (a GET of the Secret, an Event), to show what they cost. Time
+//!    to Ready is seen through a watch.
+//! 2. Peak RSS (`VmHWM`) of the tuned operator at `BENCH_BINDINGS`, and again after more
 //!    bindings were added to the same namespace up to `BENCH_LARGE` (10000, or as many as
 //!    the time budget allows; the table says how many).
-//! 3. A restart at that size with every Secret fresh: SIGTERM, start again, wait for
-//!    `/readyz` and for the reconcile count to settle; STS calls counted at the wire, the
-//!    operator's `kube_sts_api_writes_total` (both expected 0) and how many objects got a
-//!    new resourceVersion.
-//! 4. `BENCH_NOISE_SECRETS` (20000) small unlabelled Secrets in `bench-<id>-noise`, then a
-//!    fresh operator watching all namespaces: its peak RSS once synced and settled. It runs
-//!    as a ServiceAccount that may read everywhere but write only in `bench-<id>`, so other
-//!    people's bindings in a shared cluster are left alone (they are counted, and their
-//!    failing reconciles show in the log summary).
+//! 3. At rest at that size, every binding fresh: for `BENCH_REST_SECONDS` (300: longer
+//!    than the 290 s after which the apiserver ends each watch, so every watch is renewed
+//!    in it) the apiserver requests the operator causes and its CPU, then as long with the
+//!    operator stopped (the idle cluster). Read from kube-apiserver's own `/metrics`: the operator's
+//!    requests exactly, through a FlowSchema of its own
+//!    (`apiserver_flowcontrol_dispatched_requests_total`), and `apiserver_request_total`
+//!    over the window minus the idle window (which other clients of a shared environment
+//!    make noisy).
+//! 4. A restart at that size: start again, wait for `/readyz` and for the reconcile count
+//!    to settle; STS calls counted at the wire, the operator's `kube_sts_api_writes_total`
+//!    (both expected 0) and how many objects got a new resourceVersion.
+//! 5. `BENCH_NOISE_SECRETS` (20000) small unlabelled Secrets in `bench-<id>-noise`, then a
+//!    fresh operator watching all namespaces: its peak RSS once synced and settled.
 //!
-//! Env: BENCH_BINDINGS, BENCH_LARGE, BENCH_NOISE_SECRETS, BENCH_CONCURRENCY (32 requests in
-//! flight for the driver's creates), BENCH_BUDGET_SECONDS (780: the large phase stops adding
-//! bindings when the rest would not fit), BENCH_RESERVE_SECONDS (time kept for the phases
-//! after the large one, 180), BENCH_RESULTS (also write the table as TSV there),
-//! KUBE_STS_BIN (default: the `kube-sts` built next to this example).
+//! Every operator (and the bare client) runs as a ServiceAccount that may read everywhere but
+//! write only in the bench's namespaces, so other people's bindings in a shared cluster are
+//! left alone (they are counted, and their failing reconciles show in the log summary), and
+//! so that the apiserver can count its requests apart from everyone else's.
+//!
+//! Env: BENCH_BINDINGS, BENCH_LARGE, BENCH_NOISE_SECRETS, BENCH_REST_SECONDS,
+//! BENCH_CONCURRENCY (32 requests in flight for the driver's creates and the bare client),
+//! BENCH_BUDGET_SECONDS (1560: the large phase stops adding bindings when the rest would not
+//! fit), BENCH_RESERVE_SECONDS (time kept for the restart and noise phases after the large
+//! one, 180; the rest windows come on top), BENCH_RESULTS (also write the table as TSV
+//! there), KUBE_STS_BIN (default: the `kube-sts` built next to this example).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -50,6 +66,7 @@ use k8s_openapi::{
         authentication::v1::{TokenRequest, TokenRequestSpec},
         core::v1::{Namespace, Secret, ServiceAccount},
         events::v1::Event,
+        flowcontrol::v1::FlowSchema,
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
@@ -66,10 +83,9 @@ use kube_sts::{
         AWSRoleBinding, AWSRoleBindingSpec, AWSRoleBindingStatus, AWSRoleGrant, AWSRoleGrantSpec, Subject,
         SubjectStatus,
     },
-    plan::{self, IssueSettings, Resolved},
-    render::{
-        self, Credentials, KEY_ACCESS_KEY_ID, KEY_SECRET_ACCESS_KEY, KEY_SESSION_TOKEN, MANAGED_BY, MANAGED_BY_LABEL,
-    },
+    events::{EventType, Publisher},
+    plan::{self, IssueSettings, Resolved, SubjectPlan},
+    render::{self, Credentials, MANAGED_BY, MANAGED_BY_LABEL},
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::json;
@@ -152,6 +168,65 @@ impl Results {
     }
 }
 
+/// Who the operators and the bare client are to the apiserver (see
+/// [`Bench::operator_identity`]).
+struct Identity {
+    kubeconfig: PathBuf,
+    client: Client,
+    flow_schema: String,
+}
+
+/// Requests kube-apiserver counted: all of them, and the operator identity's.
+#[derive(Debug, Default, Clone, Copy)]
+struct ApiCounts {
+    all: f64,
+    operator: f64,
+}
+
+impl std::ops::Sub for ApiCounts {
+    type Output = ApiCounts;
+    fn sub(self, earlier: ApiCounts) -> ApiCounts {
+        ApiCounts {
+            all: self.all - earlier.all,
+            operator: self.operator - earlier.operator,
+        }
+    }
+}
+
+/// The operator's flags in a run. Tuned is what a large installation would set; default is
+/// no flag at all (what `kube-sts run` and the chart start with).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flags {
+    Default,
+    Tuned,
+}
+
+const TUNED: &[&str] = &["--sts-qps", "200", "--sts-burst", "200", "--concurrency", "32"];
+
+impl Flags {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Flags::Default => &[],
+            Flags::Tuned => TUNED,
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Flags::Default => "default flags".into(),
+            Flags::Tuned => format!("tuned ({})", TUNED.join(" ")),
+        }
+    }
+}
+
+/// When a run's bindings are created: all before the operator starts (timed from the
+/// process start), or while it runs (timed from the first create).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Created {
+    Before,
+    While,
+}
+
 struct Bench {
     started: Instant,
     deadline: Instant,
@@ -196,7 +271,7 @@ impl Bench {
             .as_nanos();
         Bench {
             started,
-            deadline: started + Duration::from_secs(env_usize("BENCH_BUDGET_SECONDS", 780) as u64),
+            deadline: started + Duration::from_secs(env_usize("BENCH_BUDGET_SECONDS", 1560) as u64),
             aws: read_env_file(&repo.join(".e2e/aws.env")),
             kubeconfig,
             operator_bin,
@@ -283,6 +358,20 @@ impl Bench {
         create_all(&Api::namespaced(self.client.clone(), namespace), sas, self.concurrency).await;
     }
 
+    /// Creates the bindings; returns when each create was answered, by name.
+    async fn create_bindings_timed(&self, namespace: &str, role: &str, names: &[String]) -> HashMap<String, Instant> {
+        let bindings = names.iter().map(|n| binding(n, role)).collect();
+        create_all_timed(
+            &Api::namespaced(self.client.clone(), namespace),
+            bindings,
+            self.concurrency,
+        )
+        .await
+        .into_iter()
+        .map(|(b, at)| (b.name_any(), at))
+        .collect()
+    }
+
     async fn create_bindings(&self, namespace: &str, role: &str, names: &[String]) -> Vec<AWSRoleBinding> {
         let bindings = names.iter().map(|n| binding(n, role)).collect();
         create_all(
@@ -293,12 +382,15 @@ impl Bench {
         .await
     }
 
-    /// A kubeconfig for an operator that may read everywhere (as the chart's ClusterRole
-    /// allows) but write only in `namespace`: an operator watching all namespaces of a
-    /// shared cluster must not touch other people's bindings and Secrets.
-    async fn restricted_kubeconfig(&self, namespace: &str) -> PathBuf {
+    /// The identity every operator and the bare client run as: a ServiceAccount in `home`
+    /// that may read everywhere (as the chart's ClusterRole allows) and write only where
+    /// [`Bench::allow_writes`] lets it (an operator watching all namespaces of a shared
+    /// cluster must not touch other people's bindings and Secrets), and a FlowSchema that
+    /// makes the apiserver count its requests apart from everyone else's. The FlowSchema
+    /// sends them to the `exempt` priority level, as the admin's requests are: no queueing
+    /// that the admin identity would not see either.
+    async fn operator_identity(&self, home: &str) -> Identity {
         let name = format!("kube-sts-bench-{}", self.id);
-        let rules = |rules: serde_json::Value| serde_json::from_value(rules).expect("policy rules");
         let labels = json!({PART_OF.0: PART_OF.1});
         let read: ClusterRole = serde_json::from_value(json!({
             "metadata": {"name": name, "labels": labels},
@@ -309,43 +401,41 @@ impl Bench {
             ],
         }))
         .expect("ClusterRole");
-        let write: Role = Role {
-            metadata: ObjectMeta {
-                name: Some("operator".into()),
-                ..Default::default()
-            },
-            rules: Some(rules(json!([
-                {"apiGroups": ["kube-sts.io"], "resources": ["awsrolebindings/status"], "verbs": ["patch"]},
-                {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "patch", "delete"]},
-                {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-            ]))),
-        };
-        let subject = json!([{"kind": "ServiceAccount", "name": "operator", "namespace": namespace}]);
+        let subject = json!([{"kind": "ServiceAccount", "name": "operator", "namespace": home}]);
         let read_binding: ClusterRoleBinding = serde_json::from_value(json!({
             "metadata": {"name": name, "labels": labels},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
             "subjects": subject,
         }))
         .expect("ClusterRoleBinding");
-        let write_binding: RoleBinding = serde_json::from_value(json!({
-            "metadata": {"name": "operator"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "operator"},
-            "subjects": subject,
+        let flow_schema: FlowSchema = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels},
+            "spec": {
+                // Before the built-in `service-accounts` (9000); the `exempt` schema (1)
+                // matches only system:masters.
+                "matchingPrecedence": 1000,
+                "priorityLevelConfiguration": {"name": "exempt"},
+                "rules": [{
+                    "subjects": [{"kind": "ServiceAccount", "serviceAccount": {"name": "operator", "namespace": home}}],
+                    "resourceRules": [{"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"], "clusterScope": true, "namespaces": ["*"]}],
+                    "nonResourceRules": [{"verbs": ["*"], "nonResourceURLs": ["*"]}],
+                }],
+            },
         }))
-        .expect("RoleBinding");
+        .expect("FlowSchema");
         let c = || self.client.clone();
         create_all(&Api::<ClusterRole>::all(c()), vec![read], 1).await;
         create_all(&Api::<ClusterRoleBinding>::all(c()), vec![read_binding], 1).await;
-        create_all(&Api::<Role>::namespaced(c(), namespace), vec![write], 1).await;
-        create_all(&Api::<RoleBinding>::namespaced(c(), namespace), vec![write_binding], 1).await;
-        self.create_service_accounts(namespace, &["operator".to_string()]).await;
-        let token = Api::<ServiceAccount>::namespaced(c(), namespace)
+        create_all(&Api::<FlowSchema>::all(c()), vec![flow_schema], 1).await;
+        self.create_service_accounts(home, &["operator".to_string()]).await;
+        self.allow_writes(home, home).await;
+        let token = Api::<ServiceAccount>::namespaced(c(), home)
             .create_token_request(
                 "operator",
                 &PostParams::default(),
                 &TokenRequest {
                     spec: TokenRequestSpec {
-                        expiration_seconds: Some(3600),
+                        expiration_seconds: Some(4 * 3600),
                         ..Default::default()
                     },
                     ..Default::default()
@@ -364,11 +454,100 @@ impl Bench {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("{}-operator.kubeconfig", self.id));
         std::fs::write(&path, serde_saphyr::to_string(&kubeconfig).expect("kubeconfig YAML")).unwrap();
-        path
+        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .expect("operator kubeconfig valid");
+        Identity {
+            kubeconfig: path,
+            client: Client::try_from(config).expect("operator client"),
+            flow_schema: name,
+        }
     }
 
-    /// Deletes what the bench created (namespaces, grant, RBAC) and waits a while for the
-    /// namespaces to go.
+    /// Lets the operator identity (a ServiceAccount in `home`) write what the operator
+    /// writes in `namespace`: binding status, Secrets, Events.
+    async fn allow_writes(&self, home: &str, namespace: &str) {
+        let rules = |rules: serde_json::Value| serde_json::from_value(rules).expect("policy rules");
+        let write: Role = Role {
+            metadata: ObjectMeta {
+                name: Some("kube-sts-bench-operator".into()),
+                ..Default::default()
+            },
+            rules: Some(rules(json!([
+                {"apiGroups": ["kube-sts.io"], "resources": ["awsrolebindings/status"], "verbs": ["patch"]},
+                {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "patch", "delete"]},
+                {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+            ]))),
+        };
+        let write_binding: RoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": "kube-sts-bench-operator"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kube-sts-bench-operator"},
+            "subjects": [{"kind": "ServiceAccount", "name": "operator", "namespace": home}],
+        }))
+        .expect("RoleBinding");
+        let c = || self.client.clone();
+        create_all(&Api::<Role>::namespaced(c(), namespace), vec![write], 1).await;
+        create_all(&Api::<RoleBinding>::namespaced(c(), namespace), vec![write_binding], 1).await;
+    }
+
+    /// A namespace for one run: labelled, the operator identity may write there.
+    async fn run_namespace(&self, home: &str, name: &str) {
+        self.create_namespace(name).await;
+        self.allow_writes(home, name).await;
+    }
+
+    /// What kube-apiserver's own `/metrics` counts so far: every request
+    /// (`apiserver_request_total`) and those of the operator identity's FlowSchema.
+    async fn apiserver_counts(&self, flow_schema: &str) -> ApiCounts {
+        let request = http::Request::get("/metrics").body(Vec::new()).expect("request");
+        let text = self
+            .client
+            .request_text(request)
+            .await
+            .expect("kube-apiserver /metrics");
+        let ours = format!("flow_schema=\"{flow_schema}\"");
+        let mut counts = ApiCounts::default();
+        for line in text.lines() {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let value = value.parse::<f64>().unwrap_or(0.0);
+            if name.starts_with("apiserver_request_total{") {
+                counts.all += value;
+            } else if name.starts_with("apiserver_flowcontrol_dispatched_requests_total{") && name.contains(&ours) {
+                counts.operator += value;
+            }
+        }
+        counts
+    }
+
+    /// Deletes a namespace's objects one by one (see [`Bench::cleanup`]), then the namespace,
+    /// and waits a while for it to go, so that the next timed run does not share the
+    /// apiserver with the namespace controller.
+    async fn clear_namespace(&self, namespace: &str) {
+        let t = Instant::now();
+        let deleted = self.delete_objects(namespace).await;
+        let api = Api::<Namespace>::all(self.client.clone());
+        let _ = api.delete(namespace, &DeleteParams::background()).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline && api.get_opt(namespace).await.ok().flatten().is_some() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        say!(self, "{namespace}: {deleted} objects deleted ({})", secs(t.elapsed()));
+    }
+
+    async fn delete_objects(&self, ns: &str) -> usize {
+        let c = || self.client.clone();
+        let mut deleted = 0;
+        deleted += delete_each(&Api::<Secret>::namespaced(c(), ns), self.concurrency).await;
+        deleted += delete_each(&Api::<AWSRoleBinding>::namespaced(c(), ns), self.concurrency).await;
+        deleted += delete_each(&Api::<ServiceAccount>::namespaced(c(), ns), self.concurrency).await;
+        deleted += delete_each(&Api::<Event>::namespaced(c(), ns), self.concurrency).await;
+        deleted
+    }
+
+    /// Deletes what the bench created (namespaces, grant, RBAC, FlowSchema) and waits a
+    /// while for the namespaces to go.
     async fn cleanup(&self, namespaces: &[String], grant: &str) {
         let _ = Api::<AWSRoleGrant>::all(self.client.clone())
             .delete(grant, &DeleteParams::background())
@@ -380,6 +559,9 @@ impl Bench {
         let _ = Api::<ClusterRole>::all(self.client.clone())
             .delete(&rbac, &DeleteParams::background())
             .await;
+        let _ = Api::<FlowSchema>::all(self.client.clone())
+            .delete(&rbac, &DeleteParams::background())
+            .await;
         let _ = std::fs::remove_file(self.repo.join(format!(".e2e/bench/{}-operator.kubeconfig", self.id)));
         // The namespace controller empties a namespace with one DELETE per resource type,
         // which times out (and is retried for many minutes) with 10,000s of objects: delete
@@ -387,11 +569,7 @@ impl Bench {
         let t = Instant::now();
         let mut deleted = 0;
         for ns in namespaces {
-            let c = || self.client.clone();
-            deleted += delete_each(&Api::<AWSRoleBinding>::namespaced(c(), ns), self.concurrency).await;
-            deleted += delete_each(&Api::<Secret>::namespaced(c(), ns), self.concurrency).await;
-            deleted += delete_each(&Api::<ServiceAccount>::namespaced(c(), ns), self.concurrency).await;
-            deleted += delete_each(&Api::<Event>::namespaced(c(), ns), self.concurrency).await;
+            deleted += self.delete_objects(ns).await;
         }
         say!(self, "{deleted} objects deleted ({})", secs(t.elapsed()));
         let api = Api::<Namespace>::all(self.client.clone());
@@ -464,6 +642,18 @@ async fn create_all<K>(api: &Api<K>, objects: Vec<K>, concurrency: usize) -> Vec
 where
     K: Resource + Clone + Serialize + DeserializeOwned + Debug + Send + Sync + 'static,
 {
+    create_all_timed(api, objects, concurrency)
+        .await
+        .into_iter()
+        .map(|(object, _)| object)
+        .collect()
+}
+
+/// [`create_all`], with the moment each create was answered.
+async fn create_all_timed<K>(api: &Api<K>, objects: Vec<K>, concurrency: usize) -> Vec<(K, Instant)>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + Debug + Send + Sync + 'static,
+{
     stream::iter(objects)
         .map(|obj| {
             let api = api.clone();
@@ -472,9 +662,10 @@ where
                 let mut attempt = 0u32;
                 loop {
                     match api.create(&PostParams::default(), &obj).await {
-                        Ok(created) => return created,
+                        Ok(created) => return (created, Instant::now()),
                         Err(kube::Error::Api(e)) if e.code == 409 => {
-                            return api.get(&name).await.unwrap_or_else(|e| panic!("get {name}: {e}"));
+                            let existing = api.get(&name).await.unwrap_or_else(|e| panic!("get {name}: {e}"));
+                            return (existing, Instant::now());
                         }
                         Err(e) if attempt < 5 => {
                             attempt += 1;
@@ -489,6 +680,16 @@ where
         .buffer_unordered(concurrency)
         .collect()
         .await
+}
+
+/// `p`-quantile (0..=1) of `values` (sorted in place), nearest rank.
+fn quantile(values: &mut [Duration], p: f64) -> Duration {
+    if values.is_empty() {
+        return Duration::ZERO;
+    }
+    values.sort();
+    let rank = ((p * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    values[rank - 1]
 }
 
 fn is_ready(b: &AWSRoleBinding) -> bool {
@@ -683,6 +884,7 @@ impl Forwarder {
 #[derive(Debug, Default, Clone)]
 struct Scrape {
     reconciles: u64,
+    reconcile_seconds: f64,
     reconcile_errors: u64,
     sts_calls: u64,
     writes: u64,
@@ -723,6 +925,8 @@ fn parse_metrics(text: &str) -> Scrape {
         let value = value.parse::<f64>().unwrap_or(0.0) as u64;
         if name == "kube_sts_reconcile_duration_seconds_count" {
             s.reconciles = value;
+        } else if name == "kube_sts_reconcile_duration_seconds_sum" {
+            s.reconcile_seconds = line.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()).unwrap_or(0.0);
         } else if name.starts_with("kube_sts_reconcile_errors_total") {
             s.reconcile_errors += value;
         } else if name.starts_with("kube_sts_sts_calls_total") {
@@ -745,7 +949,14 @@ struct Operator {
 }
 
 impl Operator {
-    fn start(bench: &Bench, label: &str, namespace: Option<&str>, kubeconfig: &Path, sts: &Forwarder) -> Self {
+    fn start(
+        bench: &Bench,
+        label: &str,
+        namespace: Option<&str>,
+        kubeconfig: &Path,
+        sts: &Forwarder,
+        flags: Flags,
+    ) -> Self {
         let log = bench
             .logs_dir()
             .join(format!("bench-{}-operator-{label}.log", bench.id));
@@ -766,7 +977,7 @@ impl Operator {
                 "--metrics-addr",
                 &metrics_addr.to_string(),
             ])
-            .args(["--sts-qps", "200", "--sts-burst", "200", "--concurrency", "32"])
+            .args(flags.args())
             .args(["--log-format", "json", "--log-level", "info"])
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -781,11 +992,12 @@ impl Operator {
             .expect("operator starts");
         say!(
             bench,
-            "operator {label} started (pid {}, {}), log {}",
+            "operator {label} started (pid {}, {}, {}), log {}",
             child.id(),
             namespace
                 .map(|n| format!("--namespace {n}"))
                 .unwrap_or_else(|| "all namespaces".into()),
+            flags.describe(),
             log.strip_prefix(&bench.repo).unwrap_or(&log).display()
         );
         Operator {
@@ -1030,29 +1242,6 @@ async fn versions(client: &Client, namespace: &str) -> HashMap<String, String> {
     out
 }
 
-/// Credentials shaped like the ones the STS peer issued (same lengths), not real ones.
-fn fake_credentials(real: &Secret, arn: String, i: usize, now: Timestamp) -> Credentials {
-    let len = |key: &str| real.data.as_ref().and_then(|d| d.get(key)).map_or(40, |v| v.0.len());
-    let filler = |prefix: &str, n: usize| {
-        let mut s = format!("{prefix}{i:08}");
-        while s.len() < n {
-            s.push_str("bench0123456789");
-        }
-        s.truncate(n.max(prefix.len()));
-        s
-    };
-    Credentials {
-        access_key_id: filler("ASIABENCH", len(KEY_ACCESS_KEY_ID)),
-        secret_access_key: filler("secret", len(KEY_SECRET_ACCESS_KEY)),
-        session_token: filler("token", len(KEY_SESSION_TOKEN)),
-        issued_at: now,
-        expiration: now + SignedDuration::from_hours(1),
-        arn: Some(arn),
-        note: None,
-        registries: Vec::new(),
-    }
-}
-
 /// The status the operator would write for a one-subject binding with `creds`.
 fn ready_status(
     binding: &AWSRoleBinding,
@@ -1105,61 +1294,287 @@ fn ready_status(
     status
 }
 
-/// The bare-client baseline: for each binding, the Secret create and the status apply the
-/// operator does, with as many requests in flight as the operator has reconciles.
-async fn baseline_writes(bench: &Bench, namespace: &str, bindings: &[AWSRoleBinding], template: &Secret) -> Duration {
+/// An STS client as bare as it gets: the operator's own identity (the static keys of
+/// `.e2e/aws.env`), one attempt per call, through `endpoint`.
+async fn bare_sts_client(bench: &Bench, endpoint: &str) -> aws_sdk_sts::Client {
+    let keys = aws_credential_types::Credentials::new(
+        &bench.aws["AWS_ACCESS_KEY_ID"],
+        &bench.aws["AWS_SECRET_ACCESS_KEY"],
+        None,
+        None,
+        "bench",
+    );
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(bench.aws["AWS_REGION"].clone()))
+        .endpoint_url(endpoint)
+        .credentials_provider(keys)
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1))
+        .load()
+        .await;
+    aws_sdk_sts::Client::new(&config)
+}
+
+/// The bare client: for each binding exactly one binding's minimum work, with
+/// `bench.concurrency` bindings in flight: one AssumeRole (the request the operator sends for
+/// it: role, session name, duration, session tags), one Secret create holding what STS
+/// answered (rendered as the operator renders it), one server-side apply of a Ready status.
+/// As the operator identity, against the same apiserver and STS peer. With `extras`, it also
+/// makes the two requests the operator adds for a new binding: a GET of the Secret (the
+/// operator looks for a Secret of that name it does not own, 404 here) and an Event, as the
+/// operator publishes it. Returns the time from the first request to the last answer.
+async fn bare_client(
+    bench: &Bench,
+    identity: &Identity,
+    sts: &Forwarder,
+    namespace: &str,
+    bindings: &[AWSRoleBinding],
+    extras: bool,
+) -> Duration {
     let settings = IssueSettings {
         cluster_name: "kubernetes".into(),
         session_tags: true,
         allow_operator_identity: false,
         default_region: bench.aws.get("AWS_REGION").cloned(),
     };
-    let account = bench.aws.get("AWS_ACCOUNT_ID").cloned().unwrap_or_default();
-    let secrets: Api<Secret> = Api::namespaced(bench.client.clone(), namespace);
-    let api: Api<AWSRoleBinding> = Api::namespaced(bench.client.clone(), namespace);
-    let now = Timestamp::now();
-    let work: Vec<(AWSRoleBinding, Secret, AWSRoleBindingStatus)> = bindings
+    let client = bare_sts_client(bench, &sts.url()).await;
+    let secrets: Api<Secret> = Api::namespaced(identity.client.clone(), namespace);
+    let api: Api<AWSRoleBinding> = Api::namespaced(identity.client.clone(), namespace);
+    // The operator's own Event publisher (one create per Event).
+    let publisher = Arc::new(Publisher::new(identity.client.clone(), BASELINE_MANAGER, None));
+    let work: Vec<(AWSRoleBinding, SubjectPlan)> = bindings
         .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            let plan = plan::plan_binding(b, &Resolved::default(), &settings, None).expect("binding plans");
-            let sp = &plan.subjects[0];
-            let arn = format!("arn:aws:sts::{account}:assumed-role/bench/{}", sp.request.session_name);
-            let creds = fake_credentials(template, arn, i, now);
-            let secret = render::render_secret(&creds, &sp.target);
-            let status = ready_status(b, &sp.target.name, &creds, now);
-            (b.clone(), secret, status)
+        .map(|b| {
+            let mut plan = plan::plan_binding(b, &Resolved::default(), &settings, None).expect("binding plans");
+            (b.clone(), plan.subjects.swap_remove(0))
         })
         .collect();
     let t0 = Instant::now();
     stream::iter(work)
-        .map(|(b, secret, status)| {
-            let (secrets, api) = (secrets.clone(), api.clone());
+        .map(|(b, sp)| {
+            let (client, secrets, api, publisher) = (client.clone(), secrets.clone(), api.clone(), publisher.clone());
             async move {
+                if extras {
+                    let found = secrets
+                        .get_opt(&sp.target.name)
+                        .await
+                        .map_err(|e| format!("Secret get: {e}"))?;
+                    assert!(found.is_none(), "Secret {} exists already", sp.target.name);
+                }
+                let req = &sp.request;
+                let tags = req
+                    .tags
+                    .iter()
+                    .map(|(k, v)| aws_sdk_sts::types::Tag::builder().key(k).value(v).build())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
+                let out = client
+                    .assume_role()
+                    .set_role_arn(req.role_arn.clone())
+                    .role_session_name(&req.session_name)
+                    .set_external_id(req.external_id.clone())
+                    .set_duration_seconds(req.duration_seconds)
+                    .set_tags((!tags.is_empty()).then_some(tags))
+                    .send()
+                    .await
+                    .map_err(|e| format!("AssumeRole: {}", aws_sdk_sts::error::DisplayErrorContext(e)))?;
+                let issued = out.credentials().ok_or("AssumeRole answered no credentials")?;
+                let now = Timestamp::now();
+                let creds = Credentials {
+                    access_key_id: issued.access_key_id().to_string(),
+                    secret_access_key: issued.secret_access_key().to_string(),
+                    session_token: issued.session_token().to_string(),
+                    issued_at: now,
+                    expiration: Timestamp::from_second(issued.expiration().secs()).map_err(|e| e.to_string())?,
+                    arn: out.assumed_role_user().map(|u| u.arn().to_string()),
+                    note: None,
+                    registries: Vec::new(),
+                };
                 let params = PostParams {
                     field_manager: Some(BASELINE_MANAGER.into()),
                     ..Default::default()
                 };
-                secrets.create(&params, &secret).await?;
+                secrets
+                    .create(&params, &render::render_secret(&creds, &sp.target))
+                    .await
+                    .map_err(|e| format!("Secret create: {e}"))?;
+                if extras {
+                    let note = format!(
+                        "issued credentials for ServiceAccount {} into Secret {} (access key {}, expires {})",
+                        sp.service_account,
+                        sp.target.name,
+                        creds.access_key_id,
+                        render::rfc3339(creds.expiration)
+                    );
+                    publisher
+                        .publish(
+                            &b.object_ref(&()),
+                            EventType::Normal,
+                            "CredentialsIssued",
+                            "Reconcile",
+                            &note,
+                        )
+                        .await
+                        .map_err(|e| format!("Event: {e}"))?;
+                }
                 let patch = json!({
                     "apiVersion": "kube-sts.io/v1alpha1",
                     "kind": "AWSRoleBinding",
-                    "status": status,
+                    "status": ready_status(&b, &sp.target.name, &creds, now),
                 });
                 api.patch_status(
                     &b.name_any(),
                     &PatchParams::apply(BASELINE_MANAGER).force(),
                     &Patch::Apply(&patch),
                 )
-                .await?;
-                Ok::<_, kube::Error>(())
+                .await
+                .map_err(|e| format!("status apply: {e}"))?;
+                Ok::<_, String>(())
             }
         })
         .buffer_unordered(bench.concurrency)
         .try_collect::<Vec<_>>()
         .await
-        .expect("baseline writes");
+        .unwrap_or_else(|e| panic!("bare client: {e}"));
     t0.elapsed()
+}
+
+/// What one operator run to Ready measured.
+struct Measured {
+    /// Bindings created before the start: process start -> last Ready; created while it
+    /// runs: first create -> last Ready.
+    time: Duration,
+    /// The driver's creates (bindings created while it runs).
+    creates: Option<Duration>,
+    /// Create answered -> Ready, per binding: median, 90th percentile, maximum (bindings
+    /// created while it runs).
+    latency: Option<[Duration; 3]>,
+    to_readyz: Option<Duration>,
+    sts_calls: u64,
+    scrape: Scrape,
+    /// Requests the apiserver counted for the operator identity, start to settled.
+    api_requests: f64,
+    cpu: Duration,
+}
+
+/// One operator run of `names` bindings to Ready in `namespace` (which exists, with its
+/// ServiceAccounts): returns the figures, and the operator, its STS forwarder and the
+/// watch, still running.
+#[allow(clippy::too_many_arguments)]
+async fn to_ready(
+    bench: &Bench,
+    identity: &Identity,
+    role: &str,
+    namespace: &str,
+    names: &[String],
+    flags: Flags,
+    created: Created,
+    label: &str,
+) -> (Measured, Operator, Forwarder, ReadyWatch) {
+    let bindings: Api<AWSRoleBinding> = Api::namespaced(bench.client.clone(), namespace);
+    let sts = Forwarder::start(&bench.aws["AWS_ENDPOINT_URL_STS"], namespace).await;
+    let before = bench.apiserver_counts(&identity.flow_schema).await;
+    let (mut operator, mut watch, t0, creates, to_readyz);
+    let mut created_at = HashMap::new();
+    match created {
+        Created::Before => {
+            bench.create_bindings(namespace, role, names).await;
+            watch = ReadyWatch::start(bindings).await;
+            operator = Operator::start(bench, label, Some(namespace), &identity.kubeconfig, &sts, flags);
+            t0 = operator.started;
+            to_readyz = operator.wait_ready(Instant::now() + Duration::from_secs(60)).await;
+            creates = None;
+        }
+        Created::While => {
+            operator = Operator::start(bench, label, Some(namespace), &identity.kubeconfig, &sts, flags);
+            to_readyz = operator.wait_ready(Instant::now() + Duration::from_secs(60)).await;
+            watch = ReadyWatch::start(bindings).await;
+            t0 = Instant::now();
+            created_at = bench.create_bindings_timed(namespace, role, names).await;
+            creates = Some(t0.elapsed());
+        }
+    }
+    let n = names.len();
+    let (ready, last) = watch
+        .wait_all(bench, names, Instant::now() + Duration::from_secs(300))
+        .await;
+    assert!(
+        ready == n,
+        "only {ready}/{n} bindings Ready within 300 s; see {}",
+        operator.log.display()
+    );
+    let time = last.map(|l| l - t0).unwrap_or_default();
+    say!(bench, "{label}: {n} bindings Ready in {}", secs(time));
+    // How long each binding waited for Ready after its create was answered (bindings created
+    // while it runs): an operator that keeps pace shows a flat latency, one that falls behind
+    // a growing one.
+    let mut latencies: Vec<Duration> = {
+        let ready = watch.ready.lock().unwrap();
+        created_at
+            .iter()
+            .filter_map(|(name, at)| Some(ready.get(name)?.saturating_duration_since(*at)))
+            .collect()
+    };
+    let latency = (!latencies.is_empty()).then(|| [0.5, 0.9, 1.0].map(|p| quantile(&mut latencies, p)));
+    let (scrape, _) = operator.settle(0, Instant::now() + Duration::from_secs(60)).await;
+    let api_requests = (bench.apiserver_counts(&identity.flow_schema).await - before).operator;
+    let measured = Measured {
+        time,
+        creates,
+        latency,
+        to_readyz,
+        sts_calls: sts.calls(),
+        scrape,
+        api_requests,
+        cpu: operator.cpu_time(),
+    };
+    (measured, operator, sts, watch)
+}
+
+fn ratio(time: Duration, bare: Duration) -> String {
+    format!("{:.2}x", time.as_secs_f64() / bare.as_secs_f64().max(0.001))
+}
+
+fn report_run(results: &mut Results, section: &str, what: &str, m: &Measured, bare: Duration, n: usize) {
+    results.add(
+        section,
+        what.to_string(),
+        format!("{} ({} bare client)", secs(m.time), ratio(m.time, bare)),
+    );
+    if let Some(creates) = m.creates {
+        results.add(section, "  of which the driver's binding creates", secs(creates));
+    }
+    if let Some([p50, p90, max]) = m.latency {
+        results.add(
+            section,
+            "  per binding, create -> Ready: median / p90 / max",
+            format!("{} / {} / {}", secs(p50), secs(p90), secs(max)),
+        );
+    }
+    if m.scrape.reconciles > 0 {
+        results.add(
+            section,
+            "  mean reconcile time",
+            format!(
+                "{:.0} ms",
+                m.scrape.reconcile_seconds * 1000.0 / m.scrape.reconciles as f64
+            ),
+        );
+    }
+    results.add(section, "  start -> /readyz 200", ready_text(m.to_readyz));
+    results.add(
+        section,
+        "  bindings/s",
+        format!("{:.0}", n as f64 / m.time.as_secs_f64().max(0.001)),
+    );
+    results.add(section, "  STS calls at the wire", m.sts_calls.to_string());
+    results.add(section, "  reconciles", m.scrape.reconciles.to_string());
+    results.add(section, "  API writes (operator metric)", m.scrape.writes_detail());
+    results.add(
+        section,
+        "  apiserver requests by the operator (its FlowSchema)",
+        format!("{:.0}", m.api_requests),
+    );
+    results.add(section, "  operator CPU time", secs(m.cpu));
 }
 
 #[tokio::main]
@@ -1168,27 +1583,48 @@ async fn main() {
     let n = env_usize("BENCH_BINDINGS", 1000).max(1);
     let large = env_usize("BENCH_LARGE", 10_000).max(n);
     let noise = env_usize("BENCH_NOISE_SECRETS", 20_000);
-    let reserve = Duration::from_secs(env_usize("BENCH_RESERVE_SECONDS", 180) as u64);
+    let rest = Duration::from_secs(env_usize("BENCH_REST_SECONDS", 300).max(1) as u64);
+    let reserve = Duration::from_secs(env_usize("BENCH_RESERVE_SECONDS", 180) as u64) + 2 * rest;
     let ns = format!("bench-{}", bench.id);
-    let ns_baseline = format!("{ns}-baseline");
     let ns_noise = format!("{ns}-noise");
     let grant_name = format!("bench-{}", bench.id);
+    // One namespace per run of section 1 (the tuned operator with bindings created while it
+    // runs uses `ns`, and goes on into the large phase).
+    let ns_bare = [
+        format!("{ns}-bare-1"),
+        format!("{ns}-bare-2"),
+        format!("{ns}-bare-extras"),
+    ];
+    let ns_default_before = format!("{ns}-default-before");
+    let ns_default_while = format!("{ns}-default-while");
+    let ns_tuned_before = format!("{ns}-tuned-before");
+    let run_namespaces: Vec<String> = ns_bare
+        .iter()
+        .cloned()
+        .chain([
+            ns_default_before.clone(),
+            ns_default_while.clone(),
+            ns_tuned_before.clone(),
+        ])
+        .collect();
     let mut results = Results::default();
     say!(
         bench,
-        "run {}: {n} bindings, large {large}, {noise} noise Secrets, {} requests in flight, budget {}",
+        "run {}: {n} bindings, large {large}, {noise} noise Secrets, rest windows {}, {} requests in flight, budget {}",
         bench.id,
+        secs(rest),
         bench.concurrency,
         secs(bench.deadline - bench.started)
     );
 
-    // ---- setup: role, namespace, grant, ServiceAccounts
+    // ---- setup: role, namespaces, grant, operator identity, ServiceAccounts
     let role = bench.create_role(&format!("bench-{}", bench.id));
     bench.create_namespace(&ns).await;
+    let identity = bench.operator_identity(&ns).await;
     let mut grant = AWSRoleGrant::new(
         &grant_name,
         AWSRoleGrantSpec {
-            namespaces: Some(vec![ns.clone()]),
+            namespaces: Some(std::iter::once(ns.clone()).chain(run_namespaces.clone()).collect()),
             role_arns: vec![role.clone()],
             ..serde_json::from_value(json!({"roleArns": []})).expect("minimal grant")
         },
@@ -1204,92 +1640,95 @@ async fn main() {
     bench.create_service_accounts(&ns, &first).await;
     say!(
         bench,
-        "role {role}, namespace {ns}, grant, {n} ServiceAccounts ({})",
+        "role {role}, namespace {ns}, operator identity (FlowSchema {}), grant, {n} ServiceAccounts ({})",
+        identity.flow_schema,
         secs(t.elapsed())
     );
 
-    // ---- phase 1: N bindings to Ready through the operator
+    // ---- phase 1: N bindings to Ready: bare client, operator at default and tuned flags
     let section = &format!("1. {n} bindings to Ready");
-    let sts = Forwarder::start(&bench.aws["AWS_ENDPOINT_URL_STS"], &ns).await;
-    let mut operator = Operator::start(&bench, "a", Some(&ns), &bench.kubeconfig, &sts);
-    if operator
-        .wait_ready(Instant::now() + Duration::from_secs(60))
-        .await
-        .is_none()
-    {
-        results.add(section, "operator /readyz", "not 200 within 60 s");
+    let bare_run = async |namespace: &str, extras: bool| {
+        bench.run_namespace(&ns, namespace).await;
+        let bindings = bench.create_bindings(namespace, &role, &first).await;
+        let sts = Forwarder::start(&bench.aws["AWS_ENDPOINT_URL_STS"], namespace).await;
+        let before = bench.apiserver_counts(&identity.flow_schema).await;
+        let time = bare_client(&bench, &identity, &sts, namespace, &bindings, extras).await;
+        let requests = (bench.apiserver_counts(&identity.flow_schema).await - before).operator;
+        say!(bench, "bare client: {n} bindings in {}", secs(time));
+        bench.clear_namespace(namespace).await;
+        (time, sts.calls(), requests)
+    };
+    let bare_first = bare_run(&ns_bare[0], false).await;
+    let mut runs = Vec::new();
+    for (namespace, flags, created) in [
+        (&ns_default_before, Flags::Default, Created::Before),
+        (&ns_default_while, Flags::Default, Created::While),
+        (&ns_tuned_before, Flags::Tuned, Created::Before),
+    ] {
+        bench.run_namespace(&ns, namespace).await;
+        bench.create_service_accounts(namespace, &first).await;
+        let label = namespace.strip_prefix(&format!("{ns}-")).unwrap_or(namespace);
+        let (measured, mut operator, _sts, _watch) =
+            to_ready(&bench, &identity, &role, namespace, &first, flags, created, label).await;
+        operator.stop().await;
+        bench.clear_namespace(namespace).await;
+        runs.push((flags, created, measured));
+    }
+    let bare_second = bare_run(&ns_bare[1], false).await;
+    let bare_extras = bare_run(&ns_bare[2], true).await;
+    let (measured, mut operator, sts, mut watch) =
+        to_ready(&bench, &identity, &role, &ns, &first, Flags::Tuned, Created::While, "a").await;
+    let operator_time = measured.time;
+    let hwm_small = operator.vm_hwm();
+    runs.push((Flags::Tuned, Created::While, measured));
+    let bare = (bare_first.0 + bare_second.0) / 2;
+    results.add(
+        section,
+        format!(
+            "bare client: AssumeRole + Secret create + status apply, {} in flight",
+            bench.concurrency
+        ),
+        format!(
+            "{} (runs: {} before the operators, {} after)",
+            secs(bare),
+            secs(bare_first.0),
+            secs(bare_second.0)
+        ),
+    );
+    results.add(
+        section,
+        "  STS calls at the wire / apiserver requests (both runs)",
+        format!("{} / {:.0}", bare_first.1 + bare_second.1, bare_first.2 + bare_second.2),
+    );
+    results.add(
+        section,
+        "bare client + the operator's GET of the Secret and Event per binding",
+        format!(
+            "{} ({} bare client; STS calls {}, apiserver requests {:.0})",
+            secs(bare_extras.0),
+            ratio(bare_extras.0, bare),
+            bare_extras.1,
+            bare_extras.2
+        ),
+    );
+    for (flags, created, measured) in &runs {
+        let when = match created {
+            Created::Before => "created before it starts (start -> last Ready)",
+            Created::While => "created while it runs (first create -> last Ready)",
+        };
+        report_run(
+            &mut results,
+            section,
+            &format!("operator, {}, bindings {when}", flags.describe()),
+            measured,
+            bare,
+            n,
+        );
     }
     let bindings: Api<AWSRoleBinding> = Api::namespaced(bench.client.clone(), &ns);
-    let mut watch = ReadyWatch::start(bindings.clone()).await;
-    let t0 = Instant::now();
-    bench.create_bindings(&ns, &role, &first).await;
-    let created = t0.elapsed();
-    say!(bench, "{n} bindings created in {}", secs(created));
-    let (ready, last) = watch
-        .wait_all(&bench, &first, Instant::now() + Duration::from_secs(300))
-        .await;
-    let operator_time = last.map(|l| l - t0).unwrap_or_default();
-    assert!(
-        ready == n,
-        "only {ready}/{n} bindings Ready within 300 s; see {}",
-        operator.log.display()
-    );
-    let (scrape, _) = operator.settle(0, Instant::now() + Duration::from_secs(60)).await;
-    let hwm_small = operator.vm_hwm();
-    results.add(
-        section,
-        "operator: first create -> last Ready=True",
-        secs(operator_time),
-    );
-    results.add(section, "  of which the driver's binding creates", secs(created));
-    results.add(section, "  operator CPU time", secs(operator.cpu_time()));
-    results.add(
-        section,
-        "  bindings/s",
-        format!("{:.0}", n as f64 / operator_time.as_secs_f64()),
-    );
-    results.add(section, "  STS calls at the wire", sts.calls().to_string());
-    results.add(section, "  reconciles", scrape.reconciles.to_string());
-    results.add(section, "  API writes (operator metric)", scrape.writes_detail());
 
-    // The baseline: the same writes from a bare client, for bindings no operator watches.
-    bench.create_namespace(&ns_baseline).await;
-    let plain = names("sa-", 0..n);
-    let t = Instant::now();
-    let plain_bindings = bench.create_bindings(&ns_baseline, &role, &plain).await;
-    say!(
-        bench,
-        "{n} baseline bindings created in {} (not timed)",
-        secs(t.elapsed())
-    );
-    let template = Api::<Secret>::namespaced(bench.client.clone(), &ns)
-        .list(
-            &ListParams::default()
-                .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"))
-                .limit(1),
-        )
-        .await
-        .expect("list managed Secrets")
-        .items
-        .pop()
-        .expect("the operator wrote Secrets");
-    let baseline = baseline_writes(&bench, &ns_baseline, &plain_bindings, &template).await;
-    results.add(
-        section,
-        "bare client: Secret create + status apply per binding",
-        secs(baseline),
-    );
-    results.add(
-        section,
-        "ratio operator / bare client",
-        format!("{:.2}", operator_time.as_secs_f64() / baseline.as_secs_f64()),
-    );
-    let _ = Api::<Namespace>::all(bench.client.clone())
-        .delete(&ns_baseline, &DeleteParams::background())
-        .await;
-
-    // ---- phase 2a: peak RSS at N and at the large count (same operator, more bindings)
-    let section = "2. operator peak RSS (VmHWM)";
+    // ---- phase 2: peak RSS at N and at the large count (same operator, more bindings)
+    let section = "2. operator peak RSS (VmHWM), tuned flags";
     results.add(section, format!("at {n} bindings"), mib(hwm_small));
     let large_deadline = bench.deadline.checked_sub(reserve).unwrap_or(bench.deadline);
     // Created at the pace the operator keeps up with (at most one chunk waiting): creating
@@ -1378,12 +1817,85 @@ async fn main() {
     operator.report_problems(&bench, &mut results, section);
     drop(watch);
 
-    // ---- phase 3: restart with every Secret fresh
-    let section = &format!("3. restart at {ready_large} bindings");
+    // ---- phase 3: at rest, every binding fresh; then the same window with it stopped
+    let section = &format!("3. at rest with {ready_large} bindings");
+    say!(bench, "at rest: {} with the operator running", secs(rest));
+    let (busy, busy_cpu, busy_reconciles) = {
+        let (r0, c0, cpu0, t0) = (
+            operator.scrape().await.reconciles,
+            bench.apiserver_counts(&identity.flow_schema).await,
+            operator.cpu_time(),
+            Instant::now(),
+        );
+        tokio::time::sleep(rest).await;
+        let c1 = bench.apiserver_counts(&identity.flow_schema).await;
+        let cpu = operator.cpu_time() - cpu0;
+        let reconciles = operator.scrape().await.reconciles - r0;
+        ((c1 - c0, t0.elapsed()), cpu, reconciles)
+    };
     let before = versions(&bench.client, &ns).await;
     let shutdown = operator.stop().await;
+    say!(bench, "at rest: {} with the operator stopped", secs(rest));
+    let idle = {
+        let (c0, t0) = (bench.apiserver_counts(&identity.flow_schema).await, Instant::now());
+        tokio::time::sleep(rest).await;
+        (bench.apiserver_counts(&identity.flow_schema).await - c0, t0.elapsed())
+    };
+    let per_min = |count: f64, window: Duration| count * 60.0 / window.as_secs_f64();
+    let per_1000 = |rate: f64| rate * 1000.0 / ready_large.max(1) as f64;
+    let operator_rate = per_min(busy.0.operator, busy.1);
+    results.add(
+        section,
+        "apiserver requests by the operator (its FlowSchema)",
+        format!(
+            "{:.0} in {} = {:.2}/min, {:.2}/min per 1,000 bindings",
+            busy.0.operator,
+            secs(busy.1),
+            operator_rate,
+            per_1000(operator_rate)
+        ),
+    );
+    let difference = per_min(busy.0.all, busy.1) - per_min(idle.0.all, idle.1);
+    results.add(
+        section,
+        "apiserver_request_total: operator running - stopped",
+        format!(
+            "{:.1}/min - {:.1}/min = {:.1}/min, {:.1}/min per 1,000 bindings (others' traffic included)",
+            per_min(busy.0.all, busy.1),
+            per_min(idle.0.all, idle.1),
+            difference,
+            per_1000(difference)
+        ),
+    );
+    results.add(
+        section,
+        "operator CPU",
+        format!(
+            "{} in {} = {:.2} % of a core",
+            secs(busy_cpu),
+            secs(busy.1),
+            busy_cpu.as_secs_f64() * 100.0 / busy.1.as_secs_f64()
+        ),
+    );
+    // A grant anywhere in the cluster (other people's tests in a shared environment) makes
+    // the operator look at every binding again: no request, a little CPU.
+    results.add(
+        section,
+        "reconciles in the window (every grant event re-checks all bindings)",
+        busy_reconciles.to_string(),
+    );
+
+    // ---- phase 4: restart with every Secret fresh
+    let section = &format!("4. restart at {ready_large} bindings");
     let sts = Forwarder::start(&bench.aws["AWS_ENDPOINT_URL_STS"], &ns).await;
-    let mut operator = Operator::start(&bench, "a-restarted", Some(&ns), &bench.kubeconfig, &sts);
+    let mut operator = Operator::start(
+        &bench,
+        "a-restarted",
+        Some(&ns),
+        &identity.kubeconfig,
+        &sts,
+        Flags::Tuned,
+    );
     let ready_after = operator.wait_ready(Instant::now() + Duration::from_secs(60)).await;
     let (scrape, moved) = operator.settle(0, bench.phase_deadline(180)).await;
     let cpu = operator.cpu_time();
@@ -1422,8 +1934,8 @@ async fn main() {
     operator.report_problems(&bench, &mut results, section);
     operator.stop().await;
 
-    // ---- phase 2b: unrelated Secrets, operator watching all namespaces
-    let section = &format!("2. {noise} unrelated Secrets");
+    // ---- phase 5: unrelated Secrets, operator watching all namespaces
+    let section = &format!("5. {noise} unrelated Secrets");
     bench.create_namespace(&ns_noise).await;
     let t = Instant::now();
     let noise_secrets = names("noise-", 0..noise)
@@ -1456,9 +1968,8 @@ async fn main() {
         .iter()
         .filter(|b| !b.namespace().unwrap_or_default().starts_with(&ns))
         .count();
-    let kubeconfig = bench.restricted_kubeconfig(&ns).await;
     let sts = Forwarder::start(&bench.aws["AWS_ENDPOINT_URL_STS"], &ns).await;
-    let mut operator = Operator::start(&bench, "all-namespaces", None, &kubeconfig, &sts);
+    let mut operator = Operator::start(&bench, "all-namespaces", None, &identity.kubeconfig, &sts, Flags::Tuned);
     let ready_after = operator.wait_ready(Instant::now() + Duration::from_secs(60)).await;
     let (scrape, moved) = operator.settle(foreign as u64, bench.phase_deadline(120)).await;
     let cpu = operator.cpu_time();
@@ -1488,8 +1999,10 @@ async fn main() {
     operator.stop().await;
 
     // ---- cleanup and the table
-    say!(bench, "deleting {ns}, {ns_baseline}, {ns_noise} and grant {grant_name}");
-    bench.cleanup(&[ns.clone(), ns_baseline, ns_noise], &grant_name).await;
+    say!(bench, "deleting {ns}, {ns_noise} and grant {grant_name}");
+    let mut namespaces = vec![ns.clone(), ns_noise];
+    namespaces.extend(run_namespaces);
+    bench.cleanup(&namespaces, &grant_name).await;
     results.add("run", "driver wall time", secs(bench.started.elapsed()));
     println!();
     results.print();
@@ -1501,6 +2014,16 @@ async fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantiles_are_nearest_rank() {
+        let mut values: Vec<Duration> = [5, 1, 4, 2, 3].map(Duration::from_secs).to_vec();
+        assert_eq!(quantile(&mut values, 0.5), Duration::from_secs(3));
+        assert_eq!(quantile(&mut values, 0.9), Duration::from_secs(5));
+        assert_eq!(quantile(&mut values, 1.0), Duration::from_secs(5));
+        assert_eq!(quantile(&mut values, 0.0), Duration::from_secs(1));
+        assert_eq!(quantile(&mut [], 0.5), Duration::ZERO);
+    }
 
     #[test]
     fn needles_split_across_reads_are_counted_once() {

@@ -74,14 +74,15 @@ struct RunArgs {
     /// STS endpoint URL (otherwise AWS_ENDPOINT_URL_STS / AWS_ENDPOINT_URL apply).
     #[arg(long, env = "KUBE_STS_STS_ENDPOINT")]
     sts_endpoint: Option<String>,
-    /// Process-wide STS calls per second.
-    #[arg(long, env = "KUBE_STS_STS_QPS", default_value = "10")]
+    /// Process-wide STS calls per second (AWS's default quota is 600 per account and Region,
+    /// shared with every other caller there; throttled subjects back off on their own).
+    #[arg(long, env = "KUBE_STS_STS_QPS", default_value = "50")]
     sts_qps: NonZeroU32,
-    /// Burst above --sts-qps.
-    #[arg(long, env = "KUBE_STS_STS_BURST", default_value = "20")]
+    /// STS calls that may go at once before --sts-qps paces them.
+    #[arg(long, env = "KUBE_STS_STS_BURST", default_value = "100")]
     sts_burst: NonZeroU32,
     /// Bindings reconciled at the same time.
-    #[arg(long, env = "KUBE_STS_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "KUBE_STS_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "KUBE_STS_METRICS_ADDR", default_value = "0.0.0.0:8080")]
