@@ -3,12 +3,13 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 
-.PHONY: help build crds check-crds chart-check up down demo test test-unit test-e2e bench image release lint clean-e2e
+.PHONY: help build crds check-crds chart-check up down demo test test-unit test-e2e bench image docker-image release lint clean-e2e
 
 help:
 	@echo "make demo    build, start the local control plane and STS, run the operator on a sample binding"
 	@echo "make test    unit tests, then the end-to-end suite against the real control plane and STS peer"
-	@echo "make up      start the local control plane and STS peer (idempotent); make down stops them"
+	@echo "make up      start the local control plane, node and STS peer (idempotent); make down stops them"
+	@echo "make image   build the operator's OCI image with no container engine (docker-image: with Docker)"
 	@echo "make bench   benchmarks (figures printed, not asserted)"
 	@echo "make crds    regenerate crds/ from the Rust types"
 
@@ -46,14 +47,20 @@ test-e2e:
 bench:
 	bash e2e/scripts/bench.sh
 
+# The operator's image as an OCI archive in the cache, no container engine needed
+# (e2e/scripts/build-image.sh); prints its reference and path.
 image:
-	@docker info >/dev/null 2>&1 || { echo "make image needs a running Docker engine" >&2; exit 1; }
+	bash e2e/scripts/build-image.sh
+
+# The same image from the Dockerfile, for those with a Docker engine.
+docker-image:
+	@docker info >/dev/null 2>&1 || { echo "make docker-image needs a running Docker engine" >&2; exit 1; }
 	docker build -t kube-sts:$$($(CARGO) run --quiet --locked -- version | cut -d' ' -f2) .
 
+# The release binary, linked statically (glibc, crt-static) as `make image` ships it.
 release:
-	$(CARGO) build --locked --release
-	$(CARGO) run --quiet --locked --release -- version
-	$(CARGO) run --quiet --locked --release -- crd | diff -q - crds/kube-sts.yaml && echo "release binary: crd matches crds/"
+	@bin=$$(bash e2e/scripts/build-image.sh --binary) && echo "$$bin" && "$$bin" version && \
+	  "$$bin" crd | diff -q - crds/kube-sts.yaml && echo "release binary: crd matches crds/"
 
 lint:
 	$(CARGO) fmt --check

@@ -18,10 +18,9 @@ import (
 // apiserverArgs are the kube-apiserver command-line flags, parsed by the
 // apiserver's own flag set so that every flag keeps its upstream meaning.
 func apiserverArgs(cfg *config, p *pki) []string {
-	return []string{
+	args := []string{
 		fmt.Sprintf("--etcd-servers=http://127.0.0.1:%d", cfg.etcdClientPort),
 		"--bind-address=127.0.0.1",
-		"--advertise-address=127.0.0.1",
 		fmt.Sprintf("--secure-port=%d", cfg.apiserverPort),
 		"--cert-dir=" + filepath.Join(p.Dir, "generated"),
 		"--tls-cert-file=" + p.ServingCert,
@@ -33,12 +32,25 @@ func apiserverArgs(cfg *config, p *pki) []string {
 		fmt.Sprintf("--service-account-issuer=%s", cfg.serverURL()),
 		"--service-account-key-file=" + p.SAPub,
 		"--service-account-signing-key-file=" + p.SAKey,
-		// Loopback addresses are not valid Endpoints; there is no real
-		// network behind the "kubernetes" Service anyway.
-		"--endpoint-reconciler-type=none",
 		"--profiling=false",
 		fmt.Sprintf("--v=%d", cfg.verbosity),
 	}
+	if cfg.node == nil {
+		return append(args,
+			"--advertise-address=127.0.0.1",
+			// Loopback addresses are not valid Endpoints; there is no real
+			// network behind the "kubernetes" Service anyway.
+			"--endpoint-reconciler-type=none",
+		)
+	}
+	return append(args,
+		// The "kubernetes" Service's endpoint: the forwarder on the node link.
+		"--advertise-address="+cfg.node.hostAddress.String(),
+		"--kubelet-client-certificate="+p.APIKubeletCert,
+		"--kubelet-client-key="+p.APIKubeletKey,
+		"--kubelet-certificate-authority="+p.CACert,
+		"--kubelet-preferred-address-types=InternalIP",
+	)
 }
 
 // prepareAPIServer parses the flags and returns the completed, validated

@@ -9,9 +9,14 @@ import (
 	"k8s.io/kubernetes/cmd/kube-controller-manager/names"
 )
 
-// kcmControllers are the controllers this control plane runs. There are no
-// nodes and no kubelet, so everything that manages pods is left out.
+// kcmControllers are the controllers this control plane runs: what the
+// operator's tests need and what a Deployment of it on the node needs.
+// Everything else (IPAM, taint eviction, jobs, daemon sets, ...) is left out.
 var kcmControllers = []string{
+	names.DeploymentController,                 // Deployments -> ReplicaSets (helm install of the operator)
+	names.ReplicaSetController,                 // ReplicaSets -> Pods
+	names.EndpointSliceController,              // Services -> EndpointSlices (kube-proxy)
+	names.NodeLifecycleController,              // lifts the node.kubernetes.io/not-ready taint admission puts on a new Node
 	names.GarbageCollectorController,           // ownerReferences cascade
 	names.NamespaceController,                  // namespace deletion
 	names.ServiceAccountController,             // "default" ServiceAccount per namespace

@@ -1,13 +1,19 @@
 // Command controlplane runs a local Kubernetes control plane for the
 // kube-sts end-to-end tests in one process: embedded etcd, the real
 // kube-apiserver and kube-controller-manager (used as libraries), all bound
-// to 127.0.0.1. There are no nodes: pods are never scheduled.
+// to 127.0.0.1, and kube-scheduler (a child process of this same binary).
 //
 //	controlplane --dir STATE [--apiserver-port 16443] [--etcd-client-port 12379]
-//	             [--etcd-peer-port 12380] [--kcm-port 0] [--v 0] [-- extra kube-apiserver flags]
+//	             [--etcd-peer-port 12380] [--kcm-port 0] [--v 0]
+//	             [--node-name N --node-address IP --host-address IP]
+//	             [-- extra kube-apiserver flags]
+//	controlplane kubelet|kube-proxy|kube-scheduler [upstream flags]
 //
 // STATE keeps etcd's data, the generated keys and certificates (pki/) and
 // the admin kubeconfig (kubeconfig); a restart on the same STATE reuses them.
+// With --node-name the apiserver is also reachable on the node link
+// (--host-address) and advertises that address, and the node's credentials
+// and kubeconfigs are written into STATE/pki and STATE/node (see node.go).
 package main
 
 import (
@@ -37,6 +43,7 @@ type config struct {
 	verbosity          int
 	etcdLogLevel       string
 	extraAPIServerArgs []string
+	node               *nodeConfig // nil: no node
 }
 
 func (c *config) serverURL() string {
@@ -44,6 +51,9 @@ func (c *config) serverURL() string {
 }
 
 func main() {
+	if runComponent() {
+		return
+	}
 	if err := run(); err != nil {
 		fmt.Fprintf(os.Stderr, "controlplane: %v\n", err)
 		klog.Flush()
@@ -62,6 +72,10 @@ func parseFlags() (*config, error) {
 	fs.IntVar(&cfg.kcmPort, "kcm-port", 0, "kube-controller-manager secure port on 127.0.0.1 (0 disables its HTTPS endpoint)")
 	fs.IntVarP(&cfg.verbosity, "v", "v", 0, "klog verbosity of kube-apiserver and kube-controller-manager")
 	fs.StringVar(&cfg.etcdLogLevel, "etcd-log-level", "warn", "embedded etcd log level (debug, info, warn, error)")
+	var nodeName, nodeAddress, hostAddress string
+	fs.StringVar(&nodeName, "node-name", "", "name of the node the kubelet registers (enables the node settings below)")
+	fs.StringVar(&nodeAddress, "node-address", "", "the node's InternalIP (kubelet serving certificate)")
+	fs.StringVar(&hostAddress, "host-address", "", "the host's address on the node link: the apiserver is also reached and advertised there")
 	fs.Usage = func() {
 		fmt.Fprintf(os.Stderr, "Usage: controlplane --dir DIR [flags] [-- kube-apiserver flags]\n%s", fs.FlagUsages())
 	}
@@ -79,6 +93,13 @@ func parseFlags() (*config, error) {
 	if cfg.dir == "" {
 		fs.Usage()
 		return nil, errors.New("--dir is required")
+	}
+	if nodeName != "" || nodeAddress != "" || hostAddress != "" {
+		n := &nodeConfig{name: nodeName, address: net.ParseIP(nodeAddress), hostAddress: net.ParseIP(hostAddress)}
+		if n.name == "" || n.address.To4() == nil || n.hostAddress.To4() == nil {
+			return nil, errors.New("--node-name, --node-address and --host-address (IPv4) go together")
+		}
+		cfg.node = n
 	}
 	abs, err := filepath.Abs(cfg.dir)
 	if err != nil {
@@ -101,12 +122,17 @@ func run() error {
 	}
 
 	p := newPKI(cfg.dir)
-	if err := p.ensure(); err != nil {
+	if err := p.ensure(cfg.node); err != nil {
 		return err
 	}
 	kubeconfig := filepath.Join(cfg.dir, "kubeconfig")
 	if err := writeKubeconfig(kubeconfig, cfg.serverURL(), p); err != nil {
 		return err
+	}
+	if cfg.node != nil {
+		if err := writeNodeKubeconfigs(cfg, p); err != nil {
+			return err
+		}
 	}
 
 	// First SIGTERM/SIGINT: orderly shutdown. Second: exit at once.
@@ -124,6 +150,12 @@ func run() error {
 	}()
 
 	start := time.Now()
+	if cfg.node != nil {
+		listen := net.JoinHostPort(cfg.node.hostAddress.String(), fmt.Sprint(cfg.apiserverPort))
+		if err := forwardAPIServer(ctx, listen, net.JoinHostPort(loopback.String(), fmt.Sprint(cfg.apiserverPort))); err != nil {
+			return err
+		}
+	}
 	etcd, err := startEtcd(cfg.dir, cfg.etcdClientPort, cfg.etcdPeerPort, cfg.etcdLogLevel)
 	if err != nil {
 		return err
@@ -154,6 +186,11 @@ func run() error {
 
 	kcmErr := make(chan error, 1)
 	go func() { kcmErr <- runKCM(ctx, cfg, p, kubeconfig) }()
+	schedErr := make(chan error, 1)
+	go func() {
+		schedErr <- runChild(ctx, "kube-scheduler", "--kubeconfig="+kubeconfig, "--leader-elect=false",
+			"--secure-port=0", fmt.Sprintf("--v=%d", cfg.verbosity))
+	}()
 
 	fmt.Printf("controlplane: ready; kubeconfig %s\n", kubeconfig)
 
@@ -164,10 +201,16 @@ func run() error {
 		runErr = fmt.Errorf("kube-apiserver stopped: %w", err)
 	case err := <-kcmErr:
 		runErr = fmt.Errorf("kube-controller-manager stopped: %v", err)
+	case err := <-schedErr:
+		runErr = fmt.Errorf("kube-scheduler stopped: %v", err)
 	case err := <-etcd.Err():
 		runErr = fmt.Errorf("etcd failed: %w", err)
 	}
 	cancel()
+	select { // the scheduler gets SIGTERM from runChild
+	case <-schedErr:
+	case <-time.After(20 * time.Second):
+	}
 
 	// Let the apiserver drain before etcd goes away.
 	select {

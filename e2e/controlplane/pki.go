@@ -30,6 +30,14 @@ type pki struct {
 	ClientCACert, ClientCAKey string // CA for client certificates (--client-ca-file)
 	AdminCert, AdminKey       string // admin client certificate (system:masters)
 	SAKey, SAPub              string // service account signing key pair
+
+	// Only with a node (see nodePKI): the kubelet's and kube-proxy's client
+	// certificates, the kubelet's serving certificate and the apiserver's
+	// client certificate for the kubelet API.
+	KubeletClientCert, KubeletClientKey   string
+	KubeletServingCert, KubeletServingKey string
+	ProxyClientCert, ProxyClientKey       string
+	APIKubeletCert, APIKubeletKey         string
 }
 
 const (
@@ -55,12 +63,24 @@ func newPKI(dir string) *pki {
 		AdminKey:     filepath.Join(d, "admin.key"),
 		SAKey:        filepath.Join(d, "sa.key"),
 		SAPub:        filepath.Join(d, "sa.pub"),
+
+		KubeletClientCert:  filepath.Join(d, "kubelet-client.crt"),
+		KubeletClientKey:   filepath.Join(d, "kubelet-client.key"),
+		KubeletServingCert: filepath.Join(d, "kubelet-serving.crt"),
+		KubeletServingKey:  filepath.Join(d, "kubelet-serving.key"),
+		ProxyClientCert:    filepath.Join(d, "kube-proxy.crt"),
+		ProxyClientKey:     filepath.Join(d, "kube-proxy.key"),
+		APIKubeletCert:     filepath.Join(d, "apiserver-kubelet-client.crt"),
+		APIKubeletKey:      filepath.Join(d, "apiserver-kubelet-client.key"),
 	}
 }
 
 // ensure creates whatever is missing. Existing files are reused as they are;
-// a leaf whose issuing CA had to be regenerated is regenerated too.
-func (p *pki) ensure() error {
+// a leaf whose issuing CA had to be regenerated is regenerated too, and so is
+// a serving certificate that lacks one of the addresses it must name (the
+// node's link address appears when a node is added to an existing state).
+// With a node (n != nil) it also creates the node's certificates.
+func (p *pki) ensure(n *nodeConfig) error {
 	if err := os.MkdirAll(p.Dir, 0o700); err != nil {
 		return err
 	}
@@ -74,7 +94,14 @@ func (p *pki) ensure() error {
 		return fmt.Errorf("client CA: %w", err)
 	}
 
-	if caNew || !pairExists(p.ServingCert, p.ServingKey) {
+	servingIPs := []net.IP{
+		net.ParseIP("127.0.0.1"), net.ParseIP("::1"),
+		net.ParseIP("10.0.0.1"), // first IP of the service range: the "kubernetes" Service
+	}
+	if n != nil {
+		servingIPs = append(servingIPs, n.hostAddress)
+	}
+	if caNew || !pairExists(p.ServingCert, p.ServingKey) || !certNamesIPs(p.ServingCert, servingIPs) {
 		tmpl := &x509.Certificate{
 			Subject:     pkix.Name{CommonName: "kube-apiserver"},
 			KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
@@ -84,10 +111,7 @@ func (p *pki) ensure() error {
 				"kubernetes", "kubernetes.default", "kubernetes.default.svc",
 				"kubernetes.default.svc.cluster.local",
 			},
-			IPAddresses: []net.IP{
-				net.ParseIP("127.0.0.1"), net.ParseIP("::1"),
-				net.ParseIP("10.0.0.1"), // first IP of the service range: the "kubernetes" Service
-			},
+			IPAddresses: servingIPs,
 		}
 		if err := issueLeaf(tmpl, ca, caKey, p.ServingCert, p.ServingKey); err != nil {
 			return fmt.Errorf("serving certificate: %w", err)
@@ -102,6 +126,12 @@ func (p *pki) ensure() error {
 		}
 		if err := issueLeaf(tmpl, clientCA, clientCAKey, p.AdminCert, p.AdminKey); err != nil {
 			return fmt.Errorf("admin client certificate: %w", err)
+		}
+	}
+
+	if n != nil {
+		if err := p.ensureNode(n, ca, caKey, caNew, clientCA, clientCAKey, clientCANew); err != nil {
+			return err
 		}
 	}
 
@@ -122,6 +152,97 @@ func (p *pki) ensure() error {
 		}
 	}
 	return nil
+}
+
+// ensureNode creates the certificates a node needs: client certificates of
+// the kubelet (system:node:<name> in system:nodes, for the Node authorizer)
+// and of kube-proxy (system:kube-proxy, bound to system:node-proxier by
+// default RBAC), the apiserver's client certificate for the kubelet API
+// (system:masters), and the kubelet's serving certificate for the node's
+// address, signed by the serving CA so the apiserver can verify it.
+func (p *pki) ensureNode(n *nodeConfig, ca *x509.Certificate, caKey *rsa.PrivateKey, caNew bool,
+	clientCA *x509.Certificate, clientCAKey *rsa.PrivateKey, clientCANew bool) error {
+	clients := []struct {
+		cert, key string
+		subject   pkix.Name
+	}{
+		{p.KubeletClientCert, p.KubeletClientKey, pkix.Name{CommonName: "system:node:" + n.name, Organization: []string{"system:nodes"}}},
+		{p.ProxyClientCert, p.ProxyClientKey, pkix.Name{CommonName: "system:kube-proxy"}},
+		{p.APIKubeletCert, p.APIKubeletKey, pkix.Name{CommonName: "kube-apiserver-kubelet-client", Organization: []string{adminGroup}}},
+	}
+	for _, c := range clients {
+		if !clientCANew && pairExists(c.cert, c.key) && certSubject(c.cert) == c.subject.String() {
+			continue
+		}
+		tmpl := &x509.Certificate{
+			Subject:     c.subject,
+			KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+			ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		}
+		if err := issueLeaf(tmpl, clientCA, clientCAKey, c.cert, c.key); err != nil {
+			return fmt.Errorf("%s: %w", c.cert, err)
+		}
+	}
+	ips := []net.IP{n.address}
+	if caNew || !pairExists(p.KubeletServingCert, p.KubeletServingKey) || !certNamesIPs(p.KubeletServingCert, ips) ||
+		certSubject(p.KubeletServingCert) != (pkix.Name{CommonName: n.name}).String() {
+		tmpl := &x509.Certificate{
+			Subject:     pkix.Name{CommonName: n.name},
+			KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+			ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+			DNSNames:    []string{n.name},
+			IPAddresses: ips,
+		}
+		if err := issueLeaf(tmpl, ca, caKey, p.KubeletServingCert, p.KubeletServingKey); err != nil {
+			return fmt.Errorf("kubelet serving certificate: %w", err)
+		}
+	}
+	return nil
+}
+
+// loadCert reads the first certificate of a PEM file (nil when unreadable).
+func loadCert(path string) *x509.Certificate {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil
+	}
+	block, _ := pem.Decode(data)
+	if block == nil {
+		return nil
+	}
+	cert, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		return nil
+	}
+	return cert
+}
+
+// certNamesIPs tells whether the certificate names every one of ips.
+func certNamesIPs(path string, ips []net.IP) bool {
+	cert := loadCert(path)
+	if cert == nil {
+		return false
+	}
+	for _, ip := range ips {
+		found := false
+		for _, have := range cert.IPAddresses {
+			if have.Equal(ip) {
+				found = true
+				break
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
+}
+
+func certSubject(path string) string {
+	if cert := loadCert(path); cert != nil {
+		return cert.Subject.String()
+	}
+	return ""
 }
 
 // ensureCA loads the CA from disk or creates it. The bool is true when a new

@@ -11,6 +11,9 @@
 #   KUBE_STS_APISERVER_PORT   (16443)  KUBE_STS_ETCD_CLIENT_PORT (12379)
 #   KUBE_STS_ETCD_PEER_PORT   (12380)  KUBE_STS_CP_TIMEOUT       (120 s)
 #   KUBE_STS_CONTROLPLANE_BIN  use this binary instead of build-controlplane.sh
+# With the node (KUBE_STS_NODE=1, the default; see node-env.sh) the control
+# plane also gets --node-name/--node-address/--host-address: the node link
+# (node-net.sh up) must exist first, as the apiserver is reached there too.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,6 +28,12 @@ APISERVER_PORT="${KUBE_STS_APISERVER_PORT:-16443}"
 ETCD_CLIENT_PORT="${KUBE_STS_ETCD_CLIENT_PORT:-12379}"
 ETCD_PEER_PORT="${KUBE_STS_ETCD_PEER_PORT:-12380}"
 TIMEOUT="${KUBE_STS_CP_TIMEOUT:-120}"
+# shellcheck source=node-env.sh
+. "$SCRIPT_DIR/node-env.sh"
+NODE_ARGS=()
+if [[ "$NODE_ENABLED" == 1 ]]; then
+	NODE_ARGS=(--node-name "$NODE_NAME" --node-address "$NODE_ADDR" --host-address "$HOST_ADDR")
+fi
 
 log() { echo "controlplane-up: $*" >&2; }
 
@@ -38,7 +47,9 @@ running_pid() {
 	[[ "$pid" =~ ^[0-9]+$ ]] || return 1
 	kill -0 "$pid" 2>/dev/null || return 1
 	# Guard against a recycled pid: the command line must name our state dir.
-	tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "--dir $STATE" || return 1
+	local cmdline
+	cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+	grep -qF -- "--dir $STATE " <<<"$cmdline" || return 1
 	echo "$pid"
 }
 
@@ -47,7 +58,18 @@ ready() { # ready KUBECONFIG
 	[[ "$(kubectl --kubeconfig "$1" --request-timeout=5s get --raw /readyz 2>/dev/null)" == ok ]]
 }
 
-if pid=$(running_pid) && ready "$KUBECONFIG_OUT"; then
+# Started with the node settings asked for now?
+same_node_args() {
+	local cmdline
+	cmdline=$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null) || return 1
+	if ((${#NODE_ARGS[@]})); then
+		grep -qF -- "${NODE_ARGS[*]}" <<<"$cmdline"
+	else
+		! grep -qF -- "--node-name" <<<"$cmdline"
+	fi
+}
+
+if pid=$(running_pid) && same_node_args "$pid" && ready "$KUBECONFIG_OUT"; then
 	log "reusing running control plane (pid $pid)"
 	echo "$KUBECONFIG_OUT"
 	exit 0
@@ -93,6 +115,7 @@ setsid nohup "$BIN" --dir "$STATE" \
 	--apiserver-port "$APISERVER_PORT" \
 	--etcd-client-port "$ETCD_CLIENT_PORT" \
 	--etcd-peer-port "$ETCD_PEER_PORT" \
+	"${NODE_ARGS[@]}" \
 	</dev/null >>"$LOG" 2>&1 &
 pid=$!
 echo "$pid" >"$PIDFILE"

@@ -12,6 +12,8 @@
 #
 # pids: .e2e/run/<name>.pid   logs: .e2e/logs/<name>.log
 # recorder files: .e2e/run/<name>.recording (MOTO_RECORDER_FILEPATH, one per moto)
+# With the node (node-env.sh) the proxy also listens on <node subnet>.1:<proxy port>, the
+# host's end of the node link, so that pods reach the peer.
 # Env: KUBE_STS_MOTO_PORT, KUBE_STS_MOTO_NOAUTH_PORT, KUBE_STS_PROXY_PORT,
 #      KUBE_STS_START_TIMEOUT (seconds, default 90), plus those of sts-venv.sh.
 set -euo pipefail
@@ -26,6 +28,14 @@ noauth_port="${KUBE_STS_MOTO_NOAUTH_PORT:-15001}"
 proxy_port="${KUBE_STS_PROXY_PORT:-15002}"
 timeout_s="${KUBE_STS_START_TIMEOUT:-90}"
 names=(moto moto-noauth sts-proxy)
+# With the node, the proxy also listens on the host's end of the node link, where pods
+# reach it (node-env.sh; the link exists once node-net.sh up has run).
+# shellcheck source=node-env.sh
+. "$here/node-env.sh"
+also_listen=()
+if [[ "$NODE_ENABLED" == 1 ]]; then
+  also_listen=(--also-listen "$HOST_ADDR:$proxy_port")
+fi
 for p in "$moto_port" "$noauth_port" "$proxy_port"; do
   [[ "$p" =~ ^[0-9]+$ ]] && [ "$p" -ge 1 ] && [ "$p" -le 65535 ] ||
     { echo "sts-up: bad port '$p'" >&2; exit 1; }
@@ -70,6 +80,14 @@ EOF
 healthy() {
   local n
   for n in "${names[@]}"; do live_pid "$n" >/dev/null || return 1; done
+  # Started with the listeners asked for now?
+  local cmdline
+  cmdline=$(tr '\0' ' ' <"/proc/$(live_pid sts-proxy)/cmdline") || return 1
+  if ((${#also_listen[@]})); then
+    grep -qF -- "${also_listen[*]}" <<<"$cmdline" || return 1
+  else
+    ! grep -qF -- "--also-listen" <<<"$cmdline" || return 1
+  fi
   operator_ok
 }
 
@@ -141,7 +159,7 @@ start() { # name, command...
 
 start moto "$py" -m moto.server -H 127.0.0.1 -p "$moto_port"
 start moto-noauth "$py" -m moto.server -H 127.0.0.1 -p "$noauth_port"
-start sts-proxy "$py" "$repo/e2e/sts/proxy.py" --listen "127.0.0.1:$proxy_port" \
+start sts-proxy "$py" "$repo/e2e/sts/proxy.py" --listen "127.0.0.1:$proxy_port" "${also_listen[@]}" \
   --enforced "127.0.0.1:$moto_port" --noauth "127.0.0.1:$noauth_port"
 
 deadline=$((t0 + timeout_s))

@@ -286,6 +286,8 @@ class Handler(BaseHTTPRequestHandler):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--listen", type=split_hostport, default=("127.0.0.1", 15002), help="HOST:PORT (default 127.0.0.1:15002)")
+    p.add_argument("--also-listen", type=split_hostport, action="append", default=[],
+                   help="another HOST:PORT served the same way (the node link's host address, for pods)")
     p.add_argument("--enforced", type=split_hostport, default=("127.0.0.1", 15000), help="moto with IAM enforcement (default 127.0.0.1:15000)")
     p.add_argument("--noauth", type=split_hostport, default=("127.0.0.1", 15001), help="moto without enforcement (default 127.0.0.1:15001)")
     p.add_argument("--moto-api", choices=("enforced", "noauth"), default="enforced", help="where /moto-api/... goes by default")
@@ -300,8 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     ThreadingHTTPServer.daemon_threads = True
     ThreadingHTTPServer.allow_reuse_address = True
     srv = ThreadingHTTPServer(args.listen, Handler)
+    for extra in args.also_listen:
+        threading.Thread(target=ThreadingHTTPServer(extra, Handler).serve_forever, daemon=True).start()
+    also = "".join(f", {h}:{p}" for h, p in args.also_listen)
     sys.stderr.write(
-        f"kube-sts-proxy listening on {args.listen[0]}:{args.listen[1]}; "
+        f"kube-sts-proxy listening on {args.listen[0]}:{args.listen[1]}{also}; "
         f"enforced={args.enforced[0]}:{args.enforced[1]} noauth={args.noauth[0]}:{args.noauth[1]}\n"
     )
     sys.stderr.flush()

@@ -593,11 +593,20 @@ async fn exchange(peer: &mut Peer, head: &[u8], body: &[u8], is_head: bool) -> s
 
 impl Forwarder {
     pub async fn start() -> Self {
+        Self::start_on("127.0.0.1").await
+    }
+
+    /// A forwarder that pods on the local node reach: on the host's end of the node link.
+    pub async fn start_for_pods() -> Self {
+        Self::start_on(&node_env("KUBE_STS_NODE_HOST_ADDRESS")).await
+    }
+
+    async fn start_on(ip: &str) -> Self {
         let upstream: String = env().aws["AWS_ENDPOINT_URL_STS"]
             .trim_start_matches("http://")
             .trim_end_matches('/')
             .to_string();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
         listener.set_nonblocking(true).unwrap();
         let fwd = Forwarder {
             addr: listener.local_addr().unwrap(),
@@ -1241,4 +1250,58 @@ pub fn metric_sum(metrics: &str, name: &str) -> f64 {
         .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// A value of `.e2e/node.env`, which `make up` writes for the node (`KUBE_STS_NODE_*`).
+pub fn node_env(key: &str) -> String {
+    let path = env().repo.join(".e2e/node.env");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; make up starts the node", path.display()));
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key} in {}", path.display()))
+        .to_string()
+}
+
+/// `GET /metrics` of an operator at `addr` (a local process, or a pod: the host reaches
+/// pod addresses through the node link).
+pub async fn metrics_at(addr: SocketAddr) -> Option<String> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .ok()?;
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.ok()?;
+    Some(out)
+}
+
+/// The local node's test image (`e2e/scripts/build-images.sh`): Debian's static busybox
+/// with its applets, imported into the node's containerd (never pulled).
+pub const BUSYBOX_IMAGE: &str = "kube-sts.local/busybox:e2e";
+
+/// The pod `name` of `namespace` once it runs with every container ready, or None.
+pub async fn pod_ready(client: &Client, namespace: &str, name: &str) -> Option<k8s_openapi::api::core::v1::Pod> {
+    let pod = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .ok()??;
+    let status = pod.status.as_ref()?;
+    let ready = status
+        .conditions
+        .as_ref()?
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    (status.phase.as_deref() == Some("Running") && ready).then_some(pod)
+}
+
+/// `kubectl exec` of `command` in the pod's first container: its stdout when it exits 0,
+/// None otherwise (the command failed or the pod is not there yet).
+pub fn pod_exec(namespace: &str, pod: &str, command: &[&str]) -> Option<String> {
+    let mut args = vec!["exec", "-n", namespace, pod, "--"];
+    args.extend_from_slice(command);
+    let out = kubectl(&args, None);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }

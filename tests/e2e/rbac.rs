@@ -34,7 +34,7 @@ use crate::{harness::*, webhook::*};
 
 const KUBE_VERSION: &str = "1.34.0";
 /// Kinds of the chart applied here: the operator and the webhook run as local processes, not
-/// from the chart's Deployments (there is no kubelet in the local control plane). The
+/// from the chart's Deployments (the in-cluster tests install the chart as users do). The
 /// Secret is the webhook's certificate Secret, which the chart creates (the webhook may
 /// not); the ValidatingAdmissionPolicy limits what the webhook may change in its
 /// configuration to the caBundle, which its scenario keeps.

@@ -244,8 +244,13 @@ async fn label_namespace(namespace: &str, key: &str, value: Option<&str>) {
     .expect("label the namespace");
 }
 
+/// A pod to admit; stored, never run: no scheduler has its `schedulerName`, so the local
+/// node's kubelet never tries to start the hundreds of pods these tests create.
 pub fn pod_json(name: &str, service_account: Option<&str>, extra_spec: Value, annotations: Value) -> Value {
-    let mut spec = json!({"containers": [{"name": "app", "image": "registry.invalid/app"}]});
+    let mut spec = json!({
+        "containers": [{"name": "app", "image": "registry.invalid/app"}],
+        "schedulerName": "kube-sts-e2e-never",
+    });
     if let Some(sa) = service_account {
         spec["serviceAccountName"] = json!(sa);
     }

@@ -1,0 +1,345 @@
+//! The operator installed the way users install it: `helm install` of `charts/kube-sts`
+//! with the image `make image` builds (imported into the node's containerd, never pulled),
+//! running as a pod on the real node with in-cluster config, the ServiceAccount token the
+//! kubelet mounts, the chart's probes and securityContext, and the operator identity from
+//! a Secret (`aws.existingSecret`). It reaches STS at the peer's address on the node link.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::OnceLock,
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, api::ListParams};
+
+use crate::harness::*;
+
+fn script_output(script: &str, args: &[&str]) -> String {
+    let out = Command::new("bash")
+        .arg(env().repo.join("e2e/scripts").join(script))
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("{script}: {e}"));
+    assert!(out.status.success(), "{script} failed");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// An image built by `build-image.sh ARGS` ("REF PATH"), imported into the node.
+fn import(args: &[&str]) -> String {
+    let line = script_output("build-image.sh", args);
+    let (reference, path) = line.lines().last().unwrap().split_once(' ').unwrap();
+    script_output("node-import.sh", &[path]);
+    reference.to_string()
+}
+
+/// The operator's image (`make image`), imported into the node once per test run.
+fn operator_image() -> &'static str {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE.get_or_init(|| import(&[]))
+}
+
+/// The consumer image: the AWS SDK calling GetCallerIdentity every second
+/// (`examples/consumer.rs`), with `sh` and `cat` for `credential_process`.
+fn consumer_image() -> &'static str {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE.get_or_init(|| import(&["consumer"]))
+}
+
+/// A consumer pod that mounts the Secret exactly as the README says: a volume at the
+/// default mountPath, no subPath, `AWS_CONFIG_FILE` naming its `config`.
+fn consumer_pod(name: &str, service_account: &str, secret: &str) -> String {
+    let image = consumer_image();
+    let sts = sts_url_for_pods();
+    let region = &env().aws["AWS_REGION"];
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}}}
+spec:
+  serviceAccountName: {service_account}
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: app
+      image: {image}
+      imagePullPolicy: Never
+      env:
+        - {{name: AWS_CONFIG_FILE, value: /var/run/secrets/kube-sts.io/config}}
+        - {{name: AWS_ENDPOINT_URL_STS, value: "{sts}"}}
+        - {{name: AWS_REGION, value: {region}}}
+        - {{name: AWS_EC2_METADATA_DISABLED, value: "true"}}
+      volumeMounts: [{{name: aws, mountPath: /var/run/secrets/kube-sts.io, readOnly: true}}]
+  volumes: [{{name: aws, secret: {{secretName: {secret}}}}}]
+"#
+    )
+}
+
+/// The consumer's calls so far (its log: one JSON object per call).
+fn consumer_calls(namespace: &str, pod: &str) -> Vec<serde_json::Value> {
+    let out = kubectl(&["logs", "-n", namespace, pod], None);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn helm() -> &'static PathBuf {
+    static HELM: OnceLock<PathBuf> = OnceLock::new();
+    HELM.get_or_init(|| PathBuf::from(script_output("build-helm.sh", &[]).lines().last().unwrap().trim()))
+}
+
+/// The STS peer as pods reach it: its proxy's port, on the host's end of the node link.
+fn sts_url_for_pods() -> String {
+    let local = &env().aws["AWS_ENDPOINT_URL_STS"];
+    let port = local.rsplit(':').next().unwrap().trim_end_matches('/');
+    format!("http://{}:{port}", node_env("KUBE_STS_NODE_HOST_ADDRESS"))
+}
+
+fn helm_run(args: &[&str]) {
+    let out = Command::new(helm())
+        .args(args)
+        .env("KUBECONFIG", &env().kubeconfig)
+        .output()
+        .expect("helm runs");
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `helm install` of the chart into the test's namespace (release named after it): the chart's defaults, plus the
+/// image and the operator identity (an IAM user's keys in a Secret), STS at `sts`, and the
+/// test's own namespace to watch (tests run side by side).
+async fn install(ns: &TestNamespace, sts: &str, extra: &[&str]) {
+    let image = operator_image();
+    let (repository, tag) = image.rsplit_once(':').unwrap();
+    ns.create_secret(
+        "operator-aws",
+        &[
+            ("AWS_ACCESS_KEY_ID", &env().aws["AWS_ACCESS_KEY_ID"]),
+            ("AWS_SECRET_ACCESS_KEY", &env().aws["AWS_SECRET_ACCESS_KEY"]),
+        ],
+    )
+    .await;
+    let chart = env().repo.join("charts/kube-sts");
+    let sets = [
+        format!("image.repository={repository}"),
+        format!("image.tag={tag}"),
+        "image.pullPolicy=Never".to_string(),
+        format!("watchNamespace={}", ns.name),
+        "aws.existingSecret=operator-aws".to_string(),
+        format!("aws.region={}", env().aws["AWS_REGION"]),
+        format!("stsEndpoint={sts}"),
+    ];
+    // The release is named after the namespace: its cluster-scoped objects (the ClusterRole
+    // for grants) must not collide with another test's.
+    let mut args = vec!["install", &ns.name, chart.to_str().unwrap(), "--namespace", &ns.name];
+    for set in &sets {
+        args.extend(["--set", set.as_str()]);
+    }
+    args.extend_from_slice(extra);
+    helm_run(&args);
+}
+
+/// The operator's pod once it is Ready, other than `not` (a pod deleted since).
+async fn operator_pod(ns: &TestNamespace, not: Option<&str>) -> Pod {
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    eventually("the operator pod is Ready", Duration::from_secs(180), || async {
+        let list = pods
+            .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={}", ns.name)))
+            .await
+            .ok()?;
+        for pod in list.items {
+            let name = pod.metadata.name.as_deref()?;
+            if Some(name) != not
+                && pod.metadata.deletion_timestamp.is_none()
+                && let Some(pod) = pod_ready(&ns.client, &ns.name, name).await
+            {
+                return Some(pod);
+            }
+        }
+        None
+    })
+    .await
+}
+
+/// Waits until the operator in `pod` finished at least one reconcile (its metrics, read
+/// from the host at the pod's address).
+async fn wait_pod_reconciled(pod: &Pod) {
+    let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).expect("pod IP");
+    let addr = std::net::SocketAddr::new(ip.parse().unwrap(), 8080);
+    eventually("a reconcile finished in the pod", Duration::from_secs(60), || async {
+        let m = metrics_at(addr).await?;
+        m.lines()
+            .any(|l| l.starts_with("kube_sts_reconcile_duration_seconds_count") && !l.ends_with(" 0"))
+            .then_some(())
+    })
+    .await;
+}
+
+/// A role that trusts the operator, granted to the test's namespace, and a binding of it
+/// for the ServiceAccount `app`; returns the role's ARN once the binding is Ready.
+async fn issued_binding(ns: &TestNamespace) -> String {
+    let role = create_role(&unique("incluster"), &operator_arn(), None, true);
+    let out = kubectl(
+        &["apply", "--server-side", "-f", "-"],
+        Some(&grant_yaml(&ns.name, &ns.name, &role)),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ns.service_account("app").await;
+    ns.apply_ok(&binding_yaml("reports", &role, &["app"], ""));
+    wait_ready(&ns.bindings(), "reports", "True", "CredentialsIssued").await;
+    role
+}
+
+#[tokio::test]
+async fn helm_install_runs_the_operator_as_a_pod_that_issues_credentials() {
+    let ns = TestNamespace::new("incluster").await;
+    install(&ns, &sts_url_for_pods(), &[]).await;
+    let image = operator_image();
+    let pod = operator_pod(&ns, None).await;
+    let spec = pod.spec.as_ref().unwrap();
+    assert_eq!(spec.containers[0].image.as_deref(), Some(image));
+    let sc = spec.containers[0].security_context.as_ref().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+
+    // A binding, issued by the operator in the pod.
+    let role = issued_binding(&ns).await;
+    let secret = ns.secrets().get("reports-app").await.expect("the binding's Secret");
+    assert!(secret_value(&secret, "AWS_ACCESS_KEY_ID").starts_with("ASIA"));
+
+    // A workload on the node uses it: its SDK's calls succeed as the role's session.
+    ns.apply_ok(&consumer_pod("consumer", "app", "reports-app"));
+    let role_name = role.rsplit('/').next().unwrap();
+    let calls = eventually("the consumer's calls succeed", Duration::from_secs(120), || {
+        let ns = ns.name.clone();
+        async move {
+            let calls = consumer_calls(&ns, "consumer");
+            (calls.iter().filter(|c| c["ok"] == true).count() >= 3).then_some(calls)
+        }
+    })
+    .await;
+    for call in &calls {
+        assert_eq!(call["ok"], true, "{call}");
+        let arn = call["arn"].as_str().unwrap();
+        assert!(
+            arn.starts_with(&format!("arn:aws:sts::{}:assumed-role/{role_name}/", account())),
+            "{arn}"
+        );
+    }
+
+    helm_run(&["uninstall", &ns.name, "--namespace", &ns.name, "--wait"]);
+    let _ = kubectl(&["delete", "awsrolegrant", &ns.name], None);
+}
+
+#[tokio::test]
+async fn a_deleted_operator_pod_is_recreated_and_adopts_the_secrets_with_no_sts_call() {
+    let ns = TestNamespace::new("adopt").await;
+    let sts = Forwarder::start_for_pods().await;
+    install(&ns, &sts.url(), &[]).await;
+    let first = operator_pod(&ns, None).await;
+    issued_binding(&ns).await;
+    wait_pod_reconciled(&first).await;
+    assert_eq!(sts.count("AssumeRole"), 1);
+    let before = ns.secrets().get("reports-app").await.unwrap();
+
+    let first_name = first.metadata.name.clone().unwrap();
+    let out = kubectl(&["delete", "pod", "-n", &ns.name, &first_name, "--wait=false"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let second = operator_pod(&ns, Some(&first_name)).await;
+    assert_ne!(second.metadata.uid, first.metadata.uid, "the Deployment made a new pod");
+    wait_pod_reconciled(&second).await;
+
+    assert_eq!(
+        sts.count("AssumeRole"),
+        1,
+        "the new pod adopted the Secret: no STS call"
+    );
+    assert_eq!(sts.total(), 1, "{:?}", sts.exchanges("AssumeRole").len());
+    let after = ns.secrets().get("reports-app").await.unwrap();
+    assert_eq!(
+        after.metadata.resource_version, before.metadata.resource_version,
+        "and no write"
+    );
+    wait_ready(&ns.bindings(), "reports", "True", "CredentialsIssued").await;
+
+    helm_run(&["uninstall", &ns.name, "--namespace", &ns.name, "--wait"]);
+    let _ = kubectl(&["delete", "awsrolegrant", &ns.name], None);
+}
+
+/// The pods of the release that run (started, whether Ready or standing by), by name.
+async fn running_pods(ns: &TestNamespace) -> Vec<String> {
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let list = pods
+        .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={}", ns.name)))
+        .await
+        .unwrap();
+    list.items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .is_some_and(|c| c.iter().all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some())))
+        })
+        .filter_map(|p| p.metadata.name)
+        .collect()
+}
+
+/// The pod whose operator holds the Lease (its identity starts with the pod's name).
+async fn lease_holder(ns: &TestNamespace, among: &[String]) -> Option<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(ns.client.clone(), &ns.name);
+    let holder = leases.get_opt("kube-sts").await.ok()??.spec?.holder_identity?;
+    among.iter().find(|p| holder.starts_with(p.as_str())).cloned()
+}
+
+#[tokio::test]
+async fn two_replicas_with_leader_election_fail_over_when_the_leader_pod_is_deleted() {
+    let ns = TestNamespace::new("leader").await;
+    install(
+        &ns,
+        &sts_url_for_pods(),
+        &["--set", "replicas=2", "--set", "leaderElection.enabled=true"],
+    )
+    .await;
+    let pods = eventually("two operator pods run", Duration::from_secs(180), || async {
+        let pods = running_pods(&ns).await;
+        (pods.len() == 2).then_some(pods)
+    })
+    .await;
+    let leader = eventually("one of them holds the Lease", Duration::from_secs(60), || {
+        lease_holder(&ns, &pods)
+    })
+    .await;
+    // Both pods are Ready (Ready means "in the election": the standby counts, so that a
+    // rolling update and a PodDisruptionBudget work); the leader reconciles.
+    for pod in &pods {
+        eventually(&format!("{pod} Ready"), Duration::from_secs(60), || {
+            pod_ready(&ns.client, &ns.name, pod)
+        })
+        .await;
+    }
+    let role = issued_binding(&ns).await;
+
+    let out = kubectl(&["delete", "pod", "-n", &ns.name, &leader, "--wait=false"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let successor = eventually("another pod holds the Lease", Duration::from_secs(120), || async {
+        let others: Vec<String> = running_pods(&ns).await.into_iter().filter(|p| *p != leader).collect();
+        lease_holder(&ns, &others).await
+    })
+    .await;
+    assert_ne!(successor, leader);
+    let standby = pods.iter().find(|p| **p != leader).unwrap();
+    println!("successor {successor} (the standby was {standby})");
+    // The successor reconciles: a new binding is issued.
+    ns.apply_ok(&binding_yaml("second", &role, &["app"], ""));
+    wait_ready(&ns.bindings(), "second", "True", "CredentialsIssued").await;
+
+    helm_run(&["uninstall", &ns.name, "--namespace", &ns.name, "--wait"]);
+    let _ = kubectl(&["delete", "awsrolegrant", &ns.name], None);
+}
