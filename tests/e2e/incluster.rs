@@ -145,12 +145,18 @@ async fn install(ns: &TestNamespace, sts: &str, extra: &[&str]) {
     helm_run(&args);
 }
 
+/// The label selector of the release's operator pods (not its webhook's, which share the
+/// instance label).
+fn operator_pods(ns: &TestNamespace) -> String {
+    format!("app.kubernetes.io/instance={},app.kubernetes.io/name=kube-sts", ns.name)
+}
+
 /// The operator's pod once it is Ready, other than `not` (a pod deleted since).
 async fn operator_pod(ns: &TestNamespace, not: Option<&str>) -> Pod {
     let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
     eventually("the operator pod is Ready", Duration::from_secs(180), || async {
         let list = pods
-            .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={}", ns.name)))
+            .list(&ListParams::default().labels(&operator_pods(ns)))
             .await
             .ok()?;
         for pod in list.items {
@@ -275,7 +281,7 @@ async fn a_deleted_operator_pod_is_recreated_and_adopts_the_secrets_with_no_sts_
 async fn running_pods(ns: &TestNamespace) -> Vec<String> {
     let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
     let list = pods
-        .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={}", ns.name)))
+        .list(&ListParams::default().labels(&operator_pods(ns)))
         .await
         .unwrap();
     list.items
