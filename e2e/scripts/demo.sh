@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# make demo: builds what it needs, starts the local control plane and STS peer, installs
-# the CRDs, runs the operator, applies a sample binding, and shows the Secret being issued,
-# used through credential_process, and refreshed.
+# make demo: builds what it needs (the operator's image, a workload's image, helm), starts
+# the local control plane, node and STS peer, installs the operator with `helm install` as
+# users do, applies a sample binding, and shows the Secret being issued, used by a pod
+# (the admission webhook wires it in) and refreshed with no restart of that pod.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -9,17 +10,38 @@ cd "$repo"
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 export KUBECONFIG="$repo/.e2e/kubeconfig"
 ns=kube-sts-demo
+release=kube-sts
 
-step "Building kube-sts"
-cargo build --locked --quiet
-step "Starting the local control plane and STS peer (first run builds kube-apiserver: minutes)"
+step "Building the operator's image and a workload's image (make image; no container engine)"
+read -r image image_tar < <(bash "$here/build-image.sh" | tail -n 1)
+read -r app_image app_tar < <(bash "$here/build-image.sh" consumer | tail -n 1)
+helm=$(bash "$here/build-helm.sh" | tail -n 1)
+step "Starting the local control plane, node and STS peer (the first run builds them: minutes)"
 bash "$here/up.sh"
+bash "$here/node-import.sh" "$image_tar" "$app_tar"
 python="$(bash "$here/sts-venv.sh" | tail -n 1)/bin/python"
 set -a; . .e2e/aws.env; set +a
+# shellcheck source=node-env.sh
+. "$here/node-env.sh"
+# Pods reach the STS peer on the host's end of the node link (the peer stands in for AWS).
+sts_port=${AWS_ENDPOINT_URL_STS%/}; sts_port=${sts_port##*:}
+sts_for_pods="http://$HOST_ADDR:$sts_port"
 
 step "Installing the CRDs"
-kubectl apply --server-side -f crds/ >/dev/null
+kubectl apply --server-side --force-conflicts -f crds/ >/dev/null
 kubectl wait --for=condition=Established --timeout=60s crd/awsrolebindings.kube-sts.io crd/awsrolegrants.kube-sts.io
+
+# The chart's defaults, plus the operator's AWS identity and the one namespace to watch (so
+# that `make test` on this environment later is not reconciled by the demo's operator).
+step "helm install of charts/kube-sts: the chart's defaults plus the operator's AWS identity, watching $ns"
+kubectl create namespace "$release" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl -n "$release" create secret generic operator-aws \
+  --from-literal=AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" --from-literal=AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY" \
+  --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+"$helm" upgrade --install "$release" charts/kube-sts --namespace "$release" --wait --timeout 5m \
+  --set image.repository="${image%:*}" --set image.tag="${image##*:}" --set image.pullPolicy=Never \
+  --set aws.existingSecret=operator-aws --set aws.region="$AWS_REGION" --set stsEndpoint="$sts_for_pods" --set watchNamespace="$ns"
+kubectl -n "$release" get pods -o wide
 
 step "Creating an IAM role in the STS peer that trusts the operator ($KUBE_STS_OPERATOR_ARN)"
 role=$(env $(cat .e2e/aws-admin.env | xargs) "$python" e2e/sts/iam.py create-role --name reports-reader --principal "$KUBE_STS_OPERATOR_ARN")
@@ -28,8 +50,6 @@ echo "$role"
 step "Namespace, ServiceAccount, grant and binding (900 s session, refreshed 450 s before expiry)"
 kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl -n "$ns" create serviceaccount reports --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-mount="$repo/.e2e/demo-mount"
-rm -rf "$mount"; mkdir -p "$mount"
 kubectl apply --server-side -f - <<YAML
 apiVersion: kube-sts.io/v1alpha1
 kind: AWSRoleGrant
@@ -44,50 +64,65 @@ metadata: {name: reports, namespace: $ns}
 spec:
   roleArn: $role
   subjects: [{kind: ServiceAccount, name: reports}]
+  region: $AWS_REGION
   durationSeconds: 900
   refreshBeforeSeconds: 450
-  secret: {mountPath: $mount}
 YAML
-
-step "Running the operator (log: .e2e/logs/demo-operator.log)"
-pkill -f "kube-sts run --namespace $ns --cluster-name demo" 2>/dev/null || true
-env -i PATH="$PATH" KUBECONFIG="$KUBECONFIG" AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" \
-  AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY" AWS_REGION="$AWS_REGION" \
-  AWS_ENDPOINT_URL_STS="$AWS_ENDPOINT_URL_STS" AWS_EC2_METADATA_DISABLED=true \
-  target/debug/kube-sts run --namespace "$ns" --cluster-name demo --metrics-addr 127.0.0.1:18080 \
-  >.e2e/logs/demo-operator.log 2>&1 &
-operator=$!
-trap 'kill $operator 2>/dev/null || true' EXIT
-
-kubectl -n "$ns" wait --for=condition=Ready --timeout=60s arb/reports
+kubectl -n "$ns" wait --for=condition=Ready --timeout=120s arb/reports
 kubectl -n "$ns" get arb reports
 step "The Secret (values of the secret keys are not shown)"
 kubectl -n "$ns" get secret reports-reports -o go-template='{{range $k, $v := .metadata.annotations}}{{$k}}: {{$v}}{{"\n"}}{{end}}keys:{{range $k, $v := .data}} {{$k}}{{end}}{{"\n"}}'
 
-show_identity() {
-  # What the kubelet does for a mounted Secret: one file per key.
-  for key in config credentials.json; do
-    kubectl -n "$ns" get secret reports-reports -o "jsonpath={.data.${key//./\\.}}" | base64 -d >"$mount/$key"
-  done
-  env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY AWS_CONFIG_FILE="$mount/config" AWS_SHARED_CREDENTIALS_FILE=/dev/null \
-    "$python" -c "import boto3; print('GetCallerIdentity via credential_process:', boto3.client('sts').get_caller_identity()['Arn'])"
-}
-step "A workload's SDK (boto3) using the Secret through credential_process"
-show_identity
+step "A pod of ServiceAccount reports that says nothing of AWS; the webhook wires the Secret in"
+kubectl -n "$ns" delete pod reports-app --ignore-not-found --wait >/dev/null
+kubectl -n "$ns" apply -f - <<YAML >/dev/null
+apiVersion: v1
+kind: Pod
+metadata: {name: reports-app}
+spec:
+  serviceAccountName: reports
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: app
+      image: $app_image
+      imagePullPolicy: Never
+      # The AWS SDK calling GetCallerIdentity every 10 s; only the STS endpoint is set here
+      # (the peer standing in for AWS).
+      env:
+        - {name: AWS_ENDPOINT_URL_STS, value: "$sts_for_pods"}
+        - {name: CONSUMER_INTERVAL_MS, value: "10000"}
+YAML
+kubectl -n "$ns" get pod reports-app -o go-template='{{range .spec.containers}}{{range .env}}  env {{.name}}={{.value}}{{"\n"}}{{end}}{{range .volumeMounts}}  mount {{.mountPath}} ({{.name}}){{"\n"}}{{end}}{{end}}'
+kubectl -n "$ns" wait --for=condition=Ready --timeout=120s pod/reports-app
+logged_key() { kubectl -n "$ns" logs reports-app --tail=1 | sed -n 's/.*"key":"\([^"]*\)".*/\1/p'; }
+for _ in $(seq 1 30); do [ -n "$(logged_key)" ] && break; sleep 1; done
+step "The pod's AWS SDK, through credential_process (its log)"
+kubectl -n "$ns" logs reports-app --tail=2
 
 key() { kubectl -n "$ns" get secret reports-reports -o jsonpath='{.data.AWS_ACCESS_KEY_ID}' | base64 -d; }
+# What the pod's volume holds now (the kubelet writes it; the container only reads).
+mounted_key() { kubectl -n "$ns" exec reports-app -- cat /var/run/secrets/kube-sts.io/credentials.json 2>/dev/null | sed -n 's/.*"AccessKeyId": *"\([^"]*\)".*/\1/p'; }
 first=$(key)
+first_expiry=$(kubectl -n "$ns" get secret reports-reports -o jsonpath='{.data.AWS_CREDENTIAL_EXPIRATION}' | base64 -d)
 step "Waiting for the refresh planned at $(kubectl -n "$ns" get arb reports -o jsonpath='{.status.nextRefreshTime}') (about 7 minutes)"
 kubectl -n "$ns" get secret reports-reports --watch-only -o custom-columns='SECRET:.metadata.name,EXPIRES:.metadata.annotations.kube-sts\.io/expiration' &
 watcher=$!
-for _ in $(seq 1 720); do
-  [ "$(key)" != "$first" ] && break
+trap 'kill $watcher 2>/dev/null || true' EXIT
+new=$first
+for _ in $(seq 1 600); do
+  new=$(key)
+  [ "$new" != "$first" ] && break
   sleep 1
 done
 kill "$watcher" 2>/dev/null || true
-[ "$(key)" != "$first" ] || { echo "demo: no refresh happened; see .e2e/logs/demo-operator.log" >&2; exit 1; }
-step "Refreshed: new access key $(key) (was $first)"
+[ "$new" != "$first" ] || { echo "demo: no refresh happened; see kubectl -n $release logs deploy/$release" >&2; exit 1; }
+step "Refreshed: new access key $new (was $first); waiting for the kubelet to swap it into the running pod's volume"
+for _ in $(seq 1 120); do [ "$(mounted_key)" = "$new" ] && break; sleep 1; done
+[ "$(mounted_key)" = "$new" ] || { echo "demo: the pod's volume still holds the old key; see kubectl -n $ns describe pod reports-app" >&2; exit 1; }
+echo "the pod's volume holds $new (pod restarts: $(kubectl -n "$ns" get pod reports-app -o jsonpath='{.status.containerStatuses[0].restartCount}'))"
 kubectl -n "$ns" get arb reports
-show_identity
 kubectl -n "$ns" get events --field-selector involvedObject.kind=AWSRoleBinding
-step "Done. The control plane and STS peer keep running: KUBECONFIG=.e2e/kubeconfig kubectl get arb -A; make down stops them."
+echo
+echo "The pod's SDK reads credential_process again shortly before the key it holds ($first) expires"
+echo "at $first_expiry, and then signs with $new, with no restart: kubectl -n $ns logs -f reports-app"
+step "Done. Everything keeps running: KUBECONFIG=.e2e/kubeconfig kubectl get arb -A; make down stops it."

@@ -50,9 +50,8 @@ fn consumer_image() -> &'static str {
 
 /// A consumer pod that mounts the Secret exactly as the README says: a volume at the
 /// default mountPath, no subPath, `AWS_CONFIG_FILE` naming its `config`.
-fn consumer_pod(name: &str, service_account: &str, secret: &str) -> String {
+fn consumer_pod(name: &str, service_account: &str, secret: &str, sts: &str) -> String {
     let image = consumer_image();
-    let sts = sts_url_for_pods();
     let region = &env().aws["AWS_REGION"];
     format!(
         r#"apiVersion: v1
@@ -219,7 +218,7 @@ async fn helm_install_runs_the_operator_as_a_pod_that_issues_credentials() {
     assert!(secret_value(&secret, "AWS_ACCESS_KEY_ID").starts_with("ASIA"));
 
     // A workload on the node uses it: its SDK's calls succeed as the role's session.
-    ns.apply_ok(&consumer_pod("consumer", "app", "reports-app"));
+    ns.apply_ok(&consumer_pod("consumer", "app", "reports-app", &sts_url_for_pods()));
     let role_name = role.rsplit('/').next().unwrap();
     let calls = eventually("the consumer's calls succeed", Duration::from_secs(120), || {
         let ns = ns.name.clone();
@@ -347,5 +346,175 @@ async fn two_replicas_with_leader_election_fail_over_when_the_leader_pod_is_dele
     wait_ready(&ns.bindings(), "second", "True", "CredentialsIssued").await;
 
     helm_run(&["uninstall", &ns.name, "--namespace", &ns.name, "--wait"]);
+    let _ = kubectl(&["delete", "awsrolegrant", &ns.name], None);
+}
+
+/// Rotations the consumer pod must run through.
+const ROTATIONS: usize = 5;
+
+/// Zero-downtime rotation in a real pod: the operator (a pod, installed with helm) sees
+/// sessions of 60 s (its forwarder rewrites `<Expiration>`), so it refreshes about every
+/// 30 s; the kubelet (syncFrequency 10 s) swaps the Secret volume's `..data`; the consumer's
+/// SDK reads `credential_process` again before its cached key expires. Its STS calls go
+/// through a forwarder of their own, which records the key that signed each call and when.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_runs_through_rotations_with_no_failed_call_and_never_an_expired_key() {
+    let ns = TestNamespace::new("podsoak").await;
+    let operator_sts = Forwarder::start_for_pods().await;
+    operator_sts.session_lifetime(Some(Duration::from_secs(60)));
+    let log = crate::rotation::SecretLog::start(&ns);
+    install(&ns, &operator_sts.url(), &[]).await;
+    operator_pod(&ns, None).await;
+    issued_binding(&ns).await;
+    let consumer_sts = Forwarder::start_for_pods().await;
+    ns.apply_ok(&consumer_pod("consumer", "app", "reports-app", &consumer_sts.url()));
+
+    // The keys the consumer presented, in order, each once.
+    let used = |exchanges: &[Exchange]| {
+        let mut keys: Vec<String> = exchanges.iter().filter_map(Exchange::signing_key).collect();
+        keys.dedup();
+        keys
+    };
+    eventually(
+        &format!("the consumer used {} keys", ROTATIONS + 1),
+        Duration::from_secs(10 * 60),
+        || async { (used(&consumer_sts.exchanges("GetCallerIdentity")).len() > ROTATIONS).then_some(()) },
+    )
+    .await;
+    // The calls so far, once answered (the last may still be in flight).
+    let count = consumer_sts.exchanges("GetCallerIdentity").len();
+    let calls = eventually("every call so far answered", Duration::from_secs(30), || async {
+        let calls: Vec<Exchange> = consumer_sts
+            .exchanges("GetCallerIdentity")
+            .into_iter()
+            .take(count)
+            .collect();
+        calls.iter().all(|c| !c.answer.is_empty()).then_some(calls)
+    })
+    .await;
+    let seen = log.keys("reports-app");
+    crate::rotation::assert_rotated_before_expiry("reports-app", &seen);
+
+    // Every call answered, each signed with a key the Secret held, before that key expired.
+    for call in &calls {
+        assert!(call.answer_element("Arn").is_some(), "a failed call: {}", call.answer);
+        let key = call.signing_key().expect("a signed call");
+        let held = seen
+            .iter()
+            .find(|s| s.key == key)
+            .unwrap_or_else(|| panic!("the consumer presented {key}, a key the Secret never held"));
+        assert!(
+            call.at < held.expiration,
+            "the consumer presented {key} at {}, after it expired at {}",
+            call.at,
+            held.expiration
+        );
+    }
+    // The keys were used in the order they were issued: each came through the volume.
+    let issued: Vec<&String> = seen.iter().map(|s| &s.key).collect();
+    let used = used(&calls);
+    let positions: Vec<usize> = used
+        .iter()
+        .map(|k| issued.iter().position(|i| *i == k).unwrap())
+        .collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "keys used out of order: {used:?} of {issued:?}"
+    );
+    // And the SDK saw no failure either (its own log, one line per call).
+    let logged = consumer_calls(&ns.name, "consumer");
+    assert!(
+        logged.len() >= calls.len() - 1,
+        "{} calls logged, {} made",
+        logged.len(),
+        calls.len()
+    );
+    let failed: Vec<&serde_json::Value> = logged.iter().filter(|c| c["ok"] != true).collect();
+    assert!(failed.is_empty(), "the consumer logged failures: {failed:?}");
+
+    helm_run(&["uninstall", &ns.name, "--namespace", &ns.name, "--wait"]);
+    let _ = kubectl(&["delete", "awsrolegrant", &ns.name], None);
+}
+
+/// README "Upgrade and uninstall": `helm upgrade` with changed values replaces the operator's
+/// pod, and the new one adopts the Secrets with no STS call and no write; `helm uninstall`
+/// removes the operator and leaves the bindings and their Secrets. A pod using the Secret
+/// keeps working through both.
+#[tokio::test]
+async fn helm_upgrade_and_uninstall_keep_the_credentials_a_running_pod_uses() {
+    let ns = TestNamespace::new("upgrade").await;
+    let sts = Forwarder::start_for_pods().await;
+    install(&ns, &sts.url(), &[]).await;
+    let first = operator_pod(&ns, None).await;
+    issued_binding(&ns).await;
+    wait_pod_reconciled(&first).await;
+    let before = ns.secrets().get("reports-app").await.unwrap();
+    ns.apply_ok(&consumer_pod("consumer", "app", "reports-app", &sts_url_for_pods()));
+    let ok_calls = |ns: String| async move {
+        let calls = consumer_calls(&ns, "consumer");
+        calls.iter().filter(|c| c["ok"] == true).count()
+    };
+    eventually("the consumer's calls succeed", Duration::from_secs(120), || async {
+        (ok_calls(ns.name.clone()).await > 0).then_some(())
+    })
+    .await;
+
+    helm_run(&[
+        "upgrade",
+        &ns.name,
+        env().repo.join("charts/kube-sts").to_str().unwrap(),
+        "--namespace",
+        &ns.name,
+        "--reuse-values",
+        "--set",
+        "logLevel=debug",
+    ]);
+    let first_name = first.metadata.name.clone().unwrap();
+    let second = operator_pod(&ns, Some(&first_name)).await;
+    let args = second.spec.as_ref().unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        args.iter().any(|a| a == "--log-level=debug"),
+        "the new value reached the pod: {args:?}"
+    );
+    wait_pod_reconciled(&second).await;
+    assert_eq!(sts.count("AssumeRole"), 1, "the upgraded operator adopted the Secret");
+    let after = ns.secrets().get("reports-app").await.unwrap();
+    assert_eq!(
+        after.metadata.resource_version, before.metadata.resource_version,
+        "and did not write it"
+    );
+
+    helm_run(&["uninstall", &ns.name, "--namespace", &ns.name, "--wait"]);
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    eventually("no operator pod is left", Duration::from_secs(120), || async {
+        let left = pods
+            .list(&ListParams::default().labels(&operator_pods(&ns)))
+            .await
+            .ok()?;
+        left.items.is_empty().then_some(())
+    })
+    .await;
+    assert!(
+        ns.bindings().get_opt("reports").await.unwrap().is_some(),
+        "the binding stays"
+    );
+    let kept = ns.secrets().get("reports-app").await.expect("the Secret stays");
+    assert_eq!(kept.metadata.resource_version, before.metadata.resource_version);
+    // The pod goes on calling with the credentials it has.
+    let so_far = ok_calls(ns.name.clone()).await;
+    eventually(
+        "the consumer's calls go on succeeding",
+        Duration::from_secs(60),
+        || async { (ok_calls(ns.name.clone()).await > so_far + 2).then_some(()) },
+    )
+    .await;
+    let failed: Vec<serde_json::Value> = consumer_calls(&ns.name, "consumer")
+        .into_iter()
+        .filter(|c| c["ok"] != true)
+        .collect();
+    assert!(failed.is_empty(), "the consumer logged failures: {failed:?}");
     let _ = kubectl(&["delete", "awsrolegrant", &ns.name], None);
 }

@@ -59,19 +59,19 @@ fn expiration(value: &str) -> Timestamp {
 
 /// One version of a Secret as seen by a watch: when, its access key and expiry.
 #[derive(Clone, Debug)]
-struct Seen {
-    at: Timestamp,
-    key: String,
-    expiration: Timestamp,
+pub(crate) struct Seen {
+    pub at: Timestamp,
+    pub key: String,
+    pub expiration: Timestamp,
 }
 
 /// Every access key the managed Secrets of a namespace held, per Secret, in order, from a
 /// watch (every write is an event).
 #[derive(Clone, Default)]
-struct SecretLog(Arc<Mutex<BTreeMap<String, Vec<Seen>>>>);
+pub(crate) struct SecretLog(Arc<Mutex<BTreeMap<String, Vec<Seen>>>>);
 
 impl SecretLog {
-    fn start(ns: &TestNamespace) -> Self {
+    pub fn start(ns: &TestNamespace) -> Self {
         let log = SecretLog::default();
         let (inner, api) = (log.0.clone(), ns.secrets());
         let config = watcher::Config::default().labels("app.kubernetes.io/managed-by=kube-sts");
@@ -98,7 +98,7 @@ impl SecretLog {
         log
     }
 
-    fn keys(&self, secret: &str) -> Vec<Seen> {
+    pub fn keys(&self, secret: &str) -> Vec<Seen> {
         self.0.lock().unwrap().get(secret).cloned().unwrap_or_default()
     }
 }
@@ -120,7 +120,7 @@ async fn wait_credentials(ns: &TestNamespace, name: &str) -> Secret {
 }
 
 /// Every new key reached the Secret while the key before it was still valid.
-fn assert_rotated_before_expiry(secret: &str, seen: &[Seen]) {
+pub(crate) fn assert_rotated_before_expiry(secret: &str, seen: &[Seen]) {
     for pair in seen.windows(2) {
         assert!(
             pair[1].at < pair[0].expiration,
