@@ -50,6 +50,10 @@ func apiserverArgs(cfg *config, p *pki) []string {
 		"--kubelet-client-key="+p.APIKubeletKey,
 		"--kubelet-certificate-authority="+p.CACert,
 		"--kubelet-preferred-address-types=InternalIP",
+		// Webhooks and aggregated APIs behind a Service are called at an endpoint's pod
+		// IP, which the host reaches over the node link; Service IPs exist only inside
+		// the node (kube-proxy), as on a control plane that runs no kube-proxy.
+		"--enable-aggregator-routing=true",
 	)
 }
 

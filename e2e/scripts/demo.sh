@@ -32,14 +32,20 @@ kubectl apply --server-side --force-conflicts -f crds/ >/dev/null
 kubectl wait --for=condition=Established --timeout=60s crd/awsrolebindings.kube-sts.io crd/awsrolegrants.kube-sts.io
 
 # The chart's defaults, plus the operator's AWS identity and the one namespace to watch (so
-# that `make test` on this environment later is not reconciled by the demo's operator).
+# that `make test` on this environment later is not reconciled by the demo's operator). The
+# identity's digest in a pod annotation rolls the pod when the STS peer (restarted with the
+# environment) issued new keys.
 step "helm install of charts/kube-sts: the chart's defaults plus the operator's AWS identity, watching $ns"
-kubectl create namespace "$release" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+# A fresh start each run: the STS peer forgets its sessions when the environment restarts,
+# while the Secrets in etcd would still look valid.
+kubectl delete namespace "$ns" --ignore-not-found --wait --timeout=120s >/dev/null
+for n in "$release" "$ns"; do kubectl create namespace "$n" --dry-run=client -o yaml | kubectl apply -f - >/dev/null; done
 kubectl -n "$release" create secret generic operator-aws \
   --from-literal=AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" --from-literal=AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY" \
   --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 "$helm" upgrade --install "$release" charts/kube-sts --namespace "$release" --wait --timeout 5m \
   --set image.repository="${image%:*}" --set image.tag="${image##*:}" --set image.pullPolicy=Never \
+  --set-string podAnnotations.kube-sts-demo/identity="$(printf %s "$AWS_ACCESS_KEY_ID" | sha256sum | cut -c1-16)" \
   --set aws.existingSecret=operator-aws --set aws.region="$AWS_REGION" --set stsEndpoint="$sts_for_pods" --set watchNamespace="$ns"
 kubectl -n "$release" get pods -o wide
 
@@ -48,7 +54,6 @@ role=$(env $(cat .e2e/aws-admin.env | xargs) "$python" e2e/sts/iam.py create-rol
 echo "$role"
 
 step "Namespace, ServiceAccount, grant and binding (900 s session, refreshed 450 s before expiry)"
-kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl -n "$ns" create serviceaccount reports --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl apply --server-side -f - <<YAML
 apiVersion: kube-sts.io/v1alpha1

@@ -189,6 +189,11 @@ async fn wait_pod_reconciled(pod: &Pod) {
 /// A role that trusts the operator, granted to the test's namespace, and a binding of it
 /// for the ServiceAccount `app`; returns the role's ARN once the binding is Ready.
 async fn issued_binding(ns: &TestNamespace) -> String {
+    issued_binding_with(ns, "").await
+}
+
+/// [`issued_binding`] with `extra` lines in the binding's spec.
+async fn issued_binding_with(ns: &TestNamespace, extra: &str) -> String {
     let role = create_role(&unique("incluster"), &operator_arn(), None, true);
     let out = kubectl(
         &["apply", "--server-side", "-f", "-"],
@@ -196,7 +201,7 @@ async fn issued_binding(ns: &TestNamespace) -> String {
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     ns.service_account("app").await;
-    ns.apply_ok(&binding_yaml("reports", &role, &["app"], ""));
+    ns.apply_ok(&binding_yaml("reports", &role, &["app"], extra));
     wait_ready(&ns.bindings(), "reports", "True", "CredentialsIssued").await;
     role
 }
@@ -517,4 +522,99 @@ async fn helm_upgrade_and_uninstall_keep_the_credentials_a_running_pod_uses() {
         .collect();
     assert!(failed.is_empty(), "the consumer logged failures: {failed:?}");
     let _ = kubectl(&["delete", "awsrolegrant", &ns.name], None);
+}
+
+/// The chart's admission webhook as users get it: the apiserver calls it through its
+/// Service (at an endpoint's pod IP). A pod that names only its ServiceAccount (and, for
+/// the STS peer standing in for AWS, the STS endpoint) is stored with the binding's Secret
+/// mounted and `AWS_CONFIG_FILE` and the region set, runs on the node, and its SDK acts as
+/// the role.
+#[tokio::test]
+async fn the_charts_webhook_wires_the_secret_into_a_pod_that_names_only_its_service_account() {
+    let release = TestNamespace::new("whrelease").await;
+    let tenant = TestNamespace::new("whtenant").await;
+    let watch = format!("watchNamespace={}", tenant.name);
+    install(&release, &sts_url_for_pods(), &["--set", &watch]).await;
+    let region = &env().aws["AWS_REGION"];
+    let role = issued_binding_with(&tenant, &format!("  region: {region}\n")).await;
+
+    let image = consumer_image();
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "consumer"},
+        "spec": {
+            "serviceAccountName": "app",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "app",
+                "image": image,
+                "imagePullPolicy": "Never",
+                "env": [{"name": "AWS_ENDPOINT_URL_STS", "value": sts_url_for_pods()}],
+            }],
+        },
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(tenant.client.clone(), &tenant.name);
+    // Until the webhook serves (its pods started, the caBundle in place, the binding in its
+    // cache), the apiserver admits pods unchanged (failurePolicy Ignore): ask with dry runs.
+    let dry_run = kube::api::PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    eventually("the webhook wires a dry-run pod", Duration::from_secs(180), || async {
+        let admitted = pods.create(&dry_run, &pod).await.ok()?;
+        admitted
+            .spec?
+            .volumes?
+            .iter()
+            .any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("reports-app"))
+            .then_some(())
+    })
+    .await;
+    let stored = pods
+        .create(&Default::default(), &pod)
+        .await
+        .expect("the pod is created");
+    let spec = stored.spec.unwrap();
+    let container = &spec.containers[0];
+    let env: std::collections::BTreeMap<String, String> = container
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        env.get("AWS_CONFIG_FILE").map(String::as_str),
+        Some("/var/run/secrets/kube-sts.io/config"),
+        "{env:?}"
+    );
+    assert_eq!(env.get("AWS_REGION"), Some(region), "{env:?}");
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/var/run/secrets/kube-sts.io")
+        .expect("the Secret mounted");
+    assert_eq!(mount.read_only, Some(true));
+    assert!(mount.sub_path.is_none());
+
+    let role_name = role.rsplit('/').next().unwrap();
+    let calls = eventually("the pod's calls succeed", Duration::from_secs(120), || {
+        let ns = tenant.name.clone();
+        async move {
+            let calls = consumer_calls(&ns, "consumer");
+            (calls.iter().filter(|c| c["ok"] == true).count() >= 2).then_some(calls)
+        }
+    })
+    .await;
+    for call in &calls {
+        assert_eq!(call["ok"], true, "{call}");
+        let arn = call["arn"].as_str().unwrap();
+        assert!(
+            arn.starts_with(&format!("arn:aws:sts::{}:assumed-role/{role_name}/", account())),
+            "{arn}"
+        );
+    }
+
+    helm_run(&["uninstall", &release.name, "--namespace", &release.name, "--wait"]);
+    let _ = kubectl(&["delete", "awsrolegrant", &tenant.name], None);
 }
