@@ -84,6 +84,31 @@ fn consumer_calls(namespace: &str, pod: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Waits for three successful calls of the consumer pod `pod`, then checks that every call
+/// it made succeeded as a session of `role`.
+async fn assert_consumer_acts_as(namespace: &str, pod: &str, role: &str) {
+    let role_name = role.rsplit('/').next().unwrap();
+    let calls = eventually("the consumer's calls succeed", Duration::from_secs(120), || async {
+        let calls = consumer_calls(namespace, pod);
+        (calls.iter().filter(|c| c["ok"] == true).count() >= 3).then_some(calls)
+    })
+    .await;
+    for call in &calls {
+        assert_eq!(call["ok"], true, "{call}");
+        let arn = call["arn"].as_str().unwrap();
+        assert!(
+            arn.starts_with(&format!("arn:aws:sts::{}:assumed-role/{role_name}/", account())),
+            "{arn}"
+        );
+    }
+}
+
+/// Uninstalls the release of `release` and deletes the grant of `granted`.
+fn uninstall(release: &TestNamespace, granted: &TestNamespace) {
+    helm_run(&["uninstall", &release.name, "--namespace", &release.name, "--wait"]);
+    let _ = kubectl(&["delete", "awsrolegrant", &granted.name], None);
+}
+
 fn helm() -> &'static PathBuf {
     static HELM: OnceLock<PathBuf> = OnceLock::new();
     HELM.get_or_init(|| PathBuf::from(script_output("build-helm.sh", &[]).lines().last().unwrap().trim()))
@@ -224,26 +249,9 @@ async fn helm_install_runs_the_operator_as_a_pod_that_issues_credentials() {
 
     // A workload on the node uses it: its SDK's calls succeed as the role's session.
     ns.apply_ok(&consumer_pod("consumer", "app", "reports-app", &sts_url_for_pods()));
-    let role_name = role.rsplit('/').next().unwrap();
-    let calls = eventually("the consumer's calls succeed", Duration::from_secs(120), || {
-        let ns = ns.name.clone();
-        async move {
-            let calls = consumer_calls(&ns, "consumer");
-            (calls.iter().filter(|c| c["ok"] == true).count() >= 3).then_some(calls)
-        }
-    })
-    .await;
-    for call in &calls {
-        assert_eq!(call["ok"], true, "{call}");
-        let arn = call["arn"].as_str().unwrap();
-        assert!(
-            arn.starts_with(&format!("arn:aws:sts::{}:assumed-role/{role_name}/", account())),
-            "{arn}"
-        );
-    }
+    assert_consumer_acts_as(&ns.name, "consumer", &role).await;
 
-    helm_run(&["uninstall", &ns.name, "--namespace", &ns.name, "--wait"]);
-    let _ = kubectl(&["delete", "awsrolegrant", &ns.name], None);
+    uninstall(&ns, &ns);
 }
 
 #[tokio::test]
@@ -277,8 +285,7 @@ async fn a_deleted_operator_pod_is_recreated_and_adopts_the_secrets_with_no_sts_
     );
     wait_ready(&ns.bindings(), "reports", "True", "CredentialsIssued").await;
 
-    helm_run(&["uninstall", &ns.name, "--namespace", &ns.name, "--wait"]);
-    let _ = kubectl(&["delete", "awsrolegrant", &ns.name], None);
+    uninstall(&ns, &ns);
 }
 
 /// The pods of the release that run (started, whether Ready or standing by), by name.
@@ -350,8 +357,7 @@ async fn two_replicas_with_leader_election_fail_over_when_the_leader_pod_is_dele
     ns.apply_ok(&binding_yaml("second", &role, &["app"], ""));
     wait_ready(&ns.bindings(), "second", "True", "CredentialsIssued").await;
 
-    helm_run(&["uninstall", &ns.name, "--namespace", &ns.name, "--wait"]);
-    let _ = kubectl(&["delete", "awsrolegrant", &ns.name], None);
+    uninstall(&ns, &ns);
 }
 
 /// Rotations the consumer pod must run through.
@@ -437,8 +443,7 @@ async fn a_pod_runs_through_rotations_with_no_failed_call_and_never_an_expired_k
     let failed: Vec<&serde_json::Value> = logged.iter().filter(|c| c["ok"] != true).collect();
     assert!(failed.is_empty(), "the consumer logged failures: {failed:?}");
 
-    helm_run(&["uninstall", &ns.name, "--namespace", &ns.name, "--wait"]);
-    let _ = kubectl(&["delete", "awsrolegrant", &ns.name], None);
+    uninstall(&ns, &ns);
 }
 
 /// README "Upgrade and uninstall": `helm upgrade` with changed values replaces the operator's
@@ -597,24 +602,7 @@ async fn the_charts_webhook_wires_the_secret_into_a_pod_that_names_only_its_serv
     assert_eq!(mount.read_only, Some(true));
     assert!(mount.sub_path.is_none());
 
-    let role_name = role.rsplit('/').next().unwrap();
-    let calls = eventually("the pod's calls succeed", Duration::from_secs(120), || {
-        let ns = tenant.name.clone();
-        async move {
-            let calls = consumer_calls(&ns, "consumer");
-            (calls.iter().filter(|c| c["ok"] == true).count() >= 2).then_some(calls)
-        }
-    })
-    .await;
-    for call in &calls {
-        assert_eq!(call["ok"], true, "{call}");
-        let arn = call["arn"].as_str().unwrap();
-        assert!(
-            arn.starts_with(&format!("arn:aws:sts::{}:assumed-role/{role_name}/", account())),
-            "{arn}"
-        );
-    }
+    assert_consumer_acts_as(&tenant.name, "consumer", &role).await;
 
-    helm_run(&["uninstall", &release.name, "--namespace", &release.name, "--wait"]);
-    let _ = kubectl(&["delete", "awsrolegrant", &tenant.name], None);
+    uninstall(&release, &tenant);
 }
