@@ -79,8 +79,8 @@ step "The Secret (values of the secret keys are not shown)"
 kubectl -n "$ns" get secret reports-reports -o go-template='{{range $k, $v := .metadata.annotations}}{{$k}}: {{$v}}{{"\n"}}{{end}}keys:{{range $k, $v := .data}} {{$k}}{{end}}{{"\n"}}'
 
 step "A pod of ServiceAccount reports that says nothing of AWS; the webhook wires the Secret in"
-kubectl -n "$ns" delete pod reports-app --ignore-not-found --wait >/dev/null
-kubectl -n "$ns" apply -f - <<YAML >/dev/null
+pod_yaml() {
+  cat <<YAML
 apiVersion: v1
 kind: Pod
 metadata: {name: reports-app}
@@ -95,12 +95,21 @@ spec:
       # (the peer standing in for AWS).
       env:
         - {name: AWS_ENDPOINT_URL_STS, value: "$sts_for_pods"}
+        - {name: AWS_EC2_METADATA_DISABLED, value: "true"}
         - {name: CONSUMER_INTERVAL_MS, value: "10000"}
 YAML
+}
+# The webhook fails open (a pod created while it cannot answer is stored unchanged): ask with
+# server-side dry runs until it wires the pod, then create it.
+wired() { pod_yaml | kubectl -n "$ns" create --dry-run=server -o jsonpath='{.spec.volumes[*].secret.secretName}' -f - 2>/dev/null | grep -qw reports-reports; }
+for _ in $(seq 1 60); do wired && break; sleep 2; done
+wired || { echo "demo: the webhook does not wire pods; see kubectl -n $release get pods,events" >&2; exit 1; }
+pod_yaml | kubectl -n "$ns" apply -f - >/dev/null
 kubectl -n "$ns" get pod reports-app -o go-template='{{range .spec.containers}}{{range .env}}  env {{.name}}={{.value}}{{"\n"}}{{end}}{{range .volumeMounts}}  mount {{.mountPath}} ({{.name}}){{"\n"}}{{end}}{{end}}'
 kubectl -n "$ns" wait --for=condition=Ready --timeout=120s pod/reports-app
 logged_key() { kubectl -n "$ns" logs reports-app --tail=1 | sed -n 's/.*"key":"\([^"]*\)".*/\1/p'; }
 for _ in $(seq 1 30); do [ -n "$(logged_key)" ] && break; sleep 1; done
+[ -n "$(logged_key)" ] || { kubectl -n "$ns" logs reports-app --tail=2 >&2; echo "demo: the pod's SDK got no credentials (its log above)" >&2; exit 1; }
 step "The pod's AWS SDK, through credential_process (its log)"
 kubectl -n "$ns" logs reports-app --tail=2
 

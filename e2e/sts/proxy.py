@@ -91,6 +91,10 @@ class Handler(BaseHTTPRequestHandler):
     enforced: tuple[str, int] = ("127.0.0.1", 15000)
     noauth: tuple[str, int] = ("127.0.0.1", 15001)
     moto_api_target = "enforced"
+    # Pods' listener (--also-listen): STS and IAM requests only, always to the enforced
+    # moto: no /moto-api (which can reset the peer or turn its IAM checks off) and no
+    # routing header (which reaches the moto without enforcement).
+    restricted = False
     quiet = False
     timeout_s = 120.0
     log_lock = threading.Lock()
@@ -133,6 +137,9 @@ class Handler(BaseHTTPRequestHandler):
         path, query = parts.path or "/", parts.query
         if path == "/__proxy__/healthz" and self.command == "GET":
             self._local(200, b"ok\n")
+            return
+        if self.restricted and (path.startswith("/moto-api") or self.headers.get(ROUTE_HEADER)):
+            self._local(403, b"not served on this listener\n")
             return
         try:
             body, chunked = self._read_body()
@@ -287,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--listen", type=split_hostport, default=("127.0.0.1", 15002), help="HOST:PORT (default 127.0.0.1:15002)")
     p.add_argument("--also-listen", type=split_hostport, action="append", default=[],
-                   help="another HOST:PORT served the same way (the node link's host address, for pods)")
+                   help="another HOST:PORT for pods (the node link's host address): STS/IAM only, "
+                        "no /moto-api and no routing header")
     p.add_argument("--enforced", type=split_hostport, default=("127.0.0.1", 15000), help="moto with IAM enforcement (default 127.0.0.1:15000)")
     p.add_argument("--noauth", type=split_hostport, default=("127.0.0.1", 15001), help="moto without enforcement (default 127.0.0.1:15001)")
     p.add_argument("--moto-api", choices=("enforced", "noauth"), default="enforced", help="where /moto-api/... goes by default")
@@ -302,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     ThreadingHTTPServer.daemon_threads = True
     ThreadingHTTPServer.allow_reuse_address = True
     srv = ThreadingHTTPServer(args.listen, Handler)
+    pods_handler = type("PodsHandler", (Handler,), {"restricted": True})
     for extra in args.also_listen:
-        threading.Thread(target=ThreadingHTTPServer(extra, Handler).serve_forever, daemon=True).start()
+        threading.Thread(target=ThreadingHTTPServer(extra, pods_handler).serve_forever, daemon=True).start()
     also = "".join(f", {h}:{p}" for h, p in args.also_listen)
     sys.stderr.write(
         f"kube-sts-proxy listening on {args.listen[0]}:{args.listen[1]}{also}; "

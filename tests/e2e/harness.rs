@@ -1071,6 +1071,16 @@ pub fn grant_yaml(name: &str, namespace: &str, role_glob: &str) -> String {
 }
 
 /// An AWSRoleBinding of `role` for `subjects`, with `extra` spec lines (indented two spaces).
+/// A role in the STS peer that trusts the operator (with `external_id` when given), granted
+/// to `ns` by a grant named after it, with `extra_grant` lines added to the grant's spec.
+pub fn granted_role(ns: &TestNamespace, external_id: Option<&str>, extra_grant: &str) -> String {
+    let arn = create_role(&unique("role"), &operator_arn(), external_id, true);
+    let yaml = format!("{}{extra_grant}", grant_yaml(&ns.name, &ns.name, &arn));
+    let out = kubectl(&["apply", "--server-side", "-f", "-"], Some(&yaml));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    arn
+}
+
 pub fn binding_yaml(name: &str, role: &str, subjects: &[&str], extra: &str) -> String {
     let subjects: Vec<String> = subjects.iter().map(|s| format!("{{name: {s}}}")).collect();
     format!(

@@ -5,14 +5,6 @@ use std::time::Duration;
 
 use crate::harness::*;
 
-fn granted_role(ns: &TestNamespace, external_id: Option<&str>, extra_grant: &str) -> String {
-    let arn = create_role(&unique("role"), &operator_arn(), external_id, true);
-    let yaml = format!("{}{extra_grant}", grant_yaml(&ns.name, &ns.name, &arn));
-    let out = kubectl(&["apply", "--server-side", "-f", "-"], Some(&yaml));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    arn
-}
-
 #[tokio::test]
 async fn a_conflicting_secret_deleted_heals_the_binding() {
     let ns = TestNamespace::new("conflictheal").await;

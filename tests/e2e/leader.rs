@@ -21,16 +21,6 @@ use crate::harness::*;
 const LEASE_DURATION: Duration = Duration::from_secs(15);
 const RETRY_PERIOD: Duration = Duration::from_secs(2);
 
-fn granted_role(ns: &TestNamespace) -> String {
-    let arn = create_role(&unique("role"), &operator_arn(), None, true);
-    let out = kubectl(
-        &["apply", "--server-side", "-f", "-"],
-        Some(&grant_yaml(&ns.name, &ns.name, &arn)),
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    arn
-}
-
 fn election_args<'a>(ns: &'a str, lease: &'a str) -> [&'a str; 5] {
     ["--leader-election", "--lease-namespace", ns, "--lease-name", lease]
 }
@@ -91,7 +81,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_after_a_kill() {
     for sa in ["a", "b", "c"] {
         ns.service_account(sa).await;
     }
-    let role = granted_role(&ns);
+    let role = granted_role(&ns, None, "");
     let lease = unique("lease");
     let args = election_args(&ns.name, &lease);
     let (sts1, sts2) = (Forwarder::start().await, Forwarder::start().await);
@@ -172,7 +162,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_after_a_kill() {
 async fn sigterm_releases_the_lease_and_the_standby_takes_over_at_once() {
     let ns = TestNamespace::new("handover").await;
     ns.service_account("app").await;
-    let role = granted_role(&ns);
+    let role = granted_role(&ns, None, "");
     let lease = unique("lease");
     let args = election_args(&ns.name, &lease);
     let (sts1, sts2) = (Forwarder::start().await, Forwarder::start().await);

@@ -11,5 +11,6 @@ mod node;
 mod operator;
 mod rbac;
 mod rotation;
+mod secret_log;
 mod security;
 mod webhook;

@@ -140,3 +140,42 @@ async fn a_pod_on_the_node_sees_a_secret_update_through_the_kubelets_data_swap_a
         Some(started)
     );
 }
+
+/// The first line of the STS peer's answer to `head` (a request head, no body) at `addr`.
+async fn status_line(addr: &str, head: &str) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the STS peer listens");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut line = String::new();
+    tokio::io::BufReader::new(stream).read_line(&mut line).await.unwrap();
+    line.trim_end().to_string()
+}
+
+/// What pods reach of the STS peer (its listener on the node link) is STS and IAM only: not
+/// its admin API, which could reset the peer or turn its IAM checks off, nor the routing
+/// header that reaches the peer without enforcement. The host's own listener has both.
+#[tokio::test]
+async fn pods_reach_no_admin_api_of_the_sts_peer() {
+    let local = env().aws["AWS_ENDPOINT_URL_STS"]
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let port = local.rsplit(':').next().unwrap();
+    let for_pods = format!("{}:{port}", node_env("KUBE_STS_NODE_HOST_ADDRESS"));
+    let admin = "GET /moto-api/data.json HTTP/1.1\r\nHost: sts\r\nConnection: close\r\n\r\n";
+    let rerouted = "GET / HTTP/1.1\r\nHost: sts\r\nX-Kube-Sts-Upstream: noauth\r\nConnection: close\r\n\r\n";
+    assert!(
+        status_line(&for_pods, admin).await.contains(" 403 "),
+        "the admin API from pods"
+    );
+    assert!(
+        status_line(&for_pods, rerouted).await.contains(" 403 "),
+        "the routing header from pods"
+    );
+    assert!(
+        status_line(&local, admin).await.contains(" 200 "),
+        "the admin API on the host"
+    );
+}

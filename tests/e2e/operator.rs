@@ -13,18 +13,6 @@ use kube_sts::crd::AWSRoleBinding;
 
 use crate::harness::*;
 
-/// A role in the STS peer that trusts the operator, granted to `ns`.
-fn granted_role(ns: &TestNamespace, external_id: Option<&str>) -> String {
-    let name = unique("role");
-    let arn = create_role(&name, &operator_arn(), external_id, true);
-    let out = kubectl(
-        &["apply", "--server-side", "-f", "-"],
-        Some(&grant_yaml(&ns.name, &ns.name, &arn)),
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    arn
-}
-
 async fn wait_secret(ns: &TestNamespace, name: &str) -> Secret {
     eventually(&format!("Secret {name}"), Duration::from_secs(60), || async {
         ns.secrets()
@@ -88,7 +76,7 @@ fn caller_arn_boto3(dir: &Path) -> String {
 async fn issues_credentials_that_work_through_credential_process() {
     let ns = TestNamespace::new("issue").await;
     ns.service_account("app").await;
-    let role = granted_role(&ns, None);
+    let role = granted_role(&ns, None, "");
     let sts = Forwarder::start().await;
     let operator = Operator::start(&ns.name, &sts, &[]);
     let dir = tempfile::tempdir().unwrap();
@@ -145,7 +133,7 @@ async fn issues_credentials_that_work_through_credential_process() {
 async fn refreshes_before_expiry() {
     let ns = TestNamespace::new("refresh").await;
     ns.service_account("app").await;
-    let role = granted_role(&ns, None);
+    let role = granted_role(&ns, None, "");
     let sts = Forwarder::start().await;
     let _operator = Operator::start(&ns.name, &sts, &[]);
     // The shortest session AWS allows, refreshed as early as allowed (L/2).
@@ -189,7 +177,7 @@ async fn refreshes_before_expiry() {
 async fn wrong_external_id_is_access_denied_without_a_secret() {
     let ns = TestNamespace::new("extid").await;
     ns.service_account("app").await;
-    let role = granted_role(&ns, Some("the-right-id"));
+    let role = granted_role(&ns, Some("the-right-id"), "");
     let sts = Forwarder::start().await;
     let _operator = Operator::start(&ns.name, &sts, &[]);
     ns.apply_ok(&binding_yaml("wrong", &role, &["app"], "  externalId: the-wrong-id\n"));
@@ -267,7 +255,7 @@ async fn ungranted_namespace_is_refused_without_sts_calls() {
 async fn foreign_secret_is_a_conflict_and_stays_byte_identical() {
     let ns = TestNamespace::new("conflict").await;
     ns.service_account("app").await;
-    let role = granted_role(&ns, None);
+    let role = granted_role(&ns, None, "");
     let foreign: Secret = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "mine-app", "labels": {"owner": "someone"}}, "stringData": {"token": "keep me"}}))
     .unwrap();
@@ -288,7 +276,7 @@ async fn foreign_secret_is_a_conflict_and_stays_byte_identical() {
 async fn deleted_or_edited_secret_is_restored_without_sts() {
     let ns = TestNamespace::new("restore").await;
     ns.service_account("app").await;
-    let role = granted_role(&ns, None);
+    let role = granted_role(&ns, None, "");
     let sts = Forwarder::start().await;
     let _operator = Operator::start(&ns.name, &sts, &[]);
     ns.apply_ok(&binding_yaml("r", &role, &["app"], ""));
@@ -320,7 +308,7 @@ async fn removed_subject_loses_its_secret_and_deleted_binding_is_collected() {
     let ns = TestNamespace::new("subjects").await;
     ns.service_account("a").await;
     ns.service_account("b").await;
-    let role = granted_role(&ns, None);
+    let role = granted_role(&ns, None, "");
     let sts = Forwarder::start().await;
     let operator = Operator::start(&ns.name, &sts, &[]);
     ns.apply_ok(&binding_yaml("two", &role, &["a", "b"], ""));
@@ -361,7 +349,7 @@ async fn removed_subject_loses_its_secret_and_deleted_binding_is_collected() {
 async fn deleted_service_account_loses_its_secret() {
     let ns = TestNamespace::new("sagone").await;
     ns.service_account("app").await;
-    let role = granted_role(&ns, None);
+    let role = granted_role(&ns, None, "");
     let sts = Forwarder::start().await;
     let _operator = Operator::start(&ns.name, &sts, &[]);
     ns.apply_ok(&binding_yaml("s", &role, &["app"], ""));
@@ -377,7 +365,7 @@ async fn restart_adopts_fresh_secrets_without_sts_calls_or_writes() {
     for sa in ["a", "b", "c"] {
         ns.service_account(sa).await;
     }
-    let role = granted_role(&ns, None);
+    let role = granted_role(&ns, None, "");
     let sts = Forwarder::start().await;
     let mut first = Operator::start(&ns.name, &sts, &[]);
     ns.apply_ok(&binding_yaml("x", &role, &["a", "b", "c"], ""));
@@ -404,7 +392,7 @@ async fn restart_adopts_fresh_secrets_without_sts_calls_or_writes() {
 async fn sts_outage_degrades_keeps_the_secret_and_recovers() {
     let ns = TestNamespace::new("outage").await;
     ns.service_account("app").await;
-    let role = granted_role(&ns, None);
+    let role = granted_role(&ns, None, "");
     let sts = Forwarder::start().await;
     let _operator = Operator::start(&ns.name, &sts, &[]);
     ns.apply_ok(&binding_yaml("o", &role, &["app"], ""));
@@ -458,7 +446,7 @@ fn kubectl_wait_ready(ns: &TestNamespace, name: &str) {
 async fn kubectl_wait_sees_ready_after_a_spec_change() {
     let ns = TestNamespace::new("wait").await;
     ns.service_account("app").await;
-    let role = granted_role(&ns, None);
+    let role = granted_role(&ns, None, "");
     let sts = Forwarder::start().await;
     let _operator = Operator::start(&ns.name, &sts, &[]);
     ns.apply_ok(&binding_yaml("w", &role, &["app"], ""));
@@ -487,7 +475,7 @@ async fn kubectl_wait_sees_ready_after_a_spec_change() {
 async fn no_secret_material_in_logs_events_or_status() {
     let ns = TestNamespace::new("leak").await;
     ns.service_account("app").await;
-    let role = granted_role(&ns, None);
+    let role = granted_role(&ns, None, "");
     let sts = Forwarder::start().await;
     let operator = Operator::start(&ns.name, &sts, &[]);
     ns.apply_ok(&binding_yaml("l", &role, &["app"], "  durationSeconds: 900\n"));
@@ -534,7 +522,7 @@ fn counter(metrics: &str, prefix: &str) -> u64 {
 async fn a_secret_write_that_keeps_failing_does_not_reissue() {
     let ns = TestNamespace::new("writefail").await;
     ns.service_account("app").await;
-    let role = granted_role(&ns, None);
+    let role = granted_role(&ns, None, "");
     // A ResourceQuota that says the namespace has used up its Secrets: the apiserver's
     // quota admission refuses every new Secret until the quota is gone. (No quota
     // controller runs here to recount, so the usage written into status stays.)

@@ -4,25 +4,23 @@
 //! timing") while the STS peer keeps the sessions valid. Ten rotations fit in minutes.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     io::{BufRead, BufReader},
     process::{Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
 use aws_config::{BehaviorVersion, profile::ProfileFileCredentialsProvider};
 use aws_runtime::env_config::file::{EnvConfigFileKind as ProfileFileKind, EnvConfigFiles as ProfileFiles};
-use futures::TryStreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     ResourceExt,
     api::{Patch, PatchParams},
-    runtime::{WatchStreamExt, watcher},
 };
 
-use crate::harness::*;
+use crate::{harness::*, secret_log::*};
 
 /// The session lifetime the operator sees: refreshed every ~30 s (lead L/2).
 const LIFETIME: Duration = Duration::from_secs(60);
@@ -30,77 +28,11 @@ const ROTATIONS: usize = 10;
 /// Generous: ten rotations take about five minutes, on a loaded machine a bit more.
 const ROTATIONS_DEADLINE: Duration = Duration::from_secs(15 * 60);
 
-/// A role in the STS peer that trusts the operator, granted to `ns`.
-fn granted_role(ns: &TestNamespace) -> String {
-    let arn = create_role(&unique("role"), &operator_arn(), None, true);
-    let out = kubectl(
-        &["apply", "--server-side", "-f", "-"],
-        Some(&grant_yaml(&ns.name, &ns.name, &arn)),
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    arn
-}
-
 /// A forwarder whose answers carry sessions of `LIFETIME`.
 async fn compressed_sts() -> Forwarder {
     let sts = Forwarder::start().await;
     sts.session_lifetime(Some(LIFETIME));
     sts
-}
-
-fn value(secret: &Secret, key: &str) -> Option<String> {
-    let v = secret.data.as_ref()?.get(key)?;
-    Some(String::from_utf8_lossy(&v.0).into_owned())
-}
-
-fn expiration(value: &str) -> Timestamp {
-    value.parse().unwrap_or_else(|e| panic!("expiration {value:?}: {e}"))
-}
-
-/// One version of a Secret as seen by a watch: when, its access key and expiry.
-#[derive(Clone, Debug)]
-pub(crate) struct Seen {
-    pub at: Timestamp,
-    pub key: String,
-    pub expiration: Timestamp,
-}
-
-/// Every access key the managed Secrets of a namespace held, per Secret, in order, from a
-/// watch (every write is an event).
-#[derive(Clone, Default)]
-pub(crate) struct SecretLog(Arc<Mutex<BTreeMap<String, Vec<Seen>>>>);
-
-impl SecretLog {
-    pub fn start(ns: &TestNamespace) -> Self {
-        let log = SecretLog::default();
-        let (inner, api) = (log.0.clone(), ns.secrets());
-        let config = watcher::Config::default().labels("app.kubernetes.io/managed-by=kube-sts");
-        tokio::spawn(async move {
-            let mut events = std::pin::pin!(watcher(api, config).default_backoff().applied_objects());
-            while let Ok(Some(secret)) = events.try_next().await {
-                let (Some(key), Some(exp)) = (
-                    value(&secret, "AWS_ACCESS_KEY_ID"),
-                    value(&secret, "AWS_CREDENTIAL_EXPIRATION"),
-                ) else {
-                    continue;
-                };
-                let mut log = inner.lock().unwrap();
-                let versions = log.entry(secret.name_any()).or_default();
-                if versions.last().is_none_or(|s| s.key != key) {
-                    versions.push(Seen {
-                        at: Timestamp::now(),
-                        key,
-                        expiration: expiration(&exp),
-                    });
-                }
-            }
-        });
-        log
-    }
-
-    pub fn keys(&self, secret: &str) -> Vec<Seen> {
-        self.0.lock().unwrap().get(secret).cloned().unwrap_or_default()
-    }
 }
 
 /// The first credentials of a subject's Secret, once it has them.
@@ -119,20 +51,6 @@ async fn wait_credentials(ns: &TestNamespace, name: &str) -> Secret {
     .await
 }
 
-/// Every new key reached the Secret while the key before it was still valid.
-pub(crate) fn assert_rotated_before_expiry(secret: &str, seen: &[Seen]) {
-    for pair in seen.windows(2) {
-        assert!(
-            pair[1].at < pair[0].expiration,
-            "{secret}: {} replaced {} only at {}, after it expired at {}",
-            pair[1].key,
-            pair[0].key,
-            pair[1].at,
-            pair[0].expiration
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_sts_call_per_subject_per_lifetime_over_ten_rotations() {
     let ns = TestNamespace::new("rotate").await;
@@ -140,7 +58,7 @@ async fn one_sts_call_per_subject_per_lifetime_over_ten_rotations() {
     for sa in subjects {
         ns.service_account(sa).await;
     }
-    let role = granted_role(&ns);
+    let role = granted_role(&ns, None, "");
     let sts = compressed_sts().await;
     let mut operator = Operator::start(&ns.name, &sts, &[]);
     let log = SecretLog::start(&ns);
@@ -236,7 +154,7 @@ async fn rust_consumer(
 async fn consumers_never_fail_nor_present_an_expired_key_over_ten_rotations() {
     let ns = TestNamespace::new("soak").await;
     ns.service_account("app").await;
-    let role = granted_role(&ns);
+    let role = granted_role(&ns, None, "");
     let sts = compressed_sts().await;
     let _operator = Operator::start(&ns.name, &sts, &[]);
     let dir = tempfile::tempdir().unwrap();
@@ -377,7 +295,7 @@ fn data_key_owners(ns: &TestNamespace, secret: &str) -> Vec<(String, String)> {
 async fn an_outage_past_expiry_leaves_no_trace_of_the_expired_credentials_and_recovers() {
     let ns = TestNamespace::new("expire").await;
     ns.service_account("app").await;
-    let role = granted_role(&ns);
+    let role = granted_role(&ns, None, "");
     let sts = compressed_sts().await;
     let operator = Operator::start(&ns.name, &sts, &[]);
     ns.apply_ok(&binding_yaml("gone", &role, &["app"], ""));
@@ -461,7 +379,7 @@ async fn an_outage_past_expiry_leaves_no_trace_of_the_expired_credentials_and_re
 async fn an_operator_restarted_past_the_refresh_time_refreshes_at_once_with_one_call() {
     let ns = TestNamespace::new("late").await;
     ns.service_account("app").await;
-    let role = granted_role(&ns);
+    let role = granted_role(&ns, None, "");
     let sts = Forwarder::start().await;
     // Two minutes: the refresh is due a minute before expiry.
     let lifetime = Duration::from_secs(120);
@@ -517,7 +435,7 @@ async fn an_operator_restarted_past_the_refresh_time_refreshes_at_once_with_one_
 async fn labels_and_annotations_dropped_from_the_spec_leave_the_secret() {
     let ns = TestNamespace::new("relabel").await;
     ns.service_account("app").await;
-    let role = granted_role(&ns);
+    let role = granted_role(&ns, None, "");
     let sts = Forwarder::start().await;
     let _operator = Operator::start(&ns.name, &sts, &[]);
     ns.apply_ok(&binding_yaml(
