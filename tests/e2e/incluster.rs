@@ -534,7 +534,10 @@ async fn helm_upgrade_and_uninstall_keep_the_credentials_a_running_pod_uses() {
     release.uninstall();
     let (op, ns) = (&release.op, &release.tenant);
     let pods: Api<Pod> = Api::namespaced(op.client.clone(), &op.name);
-    eventually("no operator pod is left", Duration::from_secs(120), || async {
+    // The pods go by the garbage collector (Deployment, then ReplicaSet, then pods), which
+    // lags by minutes while the whole suite churns objects (seen: over two minutes; 15 s
+    // alone). Meanwhile the pod cannot act: its ServiceAccount is gone with the release.
+    eventually("no operator pod is left", Duration::from_secs(300), || async {
         let left = pods
             .list(&ListParams::default().labels(&operator_pods(op)))
             .await
