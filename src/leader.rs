@@ -102,7 +102,13 @@ fn decide(spec: &LeaseSpec, identity: &str, observed_for: Duration, default_dura
 }
 
 /// The record written when taking or renewing.
-fn holder_spec(previous: &LeaseSpec, ours: bool, identity: &str, duration: Duration, now: Timestamp) -> LeaseSpec {
+pub(crate) fn holder_spec(
+    previous: &LeaseSpec,
+    ours: bool,
+    identity: &str,
+    duration: Duration,
+    now: Timestamp,
+) -> LeaseSpec {
     LeaseSpec {
         holder_identity: Some(identity.to_string()),
         lease_duration_seconds: Some(i32::try_from(duration.as_secs()).unwrap_or(i32::MAX)),
@@ -150,7 +156,7 @@ pub struct Elector {
     renewed_at: Option<Instant>,
 }
 
-fn api_error_text(e: &kube::Error) -> String {
+pub(crate) fn api_error_text(e: &kube::Error) -> String {
     match e {
         kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
         other => other.to_string(),

@@ -1,0 +1,426 @@
+//! The Lease I/O of sharding: every `retry_period` one list of the group's Leases (label
+//! `kube-sts.io/lease-group=<lease-name>`), this replica's membership Lease renewed, each
+//! shard seen as ours, free or held ([`super::ShardView`]), [`super::plan`] applied with
+//! compare-and-swap writes, the held shards renewed every `renew_period`. A shard is lost
+//! when another holder shows in its record or it has not been renewed for `renew_deadline`.
+//!
+//! API calls: `list`, `create`, `update` and `delete` of Leases in the lease namespace.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use jiff::Timestamp;
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ListParams, PostParams, Preconditions},
+};
+use tokio::time::{Instant, sleep, timeout};
+
+use super::{Gate, ShardView, member_lease_name, plan, shard_lease_name};
+use crate::leader::{LeaseSettings, api_error_text, holder_spec};
+
+/// Label of every Lease of a shard group (shards and members), valued the lease name.
+pub const GROUP_LABEL: &str = "kube-sts.io/lease-group";
+
+#[derive(Default)]
+struct Shard {
+    /// The record last seen and when (our clock) it was first seen like that.
+    observed: Option<(LeaseSpec, Instant)>,
+    /// When it was first seen free, while it is.
+    free_since: Option<Instant>,
+    /// Start of the last write that left us holding it.
+    renewed_at: Option<Instant>,
+    draining: bool,
+}
+
+enum Write {
+    Acquire(u32),
+    Renew(u32),
+    Release(u32),
+}
+
+pub struct ShardLeases {
+    api: Api<Lease>,
+    settings: LeaseSettings,
+    gate: Arc<Gate>,
+    shards: Vec<Shard>,
+    member: String,
+    member_renewed_at: Option<Instant>,
+    /// Other members' records as last seen and since when.
+    members: HashMap<String, (LeaseSpec, Instant)>,
+    last_problem: String,
+}
+
+fn duration_of(spec: &LeaseSpec, default: Duration) -> Duration {
+    spec.lease_duration_seconds
+        .and_then(|s| u64::try_from(s).ok())
+        .map(Duration::from_secs)
+        .unwrap_or(default)
+}
+
+fn holder(spec: &LeaseSpec) -> Option<&str> {
+    spec.holder_identity.as_deref().filter(|h| !h.is_empty())
+}
+
+/// How long `spec` has been seen unchanged, recording it when it changed.
+fn observe(observed: &mut Option<(LeaseSpec, Instant)>, spec: &LeaseSpec, now: Instant) -> Duration {
+    match observed {
+        Some((seen, at)) if seen == spec => now - *at,
+        _ => {
+            *observed = Some((spec.clone(), now));
+            Duration::ZERO
+        }
+    }
+}
+
+impl ShardLeases {
+    /// `settings.name` is the group's lease name; shard Leases and membership Leases are
+    /// named after it.
+    pub fn new(client: Client, settings: LeaseSettings, gate: Arc<Gate>) -> Self {
+        let shards = (0..gate.shards()).map(|_| Shard::default()).collect();
+        ShardLeases {
+            api: Api::namespaced(client, &settings.namespace),
+            member: member_lease_name(&settings.name, &settings.identity),
+            settings,
+            gate,
+            shards,
+            member_renewed_at: None,
+            members: HashMap::new(),
+            last_problem: String::new(),
+        }
+    }
+
+    fn lease(&self, name: String, spec: LeaseSpec) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(name),
+                labels: Some([(GROUP_LABEL.to_string(), self.settings.name.clone())].into()),
+                ..Default::default()
+            },
+            spec: Some(spec),
+        }
+    }
+
+    fn problem(&mut self, problem: String) {
+        if problem != self.last_problem {
+            tracing::warn!(lease = %self.settings.name, namespace = %self.settings.namespace, error = %problem, "shard Leases: retrying");
+            self.last_problem = problem;
+        }
+    }
+
+    fn lose(&mut self, shard: u32, why: &str) {
+        let state = &mut self.shards[shard as usize];
+        if state.renewed_at.take().is_some() {
+            state.draining = false;
+            tracing::error!(shard, lease = %shard_lease_name(&self.settings.name, shard), reason = why, "lost shard; stopped reconciling it");
+            self.gate.dropped(shard);
+        }
+    }
+
+    /// Takes, keeps and gives up shards until `stop` completes; then gives every shard up
+    /// (the controller has stopped by then) and deletes the membership Lease.
+    pub async fn run(mut self, stop: impl Future<Output = ()>) {
+        let mut stop = std::pin::pin!(stop);
+        tracing::info!(lease = %self.settings.name, namespace = %self.settings.namespace, identity = %self.settings.identity, shards = self.shards.len(), "joining the shard group");
+        loop {
+            self.round().await;
+            let pause = self.settings.retry_period.mul_f64(1.0 + rand::random::<f64>() * 0.2);
+            tokio::select! {
+                () = &mut stop => break,
+                () = sleep(pause) => {}
+            }
+        }
+        self.leave().await;
+    }
+
+    async fn list(&mut self) -> Option<HashMap<String, Lease>> {
+        let params = ListParams::default().labels(&format!("{GROUP_LABEL}={}", self.settings.name));
+        match timeout(self.settings.request_timeout, self.api.list(&params)).await {
+            Ok(Ok(list)) => Some(list.items.into_iter().map(|l| (l.name_any(), l)).collect()),
+            Ok(Err(e)) => {
+                self.problem(api_error_text(&e));
+                None
+            }
+            Err(_) => {
+                self.problem(format!("no answer within {:?}", self.settings.request_timeout));
+                None
+            }
+        }
+    }
+
+    /// One compare-and-swap write of `lease` (create when it has no resourceVersion).
+    async fn write(api: &Api<Lease>, lease: Lease, limit: Duration) -> Result<Lease, String> {
+        let name = lease.name_any();
+        let work = async {
+            if lease.metadata.resource_version.is_none() {
+                api.create(&PostParams::default(), &lease).await
+            } else {
+                api.replace(&name, &PostParams::default(), &lease).await
+            }
+        };
+        match timeout(limit, work).await {
+            Ok(Ok(written)) => Ok(written),
+            Ok(Err(kube::Error::Api(e))) if e.code == 409 => Err("changed meanwhile".into()),
+            Ok(Err(e)) => Err(api_error_text(&e)),
+            Err(_) => Err(format!("no answer within {limit:?}")),
+        }
+    }
+
+    async fn round(&mut self) {
+        let s = self.settings.clone();
+        let now = Instant::now();
+        for shard in 0..self.shards.len() as u32 {
+            if self.shards[shard as usize]
+                .renewed_at
+                .is_some_and(|at| now >= at + s.renew_deadline)
+            {
+                self.lose(shard, "not renewed within the renew deadline");
+            }
+        }
+        let Some(mut leases) = self.list().await else {
+            return;
+        };
+        let now = Instant::now();
+
+        // This replica's membership.
+        if self.member_renewed_at.is_none_or(|at| now >= at + s.renew_period) {
+            let previous = leases.remove(&self.member);
+            let spec = holder_spec(
+                &previous.as_ref().and_then(|l| l.spec.clone()).unwrap_or_default(),
+                true,
+                &s.identity,
+                s.lease_duration,
+                Timestamp::now(),
+            );
+            let lease = match previous {
+                Some(mut lease) => {
+                    lease.spec = Some(spec);
+                    lease
+                }
+                None => self.lease(self.member.clone(), spec),
+            };
+            match Self::write(&self.api, lease, s.request_timeout).await {
+                Ok(_) => self.member_renewed_at = Some(now),
+                Err(problem) => self.problem(format!("membership Lease {}: {problem}", self.member)),
+            }
+        }
+        // Other members: live while their record changes within its duration.
+        let member_prefix = member_lease_name(&s.name, "");
+        let mut live = Vec::new();
+        let mut lapsed = Vec::new();
+        for (name, lease) in &leases {
+            if !name.starts_with(&member_prefix) || *name == self.member {
+                continue;
+            }
+            let spec = lease.spec.clone().unwrap_or_default();
+            let mut observed = self.members.remove(name);
+            let unchanged_for = observe(&mut observed, &spec, now);
+            self.members.insert(name.clone(), observed.expect("observed"));
+            let duration = duration_of(&spec, s.lease_duration);
+            match holder(&spec) {
+                Some(h) if unchanged_for < duration => live.push(h.to_string()),
+                // Long gone (killed): clean up, guarded by the version seen.
+                _ if unchanged_for >= 2 * duration => lapsed.push(lease.clone()),
+                _ => {}
+            }
+        }
+        self.members.retain(|name, _| leases.contains_key(name));
+        for lease in lapsed {
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    resource_version: lease.resource_version(),
+                    uid: lease.uid(),
+                }),
+                ..Default::default()
+            };
+            let name = lease.name_any();
+            if let Ok(Ok(_)) = timeout(s.request_timeout, self.api.delete(&name, &params)).await {
+                tracing::info!(lease = %name, "deleted the membership Lease of a replica gone");
+            }
+        }
+
+        // The shards as seen now.
+        let mut views = Vec::with_capacity(self.shards.len());
+        let mut lost = Vec::new();
+        for (i, state) in self.shards.iter_mut().enumerate() {
+            let spec = leases
+                .get(&shard_lease_name(&s.name, i as u32))
+                .and_then(|l| l.spec.clone())
+                .unwrap_or_default();
+            let unchanged_for = observe(&mut state.observed, &spec, now);
+            let view = match holder(&spec) {
+                // Also a record naming us that we do not know we hold (an earlier write whose
+                // answer was lost): renewed as ours.
+                Some(h) if h == s.identity => ShardView::Ours,
+                Some(h) if state.renewed_at.is_some() => {
+                    lost.push((i as u32, format!("now held by {h}")));
+                    ShardView::Held { holder: h.to_string() }
+                }
+                Some(h) if unchanged_for < duration_of(&spec, s.lease_duration) => {
+                    ShardView::Held { holder: h.to_string() }
+                }
+                _ => {
+                    if state.renewed_at.is_some() {
+                        lost.push((i as u32, "released by someone else".to_string()));
+                    }
+                    ShardView::Free {
+                        for_: now - *state.free_since.get_or_insert(now),
+                    }
+                }
+            };
+            if !matches!(view, ShardView::Free { .. }) {
+                state.free_since = None;
+            }
+            views.push(view);
+        }
+        for (shard, why) in lost {
+            self.lose(shard, &why);
+        }
+        let draining: Vec<u32> = (0..self.shards.len() as u32)
+            .filter(|i| self.shards[*i as usize].draining)
+            .collect();
+        let plan = plan(&views, &live, &draining, 2 * s.lease_duration);
+        for shard in &plan.release {
+            tracing::info!(
+                shard,
+                "above the fair share while another replica is below it: giving the shard up"
+            );
+            self.shards[*shard as usize].draining = true;
+            self.gate.drain(*shard);
+        }
+
+        let mut writes = Vec::new();
+        for (i, state) in self.shards.iter().enumerate() {
+            let shard = i as u32;
+            if state.draining && self.gate.drained(shard) {
+                writes.push(Write::Release(shard));
+            } else if views[i] == ShardView::Ours && state.renewed_at.is_none_or(|at| now >= at + s.renew_period) {
+                writes.push(Write::Renew(shard));
+            }
+        }
+        writes.extend(plan.acquire.iter().map(|shard| Write::Acquire(*shard)));
+        let started = Instant::now();
+        let stamp = Timestamp::now();
+        let requests = writes.iter().map(|write| {
+            let (shard, ours, release) = match write {
+                Write::Acquire(i) => (*i, false, false),
+                Write::Renew(i) => (*i, true, false),
+                Write::Release(i) => (*i, true, true),
+            };
+            let name = shard_lease_name(&s.name, shard);
+            let previous = leases.get(&name).cloned();
+            let spec = previous.as_ref().and_then(|l| l.spec.clone()).unwrap_or_default();
+            let spec = if release {
+                released_spec(spec, stamp)
+            } else {
+                holder_spec(&spec, ours, &s.identity, s.lease_duration, stamp)
+            };
+            let lease = match previous {
+                Some(mut lease) => {
+                    lease.spec = Some(spec);
+                    lease
+                }
+                None => self.lease(name, spec),
+            };
+            Self::write(&self.api, lease, s.request_timeout)
+        });
+        let results = futures::future::join_all(requests).await;
+        for (write, result) in writes.into_iter().zip(results) {
+            match (write, result) {
+                (Write::Acquire(shard), Ok(lease)) => {
+                    let state = &mut self.shards[shard as usize];
+                    observe(&mut state.observed, &lease.spec.unwrap_or_default(), Instant::now());
+                    state.renewed_at = Some(started);
+                    state.free_since = None;
+                    tracing::info!(shard, lease = %shard_lease_name(&s.name, shard), "acquired shard");
+                    self.gate.acquired(shard, started, s.renew_deadline);
+                }
+                (Write::Renew(shard), Ok(lease)) => {
+                    let state = &mut self.shards[shard as usize];
+                    observe(&mut state.observed, &lease.spec.unwrap_or_default(), Instant::now());
+                    if state.renewed_at.is_none() {
+                        tracing::info!(shard, lease = %shard_lease_name(&s.name, shard), "acquired shard");
+                        self.gate.acquired(shard, started, s.renew_deadline);
+                    } else {
+                        self.gate.renewed(shard, started, s.renew_deadline);
+                    }
+                    state.renewed_at = Some(started);
+                }
+                (Write::Release(shard), Ok(_)) => {
+                    let state = &mut self.shards[shard as usize];
+                    state.renewed_at = None;
+                    state.draining = false;
+                    tracing::info!(shard, lease = %shard_lease_name(&s.name, shard), "released shard");
+                    self.gate.dropped(shard);
+                }
+                (Write::Acquire(shard) | Write::Renew(shard) | Write::Release(shard), Err(problem)) => {
+                    tracing::debug!(shard, error = %problem, "shard Lease write failed");
+                    if problem != "changed meanwhile" {
+                        self.problem(format!("shard {shard}: {problem}"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives every held shard up and leaves the group.
+    async fn leave(mut self) {
+        let s = self.settings.clone();
+        let deadline = Instant::now() + s.renew_deadline;
+        for shard in 0..self.shards.len() as u32 {
+            if self.shards[shard as usize].renewed_at.is_none() {
+                continue;
+            }
+            self.gate.drain(shard);
+            while !self.gate.drained(shard) && Instant::now() < deadline {
+                sleep(Duration::from_millis(50)).await;
+            }
+            let name = shard_lease_name(&s.name, shard);
+            let released = async {
+                let mut lease = self.api.get(&name).await.map_err(|e| api_error_text(&e))?;
+                let spec = lease.spec.clone().unwrap_or_default();
+                if holder(&spec) != Some(s.identity.as_str()) {
+                    return Ok(false);
+                }
+                lease.spec = Some(released_spec(spec, Timestamp::now()));
+                Self::write(&self.api, lease, s.request_timeout).await.map(|_| true)
+            };
+            match timeout(s.request_timeout, released).await {
+                Ok(Ok(true)) => tracing::info!(shard, lease = %name, "released shard"),
+                Ok(Ok(false)) => {}
+                Ok(Err(problem)) => {
+                    tracing::warn!(shard, lease = %name, error = %problem, "releasing the shard failed")
+                }
+                Err(_) => tracing::warn!(shard, lease = %name, "releasing the shard: no answer"),
+            }
+            self.shards[shard as usize].renewed_at = None;
+            self.gate.dropped(shard);
+        }
+        match timeout(
+            s.request_timeout,
+            self.api.delete(&self.member, &DeleteParams::default()),
+        )
+        .await
+        {
+            Ok(Ok(_)) => tracing::info!(lease = %self.member, "left the shard group"),
+            Ok(Err(e)) => {
+                tracing::warn!(lease = %self.member, error = %api_error_text(&e), "deleting the membership Lease failed")
+            }
+            Err(_) => tracing::warn!(lease = %self.member, "deleting the membership Lease: no answer"),
+        }
+    }
+}
+
+/// The record of a released Lease: no holder, so the next candidate takes it at once.
+fn released_spec(spec: LeaseSpec, now: Timestamp) -> LeaseSpec {
+    LeaseSpec {
+        holder_identity: None,
+        lease_duration_seconds: Some(1),
+        acquire_time: Some(MicroTime(now)),
+        renew_time: Some(MicroTime(now)),
+        ..spec
+    }
+}

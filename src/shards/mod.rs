@@ -1,0 +1,310 @@
+//! Sharding across replicas (`kube-sts run --shards N`, N > 1).
+//!
+//! A namespace belongs to shard `fnv1a64(name) mod N` (FNV-1a, 64 bits, over the UTF-8
+//! bytes of the name: fixed by its definition, the same on every platform and version). Each
+//! shard has a `coordination.k8s.io/v1` Lease `<lease-name>-shard-<i>`; a replica reconciles
+//! the bindings of a namespace only while it holds that namespace's shard Lease, with the
+//! discipline of [`crate::leader`]: every write a compare-and-swap on the resourceVersion, a
+//! held Lease taken over only after its record was seen unchanged for a whole lease duration
+//! on the taker's monotonic clock, and reconciling of a shard stopped (in-flight reconciles
+//! cancelled) once it has not been renewed for `renew_deadline` (< lease duration).
+//!
+//! Live replicas are learned from membership Leases `<lease-name>-member-<identity>`, one per
+//! process, renewed with the shard Leases and deleted on shutdown (a replica holding no shard
+//! is visible there, so a restarted replica gets its share back). Each replica aims at its
+//! fair share, `ceil(N / live replicas)`: it takes free or lapsed shards while below it, and
+//! gives extras up while above it and another live replica is below it (stops reconciling
+//! them, waits for their in-flight reconciles, then releases the Lease).
+//!
+//! - this file: the pure rules (shard of a namespace, what to acquire and release);
+//! - `gate`: what the controller asks (may this binding be reconciled now? which namespaces
+//!   are cached?) and the watch streams filtered and restarted by the held shards;
+//! - `leases`: the Lease I/O loop.
+
+use std::time::Duration;
+
+pub mod gate;
+pub mod leases;
+
+pub use gate::{Gate, Scope};
+
+/// The shard of a namespace: FNV-1a 64 of its name, modulo `shards`.
+pub fn shard_of(namespace: &str, shards: u32) -> u32 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let hash = namespace
+        .bytes()
+        .fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME));
+    u32::try_from(hash % u64::from(shards.max(1))).expect("below a u32")
+}
+
+/// Name of shard `i`'s Lease.
+pub fn shard_lease_name(base: &str, shard: u32) -> String {
+    format!("{base}-shard-{shard}")
+}
+
+/// Name of a replica's membership Lease: the identity made a valid object name (lower case,
+/// `_` and other characters as `-`).
+pub fn member_lease_name(base: &str, identity: &str) -> String {
+    let identity: String = identity
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '-' | '.') => c,
+            _ => '-',
+        })
+        .collect();
+    format!("{base}-member-{}", identity.trim_matches(|c| c == '-' || c == '.'))
+}
+
+/// What this replica sees of one shard's Lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardView {
+    /// This replica holds it.
+    Ours,
+    /// Nobody holds it (missing, released, or its holder's record has been seen unchanged
+    /// for a whole lease duration), for `for_` as far as this replica has seen.
+    Free { for_: Duration },
+    /// Another replica holds it.
+    Held { holder: String },
+}
+
+/// What to do with the shard Leases this round.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub acquire: Vec<u32>,
+    pub release: Vec<u32>,
+}
+
+/// Each live replica's fair share of `shards`.
+pub fn fair_share(shards: u32, live: usize) -> usize {
+    (shards as usize).div_ceil(live.max(1))
+}
+
+/// The pure rule. `views[i]` is shard `i`; `members` are the identities of the live
+/// replicas other than this one; `shards_draining` are ours already being given up (counted
+/// as given up). A free shard is taken while below the fair share, and by anyone once it has
+/// been free for `orphaned_after` (no replica at or above its share leaves a shard unheld for
+/// long, whatever it believes about membership). Extras are given up only as far as some
+/// other live replica is below its share and could take them.
+pub fn plan(views: &[ShardView], members: &[String], draining: &[u32], orphaned_after: Duration) -> Plan {
+    let shards = u32::try_from(views.len()).expect("shard count fits u32");
+    let fair = fair_share(shards, members.len() + 1);
+    let ours: Vec<u32> = (0..shards)
+        .filter(|i| views[*i as usize] == ShardView::Ours && !draining.contains(i))
+        .collect();
+    let mut plan = Plan::default();
+    if ours.len() > fair {
+        let held_by = |m: &String| {
+            views
+                .iter()
+                .filter(|v| matches!(v, ShardView::Held { holder } if holder == m))
+                .count()
+        };
+        let deficit: usize = members.iter().map(|m| fair.saturating_sub(held_by(m))).sum();
+        let free = views.iter().filter(|v| matches!(v, ShardView::Free { .. })).count();
+        // Shards already free (or being given up) fill deficits first.
+        let wanted = deficit.saturating_sub(free + draining.len());
+        let extra = (ours.len() - fair).min(wanted);
+        plan.release = ours.iter().rev().take(extra).copied().collect();
+        plan.release.sort_unstable();
+    }
+    let mut room = fair.saturating_sub(ours.len());
+    for (i, view) in (0..shards).zip(views) {
+        if let ShardView::Free { for_ } = view {
+            if room > 0 {
+                room -= 1;
+                plan.acquire.push(i);
+            } else if *for_ >= orphaned_after {
+                plan.acquire.push(i);
+            }
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: Duration = Duration::from_secs(30);
+
+    fn free() -> ShardView {
+        ShardView::Free { for_: Duration::ZERO }
+    }
+
+    fn held(h: &str) -> ShardView {
+        ShardView::Held { holder: h.into() }
+    }
+
+    fn members(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn shard_of_is_fnv1a_64_and_spreads() {
+        // FNV-1a 64 reference values: "" = cbf29ce484222325, "a" = af63dc4c8601ec8c.
+        assert_eq!(shard_of("", 1 << 31), (0xcbf2_9ce4_8422_2325u64 % (1 << 31)) as u32);
+        assert_eq!(shard_of("a", 1 << 31), (0xaf63_dc4c_8601_ec8cu64 % (1 << 31)) as u32);
+        assert_eq!(shard_of("team-a", 1), 0);
+        assert_eq!(shard_of("team-a", 0), 0, "0 shards is treated as 1");
+        let mut counts = [0u32; 4];
+        for i in 0..400 {
+            counts[shard_of(&format!("team-{i}"), 4) as usize] += 1;
+        }
+        assert!(counts.iter().all(|c| *c > 60), "{counts:?}");
+    }
+
+    #[test]
+    fn lease_names() {
+        assert_eq!(shard_lease_name("kube-sts", 3), "kube-sts-shard-3");
+        assert_eq!(
+            member_lease_name("kube-sts", "Kube-STS-7d9f_x1y2z3"),
+            "kube-sts-member-kube-sts-7d9f-x1y2z3"
+        );
+    }
+
+    #[test]
+    fn fair_share_rounds_up() {
+        assert_eq!(fair_share(8, 3), 3);
+        assert_eq!(fair_share(8, 2), 4);
+        assert_eq!(fair_share(3, 5), 1);
+        assert_eq!(fair_share(4, 0), 4);
+    }
+
+    #[test]
+    fn plans() {
+        struct Case {
+            what: &'static str,
+            views: Vec<ShardView>,
+            members: Vec<String>,
+            draining: Vec<u32>,
+            want: Plan,
+        }
+        let ours = || ShardView::Ours;
+        let plan_of = |acquire: &[u32], release: &[u32]| Plan {
+            acquire: acquire.to_vec(),
+            release: release.to_vec(),
+        };
+        let cases = [
+            Case {
+                what: "alone: take every shard",
+                views: vec![free(), free(), free(), free()],
+                members: vec![],
+                draining: vec![],
+                want: plan_of(&[0, 1, 2, 3], &[]),
+            },
+            Case {
+                what: "three replicas starting: each takes its share, lowest first",
+                views: vec![free(), free(), free(), free()],
+                members: members(&["b", "c"]),
+                draining: vec![],
+                want: plan_of(&[0, 1], &[]),
+            },
+            Case {
+                what: "others hold their share: take what is free up to ours",
+                views: vec![held("b"), held("b"), free(), held("c"), held("c"), free()],
+                members: members(&["b", "c"]),
+                draining: vec![],
+                want: plan_of(&[2, 5], &[]),
+            },
+            Case {
+                what: "held shards are never taken (lapse shows as Free)",
+                views: vec![held("b"), held("b"), held("b"), held("b")],
+                members: members(&[]),
+                draining: vec![],
+                want: plan_of(&[], &[]),
+            },
+            Case {
+                what: "a replica came back holding nothing: give extras up",
+                views: vec![ours(), ours(), ours(), held("b"), held("b"), held("b")],
+                members: members(&["b", "c"]),
+                draining: vec![],
+                want: plan_of(&[], &[2]),
+            },
+            Case {
+                what: "above the share but nobody could take more: keep",
+                views: vec![ours(), ours(), ours(), held("b"), held("b"), held("b")],
+                members: members(&["b"]),
+                draining: vec![],
+                want: plan_of(&[], &[]),
+            },
+            Case {
+                what: "a newcomer: a free shard counts toward its deficit",
+                views: vec![ours(), ours(), ours(), held("b"), held("b"), free()],
+                members: members(&["b", "c"]),
+                draining: vec![],
+                want: plan_of(&[], &[2]),
+            },
+            Case {
+                what: "a shard being given up counts as given up",
+                views: vec![ours(), ours(), ours(), held("b"), held("b"), held("b")],
+                members: members(&["b", "c"]),
+                draining: vec![2],
+                want: plan_of(&[], &[]),
+            },
+            Case {
+                what: "at the share: a free shard is left to the replica below it",
+                views: vec![ours(), ours(), held("b"), held("b"), free(), held("c")],
+                members: members(&["b", "c"]),
+                draining: vec![],
+                want: plan_of(&[], &[]),
+            },
+            Case {
+                what: "at the share: a shard free for long is taken anyway",
+                views: vec![
+                    ours(),
+                    ours(),
+                    held("b"),
+                    held("b"),
+                    ShardView::Free { for_: GRACE },
+                    held("c"),
+                ],
+                members: members(&["b", "c"]),
+                draining: vec![],
+                want: plan_of(&[4], &[]),
+            },
+        ];
+        for case in cases {
+            assert_eq!(
+                plan(&case.views, &case.members, &case.draining, GRACE),
+                case.want,
+                "{}",
+                case.what
+            );
+        }
+    }
+
+    #[test]
+    fn plans_converge_to_one_holder_each() {
+        // Three replicas acting in turn on one shared view converge to 3/3/2 of 8.
+        let names = ["a", "b", "c"];
+        let mut holders: Vec<Option<&str>> = vec![Some("a"); 8];
+        for _round in 0..6 {
+            for me in names {
+                let views: Vec<ShardView> = holders
+                    .iter()
+                    .map(|h| match h {
+                        None => free(),
+                        Some(h) if *h == me => ShardView::Ours,
+                        Some(h) => held(h),
+                    })
+                    .collect();
+                let others: Vec<String> = names.iter().filter(|n| **n != me).map(|n| n.to_string()).collect();
+                let p = plan(&views, &others, &[], GRACE);
+                for i in p.release {
+                    holders[i as usize] = None;
+                }
+                for i in p.acquire {
+                    holders[i as usize] = Some(me);
+                }
+            }
+        }
+        let mut counts: Vec<usize> = names
+            .iter()
+            .map(|n| holders.iter().filter(|h| **h == Some(*n)).count())
+            .collect();
+        counts.sort_unstable();
+        assert_eq!(counts, [2, 3, 3], "{holders:?}");
+        assert!(holders.iter().all(Option::is_some));
+    }
+}
