@@ -81,34 +81,43 @@ pub fn fair_share(shards: u32, live: usize) -> usize {
 }
 
 /// The pure rule. `views[i]` is shard `i`; `members` are the identities of the live
-/// replicas other than this one; `shards_draining` are ours already being given up (counted
-/// as given up). A free shard is taken while below the fair share, and by anyone once it has
-/// been free for `orphaned_after` (no replica at or above its share leaves a shard unheld for
-/// long, whatever it believes about membership). Extras are given up only as far as some
-/// other live replica is below its share and could take them.
+/// replicas other than this one; `draining` are ours already being given up (counted as
+/// given up).
+///
+/// - A free shard is taken while below the fair share and no other live replica holds fewer
+///   (they are left to the neediest), and by anyone once it has been free for
+///   `orphaned_after` (whatever a replica believes about membership, no shard stays unheld
+///   for long).
+/// - Extras above the fair share are given up as far as other live replicas are below it;
+///   and one shard when another live replica holds two fewer (with 4 shards and 3 replicas
+///   a returning replica would otherwise stay at 0 beside 2 and 2) — only while no shard
+///   is free or being given up already.
 pub fn plan(views: &[ShardView], members: &[String], draining: &[u32], orphaned_after: Duration) -> Plan {
     let shards = u32::try_from(views.len()).expect("shard count fits u32");
     let fair = fair_share(shards, members.len() + 1);
     let ours: Vec<u32> = (0..shards)
         .filter(|i| views[*i as usize] == ShardView::Ours && !draining.contains(i))
         .collect();
+    let held_by = |m: &String| {
+        views
+            .iter()
+            .filter(|v| matches!(v, ShardView::Held { holder } if holder == m))
+            .count()
+    };
+    let fewest = members.iter().map(held_by).min();
+    let free = views.iter().filter(|v| matches!(v, ShardView::Free { .. })).count();
     let mut plan = Plan::default();
-    if ours.len() > fair {
-        let held_by = |m: &String| {
-            views
-                .iter()
-                .filter(|v| matches!(v, ShardView::Held { holder } if holder == m))
-                .count()
-        };
-        let deficit: usize = members.iter().map(|m| fair.saturating_sub(held_by(m))).sum();
-        let free = views.iter().filter(|v| matches!(v, ShardView::Free { .. })).count();
-        // Shards already free (or being given up) fill deficits first.
-        let wanted = deficit.saturating_sub(free + draining.len());
-        let extra = (ours.len() - fair).min(wanted);
-        plan.release = ours.iter().rev().take(extra).copied().collect();
-        plan.release.sort_unstable();
+    let deficit: usize = members.iter().map(|m| fair.saturating_sub(held_by(m))).sum();
+    // Shards already free (or being given up) fill deficits first.
+    let unfilled = deficit.saturating_sub(free + draining.len());
+    let mut release = ours.len().saturating_sub(fair).min(unfilled);
+    if release == 0 && free + draining.len() == 0 && fewest.is_some_and(|f| ours.len() >= f + 2) {
+        release = 1;
     }
-    let mut room = fair.saturating_sub(ours.len());
+    plan.release = ours.iter().rev().take(release).copied().collect();
+    plan.release.sort_unstable();
+    let neediest = fewest.is_none_or(|f| ours.len() <= f);
+    let mut room = if neediest { fair.saturating_sub(ours.len()) } else { 0 };
     for (i, view) in (0..shards).zip(views) {
         if let ShardView::Free { for_ } = view {
             if room > 0 {
@@ -236,6 +245,27 @@ mod tests {
                 want: plan_of(&[], &[2]),
             },
             Case {
+                what: "4 shards, a replica back at 0 beside 2 and 2: one each is given up",
+                views: vec![ours(), ours(), held("b"), held("b")],
+                members: members(&["b", "c"]),
+                draining: vec![],
+                want: plan_of(&[], &[1]),
+            },
+            Case {
+                what: "free shards are left to a replica holding fewer",
+                views: vec![ours(), free(), held("b"), free()],
+                members: members(&["b", "c"]),
+                draining: vec![],
+                want: plan_of(&[], &[]),
+            },
+            Case {
+                what: "the neediest takes up to its share",
+                views: vec![held("a"), free(), held("b"), free()],
+                members: members(&["a", "b"]),
+                draining: vec![],
+                want: plan_of(&[1, 3], &[]),
+            },
+            Case {
                 what: "a shard being given up counts as given up",
                 views: vec![ours(), ours(), ours(), held("b"), held("b"), held("b")],
                 members: members(&["b", "c"]),
@@ -305,6 +335,40 @@ mod tests {
             .collect();
         counts.sort_unstable();
         assert_eq!(counts, [2, 3, 3], "{holders:?}");
+        assert!(holders.iter().all(Option::is_some));
+    }
+
+    #[test]
+    fn a_returning_replica_gets_shards_back() {
+        // 4 shards held 2/2 by a and b; c comes back with none: 1/1/2 (or a permutation).
+        let names = ["a", "b", "c"];
+        let mut holders: Vec<Option<&str>> = vec![Some("a"), Some("a"), Some("b"), Some("b")];
+        for _round in 0..6 {
+            for me in names {
+                let views: Vec<ShardView> = holders
+                    .iter()
+                    .map(|h| match h {
+                        None => free(),
+                        Some(h) if *h == me => ShardView::Ours,
+                        Some(h) => held(h),
+                    })
+                    .collect();
+                let others: Vec<String> = names.iter().filter(|n| **n != me).map(|n| n.to_string()).collect();
+                let p = plan(&views, &others, &[], GRACE);
+                for i in p.release {
+                    holders[i as usize] = None;
+                }
+                for i in p.acquire {
+                    holders[i as usize] = Some(me);
+                }
+            }
+        }
+        let mut counts: Vec<usize> = names
+            .iter()
+            .map(|n| holders.iter().filter(|h| **h == Some(*n)).count())
+            .collect();
+        counts.sort_unstable();
+        assert_eq!(counts, [1, 1, 2], "{holders:?}");
         assert!(holders.iter().all(Option::is_some));
     }
 }

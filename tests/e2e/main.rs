@@ -12,4 +12,5 @@ mod operator;
 mod rbac;
 mod rotation;
 mod security;
+mod shards;
 mod webhook;
