@@ -19,11 +19,13 @@ use kube::{
 };
 use tokio::time::{Instant, sleep, timeout};
 
-use super::{Gate, ShardView, member_lease_name, plan, shard_lease_name};
+use super::{Gate, Plan, ShardView, may_acquire, member_lease_name, plan, shard_lease_name};
 use crate::leader::{LeaseSettings, api_error_text, holder_spec};
 
 /// Label of every Lease of a shard group (shards and members), valued the lease name.
 pub const GROUP_LABEL: &str = "kube-sts.io/lease-group";
+/// Annotation of every Lease a replica writes: its `--shards`.
+pub const SHARDS_ANNOTATION: &str = "kube-sts.io/shards";
 
 #[derive(Default)]
 struct Shard {
@@ -52,6 +54,12 @@ pub struct ShardLeases {
     /// Other members' records as last seen and since when.
     members: HashMap<String, (LeaseSpec, Instant)>,
     last_problem: String,
+    /// Replicas with another `--shards` were live at the last round.
+    mixed: bool,
+}
+
+fn shard_count(lease: &Lease) -> Option<&str> {
+    lease.annotations().get(SHARDS_ANNOTATION).map(String::as_str)
 }
 
 fn duration_of(spec: &LeaseSpec, default: Duration) -> Duration {
@@ -90,6 +98,7 @@ impl ShardLeases {
             member_renewed_at: None,
             members: HashMap::new(),
             last_problem: String::new(),
+            mixed: false,
         }
     }
 
@@ -98,6 +107,7 @@ impl ShardLeases {
             metadata: ObjectMeta {
                 name: Some(name),
                 labels: Some([(GROUP_LABEL.to_string(), self.settings.name.clone())].into()),
+                annotations: Some([(SHARDS_ANNOTATION.to_string(), self.shards.len().to_string())].into()),
                 ..Default::default()
             },
             spec: Some(spec),
@@ -199,6 +209,9 @@ impl ShardLeases {
                 Some(mut lease) => {
                     lease.spec = Some(spec);
                     lease
+                        .annotations_mut()
+                        .insert(SHARDS_ANNOTATION.into(), self.shards.len().to_string());
+                    lease
                 }
                 None => self.lease(self.member.clone(), spec),
             };
@@ -210,6 +223,7 @@ impl ShardLeases {
         // Other members: live while their record changes within its duration.
         let member_prefix = member_lease_name(&s.name, "");
         let mut live = Vec::new();
+        let mut counts: Vec<Option<String>> = Vec::new();
         let mut lapsed = Vec::new();
         for (name, lease) in &leases {
             if !name.starts_with(&member_prefix) || *name == self.member {
@@ -221,7 +235,10 @@ impl ShardLeases {
             self.members.insert(name.clone(), observed.expect("observed"));
             let duration = duration_of(&spec, s.lease_duration);
             match holder(&spec) {
-                Some(h) if unchanged_for < duration => live.push(h.to_string()),
+                Some(h) if unchanged_for < duration => {
+                    live.push(h.to_string());
+                    counts.push(shard_count(lease).map(str::to_string));
+                }
                 // Long gone (killed): clean up, guarded by the version seen.
                 _ if unchanged_for >= 2 * duration => lapsed.push(lease.clone()),
                 _ => {}
@@ -251,6 +268,9 @@ impl ShardLeases {
                 .and_then(|l| l.spec.clone())
                 .unwrap_or_default();
             let unchanged_for = observe(&mut state.observed, &spec, now);
+            let count = leases
+                .get(&shard_lease_name(&s.name, i as u32))
+                .and_then(|l| shard_count(l).map(str::to_string));
             let view = match holder(&spec) {
                 // Also a record naming us that we do not know we hold (an earlier write whose
                 // answer was lost): renewed as ours.
@@ -274,6 +294,9 @@ impl ShardLeases {
             if !matches!(view, ShardView::Free { .. }) {
                 state.free_since = None;
             }
+            if matches!(view, ShardView::Held { .. }) {
+                counts.push(count);
+            }
             views.push(view);
         }
         for (shard, why) in lost {
@@ -282,7 +305,26 @@ impl ShardLeases {
         let draining: Vec<u32> = (0..self.shards.len() as u32)
             .filter(|i| self.shards[*i as usize].draining)
             .collect();
-        let plan = plan(&views, &live, &draining, 2 * s.lease_duration);
+        let mixed = !may_acquire(self.shards.len() as u32, counts.iter().map(Option::as_deref));
+        if mixed != self.mixed {
+            if mixed {
+                tracing::warn!(
+                    shards = self.shards.len(),
+                    "replicas with another --shards are live: taking and giving up no shard until they are gone"
+                );
+            } else {
+                tracing::info!(
+                    shards = self.shards.len(),
+                    "every live replica runs with the same --shards again"
+                );
+            }
+            self.mixed = mixed;
+        }
+        let plan = if mixed {
+            Plan::default()
+        } else {
+            plan(&views, &live, &draining, 2 * s.lease_duration)
+        };
         for shard in &plan.release {
             tracing::info!(
                 shard,
@@ -321,6 +363,9 @@ impl ShardLeases {
             let lease = match previous {
                 Some(mut lease) => {
                     lease.spec = Some(spec);
+                    lease
+                        .annotations_mut()
+                        .insert(SHARDS_ANNOTATION.into(), self.shards.len().to_string());
                     lease
                 }
                 None => self.lease(name, spec),

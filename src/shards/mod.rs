@@ -56,6 +56,15 @@ pub fn member_lease_name(base: &str, identity: &str) -> String {
     format!("{base}-member-{}", identity.trim_matches(|c| c == '-' || c == '.'))
 }
 
+/// Whether this replica (of `shards` shards) may take shards, given the shard counts written
+/// into the live members' and held shard Leases (`None`: not written). While replicas with
+/// another `--shards` live (a rollout changing it), the same Lease name covers other
+/// namespaces there: nobody takes a shard until one count is left; held shards are kept.
+pub fn may_acquire<'a>(shards: u32, counts_seen: impl IntoIterator<Item = Option<&'a str>>) -> bool {
+    let ours = shards.to_string();
+    counts_seen.into_iter().all(|c| c == Some(ours.as_str()))
+}
+
 /// What this replica sees of one shard's Lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ShardView {
@@ -169,6 +178,17 @@ mod tests {
         assert_eq!(
             member_lease_name("kube-sts", "Kube-STS-7d9f_x1y2z3"),
             "kube-sts-member-kube-sts-7d9f-x1y2z3"
+        );
+    }
+
+    #[test]
+    fn nothing_is_taken_while_replicas_of_another_shard_count_live() {
+        assert!(may_acquire(4, []));
+        assert!(may_acquire(4, [Some("4"), Some("4")]));
+        assert!(!may_acquire(4, [Some("4"), Some("8")]));
+        assert!(
+            !may_acquire(4, [None]),
+            "a Lease without a count: from an unknown writer"
         );
     }
 
