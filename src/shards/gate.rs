@@ -252,19 +252,6 @@ pub struct Scope {
 type Event<K> = Result<watcher::Event<K>, watcher::Error>;
 
 impl Scope {
-    fn prefixed(&self, namespace: &str) -> bool {
-        self.prefix.as_deref().is_none_or(|p| namespace.starts_with(p))
-    }
-
-    /// Whether a binding of `namespace` may be reconciled by this process at all.
-    pub fn covers(&self, namespace: &str) -> bool {
-        let shards = match &self.gate {
-            Some(gate) => gate.cached.borrow().shards.clone(),
-            None => return self.prefixed(namespace),
-        };
-        self.prefixed(namespace) && shards[shard_of(namespace, shards.len() as u32) as usize]
-    }
-
     /// The events of the watch `make` builds, without the objects of namespaces out of
     /// scope (`namespace_of` tells an object's namespace), so they never reach a cache.
     /// Sharded, the watch starts over whenever the set of held shards changes, so the cache
@@ -490,6 +477,6 @@ mod tests {
         assert!(gate.enter(&ours).is_none(), "reported once the cache downstream has it");
         assert!(next(&mut stream).is_none());
         assert!(gate.enter(&ours).is_some(), "the only watch listed the shard");
-        assert!(scope.covers(&ours) && !scope.covers(&theirs));
+        assert!(gate.enter(&theirs).is_none());
     }
 }

@@ -56,6 +56,9 @@ pub struct ShardLeases {
     last_problem: String,
     /// Replicas with another `--shards` were live at the last round.
     mixed: bool,
+    /// Rounds done; the first only announces this replica (its membership Lease), so that
+    /// replicas starting together see each other before taking shards.
+    rounds: u64,
 }
 
 fn shard_count(lease: &Lease) -> Option<&str> {
@@ -99,6 +102,7 @@ impl ShardLeases {
             members: HashMap::new(),
             last_problem: String::new(),
             mixed: false,
+            rounds: 0,
         }
     }
 
@@ -320,7 +324,8 @@ impl ShardLeases {
             }
             self.mixed = mixed;
         }
-        let plan = if mixed {
+        self.rounds += 1;
+        let plan = if mixed || self.rounds == 1 {
             Plan::default()
         } else {
             plan(&views, &live, &draining, 2 * s.lease_duration)
