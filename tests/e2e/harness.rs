@@ -867,8 +867,8 @@ impl Operator {
 
     /// Like `start`, watching every namespace (`extra` should narrow it, e.g. with
     /// `--namespace-prefix`, so that other tests' bindings stay out of its reach).
-    pub fn start_cluster_wide(sts: &Forwarder, extra: &[&str]) -> Self {
-        Self::spawn(None, sts, extra, &env().kubeconfig, None)
+    pub fn start_cluster_wide(sts: &Forwarder, extra: &[&str], kubeconfig: &Path) -> Self {
+        Self::spawn(None, sts, extra, kubeconfig, None)
     }
 
     /// Like `start`, with the process's clock shifted by `offset` (libfaketime's `faketime`,

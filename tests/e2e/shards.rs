@@ -6,12 +6,18 @@
 //! shard; no subject is issued twice within one refresh period; every Secret shows each
 //! issued key once, in order.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::Api;
+use kube::{Api, api::ListParams};
 use kube_sts::shards::shard_of;
+use serde_json::{Value, json};
 
 use crate::{
     harness::*,
@@ -46,7 +52,7 @@ async fn start(args: &[&str]) -> Replica {
     let sts = Forwarder::start().await;
     sts.session_lifetime(Some(LIFETIME));
     Replica {
-        operator: Operator::start_cluster_wide(&sts, args),
+        operator: Operator::start_cluster_wide(&sts, args, &env().kubeconfig),
         sts,
     }
 }
@@ -349,4 +355,123 @@ async fn shards_are_spread_taken_over_after_a_kill_and_given_back() {
             ns.name
         );
     }
+}
+
+/// The chart rendered for `release` in its namespace with `sharding.shards=2` (no webhook):
+/// its ServiceAccount and RBAC.
+fn chart_rbac(release: &str) -> Vec<Value> {
+    let helm = Command::new("bash")
+        .arg(env().repo.join("e2e/scripts/build-helm.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("build-helm.sh runs");
+    assert!(helm.status.success(), "build-helm.sh failed");
+    let helm = PathBuf::from(String::from_utf8(helm.stdout).unwrap().lines().last().unwrap().trim());
+    let out = Command::new(helm)
+        .args(["template", release])
+        .arg(env().repo.join("charts/kube-sts"))
+        .args(["--namespace", release, "--kube-version", "1.34.0"])
+        .args(["--set", "sharding.shards=2", "--set", "webhook.enabled=false"])
+        .output()
+        .expect("helm runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    docs.into_iter()
+        .filter(|d| {
+            [
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+            ]
+            .contains(&d["kind"].as_str().unwrap_or_default())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_charts_rbac_is_enough_for_a_sharded_replica() {
+    // The release's namespace holds the Leases; its name makes the chart's full name.
+    let release_ns = TestNamespace::new("kube-sts-shd").await;
+    let release = release_ns.name.clone();
+    let prefix = format!("{}-", unique("shdr"));
+    let ns = TestNamespace::named(&format!("{prefix}0")).await;
+    ns.service_account("app").await;
+    let role = create_role(&unique("role"), &operator_arn(), None, true);
+    let out = kubectl(
+        &["apply", "--server-side", "-f", "-"],
+        Some(&grant_yaml(&ns.name, &ns.name, &role)),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let docs = {
+        let release = release.clone();
+        tokio::task::spawn_blocking(move || chart_rbac(&release)).await.unwrap()
+    };
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": docs});
+    let out = kubectl(&["apply", "-f", "-"], Some(&list.to_string()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sa = docs
+        .iter()
+        .find(|d| d["kind"] == "ServiceAccount")
+        .and_then(|d| d["metadata"]["name"].as_str())
+        .unwrap()
+        .to_string();
+    let token = kubectl(&["create", "token", &sa, "-n", &release, "--duration=3600s"], None);
+    assert!(token.status.success(), "{}", String::from_utf8_lossy(&token.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    token_kubeconfig(&kubeconfig, String::from_utf8_lossy(&token.stdout).trim(), &release);
+
+    let sts = Forwarder::start().await;
+    let mut operator = Operator::start_cluster_wide(
+        &sts,
+        &[
+            "--shards",
+            "2",
+            "--lease-namespace",
+            &release,
+            "--namespace-prefix",
+            &prefix,
+        ],
+        &kubeconfig,
+    );
+    ns.apply_ok(&binding_yaml("b", &role, &["app"], ""));
+    wait_ready(&ns.bindings(), "b", "True", "CredentialsIssued").await;
+    eventually("both shards held", SETTLE, || async {
+        (metric_sum(&operator.metrics().await, "kube_sts_shards_held") == 2.0).then_some(())
+    })
+    .await;
+    let leases = Api::<Lease>::namespaced(release_ns.client.clone(), &release);
+    let group = ListParams::default().labels("kube-sts.io/lease-group=kube-sts");
+    assert_eq!(
+        leases.list(&group).await.unwrap().items.len(),
+        3,
+        "two shards, one member"
+    );
+
+    // SIGTERM: both shards released, the membership Lease deleted.
+    let status = operator.stop().unwrap();
+    assert!(status.success(), "{status:?}");
+    let logs = operator.logs();
+    assert!(!logs.contains("forbidden"), "{logs}");
+    let left = leases.list(&group).await.unwrap().items;
+    assert_eq!(left.len(), 2, "the membership Lease is deleted");
+    assert!(
+        left.iter()
+            .all(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()).is_none()),
+        "released: {left:?}"
+    );
+
+    let out = kubectl(
+        &[
+            "delete",
+            "clusterrole,clusterrolebinding",
+            &release,
+            "--ignore-not-found",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
