@@ -244,6 +244,7 @@ async fn run(args: RunArgs) -> RunResult {
             client.clone(),
             LeaseSettings::new(&args.lease_name, lease_namespace, leader::identity()),
             gate.clone(),
+            shutdown.clone(),
         );
         let watchdog = tokio::spawn(gate.watchdog());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

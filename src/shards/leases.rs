@@ -59,6 +59,9 @@ pub struct ShardLeases {
     /// Rounds done; the first only announces this replica (its membership Lease), so that
     /// replicas starting together see each other before taking shards.
     rounds: u64,
+    /// Turns true at SIGTERM: from then on no shard is taken (they would be given up again
+    /// as soon as the controller stopped).
+    shutting_down: tokio::sync::watch::Receiver<bool>,
 }
 
 fn shard_count(lease: &Lease) -> Option<&str> {
@@ -90,7 +93,12 @@ fn observe(observed: &mut Option<(LeaseSpec, Instant)>, spec: &LeaseSpec, now: I
 impl ShardLeases {
     /// `settings.name` is the group's lease name; shard Leases and membership Leases are
     /// named after it.
-    pub fn new(client: Client, settings: LeaseSettings, gate: Arc<Gate>) -> Self {
+    pub fn new(
+        client: Client,
+        settings: LeaseSettings,
+        gate: Arc<Gate>,
+        shutting_down: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         let shards = (0..gate.shards()).map(|_| Shard::default()).collect();
         ShardLeases {
             api: Api::namespaced(client, &settings.namespace),
@@ -103,6 +111,7 @@ impl ShardLeases {
             last_problem: String::new(),
             mixed: false,
             rounds: 0,
+            shutting_down,
         }
     }
 
@@ -328,7 +337,11 @@ impl ShardLeases {
         let plan = if mixed || self.rounds == 1 {
             Plan::default()
         } else {
-            plan(&views, &live, &draining, 2 * s.lease_duration)
+            let mut plan = plan(&views, &live, &draining, 2 * s.lease_duration);
+            if *self.shutting_down.borrow() {
+                plan.acquire.clear();
+            }
+            plan
         };
         for shard in &plan.release {
             tracing::info!(
