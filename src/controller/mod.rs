@@ -433,6 +433,16 @@ async fn follow_shards(
                     }
                 }
             }
+            ShardEvent::Listed => {
+                let s = &ctx.stores;
+                tracing::info!(
+                    bindings = s.bindings.len(),
+                    secrets = s.secrets.len(),
+                    service_accounts = s.service_accounts.len(),
+                    namespaces = s.namespaces.len(),
+                    "the caches hold the objects of the shards held, and no others"
+                );
+            }
             ShardEvent::Dropped(dropped) => {
                 let of = |ns: &str| dropped.contains(&shard_of(ns, shards));
                 forget_subjects_where(&ctx.subjects, &ctx.metrics, |ns, _| of(ns));

@@ -38,6 +38,8 @@ pub enum ShardEvent {
     Active(Vec<u32>),
     /// These shards were released or lost: forget what is kept about their subjects.
     Dropped(Vec<u32>),
+    /// Every watch has listed with the latest set of shards: the caches hold exactly them.
+    Listed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +62,8 @@ struct Inner {
     slots: Vec<Slot>,
     /// The version each registered watch last completed a listing at.
     synced: Vec<Option<u64>>,
+    /// The last version every watch had listed at, as told.
+    listed: Option<u64>,
 }
 
 pub struct Gate {
@@ -99,6 +103,7 @@ impl Gate {
             inner: Mutex::new(Inner {
                 slots,
                 synced: Vec::new(),
+                listed: None,
             }),
             cached: watch::channel(Cached {
                 version: 0,
@@ -237,6 +242,10 @@ impl Gate {
         if !activated.is_empty() {
             tracing::info!(shards = ?activated, "caches hold the newly acquired shards; reconciling them");
             let _ = self.events.send(ShardEvent::Active(activated));
+        }
+        if all == self.cached.borrow().version && inner.listed != Some(all) {
+            inner.listed = Some(all);
+            let _ = self.events.send(ShardEvent::Listed);
         }
     }
 }
@@ -385,6 +394,7 @@ mod tests {
         gate.synced(b, version);
         assert!(gate.enter(&ns).is_some());
         assert_eq!(events.try_recv().unwrap(), ShardEvent::Active(vec![1]));
+        assert_eq!(events.try_recv().unwrap(), ShardEvent::Listed);
         assert!(gate.enter(&namespace_in(0, 2)).is_none(), "shard 0 is not ours");
     }
 

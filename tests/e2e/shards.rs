@@ -283,6 +283,25 @@ async fn shards_are_spread_taken_over_after_a_kill_and_given_back() {
         )
         .await;
     }
+    // Each replica caches the bindings of its own shards only (one namespace per shard,
+    // one binding each).
+    let final_holders = holders(&leases, &lease).await;
+    for r in &replicas {
+        let me = identity(&r.operator).unwrap();
+        let held = final_holders
+            .iter()
+            .filter(|h| h.as_deref() == Some(me.as_str()))
+            .count() as u64;
+        eventually("the caches hold the shards held", SETTLE, || async {
+            lines(&r.operator)
+                .iter()
+                .rev()
+                .find(|l| l.message == "the caches hold the objects of the shards held, and no others")
+                .and_then(|l| l.fields["bindings"].as_u64())
+                .filter(|n| *n == held)
+        })
+        .await;
+    }
     let end = Timestamp::now();
 
     // One holder per shard at any time, and every reconcile inside its process's holding.
