@@ -494,3 +494,64 @@ async fn the_charts_rbac_is_enough_for_a_sharded_replica() {
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[tokio::test]
+async fn no_shard_is_taken_while_a_replica_with_another_shard_count_lives() {
+    // The same Lease names cover other namespaces under another N: a rollout changing
+    // --shards must not let the two counts reconcile side by side.
+    let leases_ns = TestNamespace::new("shd-count").await;
+    let lease = unique("shd");
+    let leases = Api::<Lease>::namespaced(leases_ns.client.clone(), &leases_ns.name);
+    // No namespace has this prefix: the Leases are all there is to see.
+    let prefix = format!("{}-", unique("shdc"));
+    let with = |shards: &'static str| {
+        [
+            "--shards",
+            shards,
+            "--lease-namespace",
+            leases_ns.name.as_str(),
+            "--lease-name",
+            lease.as_str(),
+            "--namespace-prefix",
+            prefix.as_str(),
+        ]
+    };
+    let (sts_old, sts_new) = (Forwarder::start().await, Forwarder::start().await);
+    let mut old = Operator::start_cluster_wide(&sts_old, &with("2"), &env().kubeconfig);
+    let old_id = eventually("the first replica joined", SETTLE, || async { identity(&old) }).await;
+    eventually("both of its shards held", SETTLE, || async {
+        let held = holders(&leases, &lease).await;
+        (held[..2].iter().all(|h| h.as_deref() == Some(old_id.as_str()))).then_some(())
+    })
+    .await;
+
+    let new = Operator::start_cluster_wide(&sts_new, &with("3"), &env().kubeconfig);
+    let new_id = eventually("the second replica joined", SETTLE, || async { identity(&new) }).await;
+    eventually("the second replica sees the other count", SETTLE, || async {
+        new.logs()
+            .contains("replicas with another --shards are live")
+            .then_some(())
+    })
+    .await;
+    eventually("the first replica sees it too", SETTLE, || async {
+        old.logs()
+            .contains("replicas with another --shards are live")
+            .then_some(())
+    })
+    .await;
+    let held = holders(&leases, &lease).await;
+    assert!(
+        held[..2].iter().all(|h| h.as_deref() == Some(old_id.as_str())),
+        "{held:?}"
+    );
+    assert_eq!(held[2], None, "{held:?}");
+    assert_eq!(metric_sum(&new.metrics().await, "kube_sts_shards_held"), 0.0);
+
+    // Once the other count is gone, every shard of the new count is taken.
+    assert!(old.stop().unwrap().success());
+    eventually("the second replica holds its three shards", SETTLE, || async {
+        let held = holders(&leases, &lease).await;
+        (held[..3].iter().all(|h| h.as_deref() == Some(new_id.as_str()))).then_some(())
+    })
+    .await;
+}
