@@ -11,7 +11,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use jiff::Timestamp;
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
-    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -20,7 +20,7 @@ use kube::{
 use tokio::time::{Instant, sleep, timeout};
 
 use super::{Gate, Plan, ShardView, may_acquire, member_lease_name, plan, shard_lease_name};
-use crate::leader::{LeaseSettings, api_error_text, holder_spec};
+use crate::leader::{LeaseSettings, api_error_text, duration_of, holder_spec, observe, released_spec};
 
 /// Label of every Lease of a shard group (shards and members), valued the lease name.
 pub const GROUP_LABEL: &str = "kube-sts.io/lease-group";
@@ -68,26 +68,8 @@ fn shard_count(lease: &Lease) -> Option<&str> {
     lease.annotations().get(SHARDS_ANNOTATION).map(String::as_str)
 }
 
-fn duration_of(spec: &LeaseSpec, default: Duration) -> Duration {
-    spec.lease_duration_seconds
-        .and_then(|s| u64::try_from(s).ok())
-        .map(Duration::from_secs)
-        .unwrap_or(default)
-}
-
 fn holder(spec: &LeaseSpec) -> Option<&str> {
     spec.holder_identity.as_deref().filter(|h| !h.is_empty())
-}
-
-/// How long `spec` has been seen unchanged, recording it when it changed.
-fn observe(observed: &mut Option<(LeaseSpec, Instant)>, spec: &LeaseSpec, now: Instant) -> Duration {
-    match observed {
-        Some((seen, at)) if seen == spec => now - *at,
-        _ => {
-            *observed = Some((spec.clone(), now));
-            Duration::ZERO
-        }
-    }
 }
 
 impl ShardLeases {
@@ -115,16 +97,22 @@ impl ShardLeases {
         }
     }
 
-    fn lease(&self, name: String, spec: LeaseSpec) -> Lease {
-        Lease {
+    /// The Lease to write: `previous` (guarded by its resourceVersion) or a new one named
+    /// `name` in the group, with `spec` and this replica's shard count.
+    fn to_write(&self, previous: Option<Lease>, name: String, spec: LeaseSpec) -> Lease {
+        let mut lease = previous.unwrap_or_else(|| Lease {
             metadata: ObjectMeta {
                 name: Some(name),
                 labels: Some([(GROUP_LABEL.to_string(), self.settings.name.clone())].into()),
-                annotations: Some([(SHARDS_ANNOTATION.to_string(), self.shards.len().to_string())].into()),
                 ..Default::default()
             },
-            spec: Some(spec),
-        }
+            spec: None,
+        });
+        lease.spec = Some(spec);
+        lease
+            .annotations_mut()
+            .insert(SHARDS_ANNOTATION.into(), self.shards.len().to_string());
+        lease
     }
 
     fn problem(&mut self, problem: String) {
@@ -218,16 +206,7 @@ impl ShardLeases {
                 s.lease_duration,
                 Timestamp::now(),
             );
-            let lease = match previous {
-                Some(mut lease) => {
-                    lease.spec = Some(spec);
-                    lease
-                        .annotations_mut()
-                        .insert(SHARDS_ANNOTATION.into(), self.shards.len().to_string());
-                    lease
-                }
-                None => self.lease(self.member.clone(), spec),
-            };
+            let lease = self.to_write(previous, self.member.clone(), spec);
             match Self::write(&self.api, lease, s.request_timeout).await {
                 Ok(_) => self.member_renewed_at = Some(now),
                 Err(problem) => self.problem(format!("membership Lease {}: {problem}", self.member)),
@@ -378,16 +357,7 @@ impl ShardLeases {
             } else {
                 holder_spec(&spec, ours, &s.identity, s.lease_duration, stamp)
             };
-            let lease = match previous {
-                Some(mut lease) => {
-                    lease.spec = Some(spec);
-                    lease
-                        .annotations_mut()
-                        .insert(SHARDS_ANNOTATION.into(), self.shards.len().to_string());
-                    lease
-                }
-                None => self.lease(name, spec),
-            };
+            let lease = self.to_write(previous, name, spec);
             Self::write(&self.api, lease, s.request_timeout)
         });
         let results = futures::future::join_all(requests).await;
@@ -474,16 +444,5 @@ impl ShardLeases {
             }
             Err(_) => tracing::warn!(lease = %self.member, "deleting the membership Lease: no answer"),
         }
-    }
-}
-
-/// The record of a released Lease: no holder, so the next candidate takes it at once.
-fn released_spec(spec: LeaseSpec, now: Timestamp) -> LeaseSpec {
-    LeaseSpec {
-        holder_identity: None,
-        lease_duration_seconds: Some(1),
-        acquire_time: Some(MicroTime(now)),
-        renew_time: Some(MicroTime(now)),
-        ..spec
     }
 }
