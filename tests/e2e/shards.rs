@@ -6,12 +6,7 @@
 //! shard; no subject is issued twice within one refresh period; every Secret shows each
 //! issued key once, in order.
 
-use std::{
-    collections::BTreeMap,
-    path::PathBuf,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{collections::BTreeMap, process::Command, time::Duration};
 
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -21,6 +16,7 @@ use serde_json::{Value, json};
 
 use crate::{
     harness::*,
+    rbac::helm,
     rotation::{SecretLog, Seen},
 };
 
@@ -379,14 +375,7 @@ async fn shards_are_spread_taken_over_after_a_kill_and_given_back() {
 /// The chart rendered for `release` in its namespace with `sharding.shards=2` (no webhook):
 /// its ServiceAccount and RBAC.
 fn chart_rbac(release: &str) -> Vec<Value> {
-    let helm = Command::new("bash")
-        .arg(env().repo.join("e2e/scripts/build-helm.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("build-helm.sh runs");
-    assert!(helm.status.success(), "build-helm.sh failed");
-    let helm = PathBuf::from(String::from_utf8(helm.stdout).unwrap().lines().last().unwrap().trim());
-    let out = Command::new(helm)
+    let out = Command::new(helm())
         .args(["template", release])
         .arg(env().repo.join("charts/kube-sts"))
         .args(["--namespace", release, "--kube-version", "1.34.0"])
