@@ -191,27 +191,26 @@ impl ShardLeases {
                 self.lose(shard, "not renewed within the renew deadline");
             }
         }
-        let Some(mut leases) = self.list().await else {
+        let Some(leases) = self.list().await else {
             return;
         };
         let now = Instant::now();
 
-        // This replica's membership.
-        if self.member_renewed_at.is_none_or(|at| now >= at + s.renew_period) {
-            let previous = leases.remove(&self.member);
-            let spec = holder_spec(
-                &previous.as_ref().and_then(|l| l.spec.clone()).unwrap_or_default(),
-                true,
-                &s.identity,
-                s.lease_duration,
-                Timestamp::now(),
-            );
-            let lease = self.to_write(previous, self.member.clone(), spec);
-            match Self::write(&self.api, lease, s.request_timeout).await {
-                Ok(_) => self.member_renewed_at = Some(now),
-                Err(problem) => self.problem(format!("membership Lease {}: {problem}", self.member)),
-            }
-        }
+        // This replica's membership, written with the shard Leases below.
+        let membership = self
+            .member_renewed_at
+            .is_none_or(|at| now >= at + s.renew_period)
+            .then(|| {
+                let previous = leases.get(&self.member).cloned();
+                let spec = holder_spec(
+                    &previous.as_ref().and_then(|l| l.spec.clone()).unwrap_or_default(),
+                    true,
+                    &s.identity,
+                    s.lease_duration,
+                    Timestamp::now(),
+                );
+                self.to_write(previous, self.member.clone(), spec)
+            });
         // Other members: live while their record changes within its duration.
         let member_prefix = member_lease_name(&s.name, "");
         let mut live = Vec::new();
@@ -231,25 +230,11 @@ impl ShardLeases {
                     live.push(h.to_string());
                     counts.push(shard_count(lease).map(str::to_string));
                 }
-                // Long gone (killed): clean up, guarded by the version seen.
                 _ if unchanged_for >= 2 * duration => lapsed.push(lease.clone()),
                 _ => {}
             }
         }
         self.members.retain(|name, _| leases.contains_key(name));
-        for lease in lapsed {
-            let params = DeleteParams {
-                preconditions: Some(Preconditions {
-                    resource_version: lease.resource_version(),
-                    uid: lease.uid(),
-                }),
-                ..Default::default()
-            };
-            let name = lease.name_any();
-            if let Ok(Ok(_)) = timeout(s.request_timeout, self.api.delete(&name, &params)).await {
-                tracing::info!(lease = %name, "deleted the membership Lease of a replica gone");
-            }
-        }
 
         // The shards as seen now.
         let mut views = Vec::with_capacity(self.shards.len());
@@ -360,7 +345,19 @@ impl ShardLeases {
             let lease = self.to_write(previous, name, spec);
             Self::write(&self.api, lease, s.request_timeout)
         });
-        let results = futures::future::join_all(requests).await;
+        let member_write = async {
+            match membership {
+                Some(lease) => Some(Self::write(&self.api, lease, s.request_timeout).await),
+                None => None,
+            }
+        };
+        // All at once: a slow answer must not hold a renewal back past its deadline.
+        let (member_result, results) = futures::join!(member_write, futures::future::join_all(requests));
+        match member_result {
+            Some(Ok(_)) => self.member_renewed_at = Some(now),
+            Some(Err(problem)) => self.problem(format!("membership Lease {}: {problem}", self.member)),
+            None => {}
+        }
         for (write, result) in writes.into_iter().zip(results) {
             match (write, result) {
                 (Write::Acquire(shard), Ok(lease)) => {
@@ -395,6 +392,20 @@ impl ShardLeases {
                         self.problem(format!("shard {shard}: {problem}"));
                     }
                 }
+            }
+        }
+        // Membership Leases of replicas long gone (killed): deleted, guarded by the version seen.
+        for lease in lapsed {
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    resource_version: lease.resource_version(),
+                    uid: lease.uid(),
+                }),
+                ..Default::default()
+            };
+            let name = lease.name_any();
+            if let Ok(Ok(_)) = timeout(s.request_timeout, self.api.delete(&name, &params)).await {
+                tracing::info!(lease = %name, "deleted the membership Lease of a replica gone");
             }
         }
     }
