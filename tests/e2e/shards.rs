@@ -134,7 +134,11 @@ fn holdings(logs: &[(usize, Vec<Line>, Timestamp)]) -> BTreeMap<u32, Vec<(usize,
                 "acquired shard" => {
                     open.insert(shard, line.at);
                 }
-                "released shard" | "lost shard; stopped reconciling it" => {
+                // A holder stops reconciling at its renewal deadline (before the Lease can
+                // lapse) and notices a takeover only later: the earlier line ends its span.
+                "released shard"
+                | "lost shard; stopped reconciling it"
+                | "shard Lease not renewed in time; cancelling its reconciles" => {
                     if let Some(from) = open.remove(&shard) {
                         spans.entry(shard).or_default().push((*process, from, line.at));
                     }
