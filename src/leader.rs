@@ -80,6 +80,37 @@ enum Decision {
     Wait { holder: String },
 }
 
+/// The lease duration written in the record, else `default`.
+pub(crate) fn duration_of(spec: &LeaseSpec, default: Duration) -> Duration {
+    spec.lease_duration_seconds
+        .and_then(|s| u64::try_from(s).ok())
+        .map(Duration::from_secs)
+        .unwrap_or(default)
+}
+
+/// How long (on our clock, at `now`) `spec` has been seen unchanged, recording it when it
+/// changed.
+pub(crate) fn observe(observed: &mut Option<(LeaseSpec, Instant)>, spec: &LeaseSpec, now: Instant) -> Duration {
+    match observed {
+        Some((seen, at)) if seen == spec => now - *at,
+        _ => {
+            *observed = Some((spec.clone(), now));
+            Duration::ZERO
+        }
+    }
+}
+
+/// The record of a released Lease: no holder, so the next candidate takes it at once.
+pub(crate) fn released_spec(spec: LeaseSpec, now: Timestamp) -> LeaseSpec {
+    LeaseSpec {
+        holder_identity: None,
+        lease_duration_seconds: Some(1),
+        acquire_time: Some(MicroTime(now)),
+        renew_time: Some(MicroTime(now)),
+        ..spec
+    }
+}
+
 /// Pure rule: `observed_for` is how long (on our clock) the Lease record has been seen
 /// unchanged.
 fn decide(spec: &LeaseSpec, identity: &str, observed_for: Duration, default_duration: Duration) -> Decision {
@@ -87,11 +118,7 @@ fn decide(spec: &LeaseSpec, identity: &str, observed_for: Duration, default_dura
         None => Decision::Take { ours: false },
         Some(h) if h == identity => Decision::Take { ours: true },
         Some(h) => {
-            let duration = spec
-                .lease_duration_seconds
-                .and_then(|s| u64::try_from(s).ok())
-                .map(Duration::from_secs)
-                .unwrap_or(default_duration);
+            let duration = duration_of(spec, default_duration);
             if observed_for >= duration {
                 Decision::Take { ours: false }
             } else {
@@ -102,7 +129,13 @@ fn decide(spec: &LeaseSpec, identity: &str, observed_for: Duration, default_dura
 }
 
 /// The record written when taking or renewing.
-fn holder_spec(previous: &LeaseSpec, ours: bool, identity: &str, duration: Duration, now: Timestamp) -> LeaseSpec {
+pub(crate) fn holder_spec(
+    previous: &LeaseSpec,
+    ours: bool,
+    identity: &str,
+    duration: Duration,
+    now: Timestamp,
+) -> LeaseSpec {
     LeaseSpec {
         holder_identity: Some(identity.to_string()),
         lease_duration_seconds: Some(i32::try_from(duration.as_secs()).unwrap_or(i32::MAX)),
@@ -150,7 +183,7 @@ pub struct Elector {
     renewed_at: Option<Instant>,
 }
 
-fn api_error_text(e: &kube::Error) -> String {
+pub(crate) fn api_error_text(e: &kube::Error) -> String {
     match e {
         kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
         other => other.to_string(),
@@ -172,13 +205,7 @@ impl Elector {
     }
 
     fn observe(&mut self, spec: &LeaseSpec) -> Duration {
-        match &self.observed {
-            Some((seen, at)) if seen == spec => at.elapsed(),
-            _ => {
-                self.observed = Some((spec.clone(), Instant::now()));
-                Duration::ZERO
-            }
-        }
+        observe(&mut self.observed, spec, Instant::now())
     }
 
     /// One get, then a create or a replace guarded by the resourceVersion just read.
@@ -335,14 +362,7 @@ impl Elector {
             if spec.holder_identity.as_deref() != Some(s.identity.as_str()) {
                 return Ok(false);
             }
-            let now = Some(MicroTime(Timestamp::now()));
-            lease.spec = Some(LeaseSpec {
-                holder_identity: None,
-                lease_duration_seconds: Some(1),
-                acquire_time: now.clone(),
-                renew_time: now,
-                ..spec
-            });
+            lease.spec = Some(released_spec(spec, Timestamp::now()));
             self.api.replace(&s.name, &PostParams::default(), &lease).await?;
             Ok(true)
         };

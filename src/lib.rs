@@ -12,6 +12,7 @@ pub mod mfa;
 pub mod naming;
 pub mod plan;
 pub mod render;
+pub mod shards;
 pub mod sts;
 pub mod timing;
 pub mod webhook;

@@ -7,6 +7,7 @@ use kube_sts::{
     leader::{self, Elector, LeaseSettings},
     metrics::{self, Metrics, Process},
     plan::IssueSettings,
+    shards::{Gate, Scope, leases::ShardLeases},
     sts::StsClient,
     webhook::{
         self,
@@ -90,6 +91,13 @@ struct RunArgs {
     /// Elect a leader through a coordination.k8s.io Lease before reconciling.
     #[arg(long, env = "KUBE_STS_LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     leader_election: bool,
+    /// Split the namespaces into this many shards, each reconciled by the one replica
+    /// holding its Lease `<lease-name>-shard-<i>` (1: no sharding).
+    #[arg(long, env = "KUBE_STS_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    shards: u32,
+    /// Reconcile only namespaces whose name starts with this (default: all).
+    #[arg(long, env = "KUBE_STS_NAMESPACE_PREFIX")]
+    namespace_prefix: Option<String>,
     #[arg(long, env = "KUBE_STS_LEASE_NAME", default_value = "kube-sts")]
     lease_name: String,
     /// Namespace of the Lease (default: the pod's namespace).
@@ -163,6 +171,12 @@ type RunResult = Result<(), String>;
 
 async fn run(args: RunArgs) -> RunResult {
     init_logging(args.log_format, &args.log_level)?;
+    if args.shards > 1 && args.namespace.is_some() {
+        return Err("--shards splits namespaces between replicas; with --namespace there is one".into());
+    }
+    if args.shards > 1 && args.leader_election {
+        return Err("--shards > 1 coordinates replicas through shard Leases; drop --leader-election".into());
+    }
     let client = kube::Client::try_default()
         .await
         .map_err(|e| format!("cannot build a Kubernetes client: {e}"))?;
@@ -188,6 +202,10 @@ async fn run(args: RunArgs) -> RunResult {
         },
         concurrency: args.concurrency,
         clock,
+        scope: Scope {
+            prefix: args.namespace_prefix.clone().filter(|p| !p.is_empty()),
+            gate: (args.shards > 1).then(|| Gate::new(args.shards, metrics.clone())),
+        },
     };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -195,6 +213,7 @@ async fn run(args: RunArgs) -> RunResult {
         require_grants = args.require_grants,
         region = settings.issue.default_region.as_deref().unwrap_or("<sdk default>"),
         leader_election = args.leader_election,
+        shards = args.shards,
         "starting kube-sts"
     );
     let server = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
@@ -212,6 +231,40 @@ async fn run(args: RunArgs) -> RunResult {
     // Handled from here on, whatever the process is doing when the signal comes (syncing
     // caches, standing by, the instant after winning the Lease).
     let shutdown = shutdown_signal()?;
+    let lease_namespace = args
+        .lease_namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    if let Some(gate) = settings.scope.gate.clone() {
+        // Sharded: the controller runs at once and reconciles the shards held; the Leases
+        // are kept beside it and given up after it stopped (in-flight reconciles finished).
+        let leases = ShardLeases::new(
+            client.clone(),
+            LeaseSettings::new(&args.lease_name, lease_namespace, leader::identity()),
+            gate.clone(),
+            shutdown.clone(),
+        );
+        let watchdog = tokio::spawn(gate.watchdog());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let mut keeper = tokio::spawn(leases.run(async {
+            let _ = stopped.await;
+        }));
+        let result = tokio::select! {
+            () = controller::run(client, Arc::new(sts), metrics, settings, instance, signalled(shutdown)) => {
+                let _ = stop.send(());
+                (&mut keeper).await.map_err(|e| format!("shard Lease task failed: {e}"))
+            }
+            result = &mut keeper => match result {
+                Ok(()) => Err("the shard Lease task stopped unexpectedly".into()),
+                Err(e) => Err(format!("shard Lease task failed: {e}")),
+            },
+            message = &mut server_failed => Err(message),
+        };
+        watchdog.abort();
+        return result;
+    }
     if !args.leader_election {
         return tokio::select! {
             () = controller::run(client, Arc::new(sts), metrics, settings, instance, signalled(shutdown)) => Ok(()),
@@ -221,12 +274,6 @@ async fn run(args: RunArgs) -> RunResult {
 
     // Leader election: serve /healthz and /metrics at once, reconcile only while holding
     // the Lease.
-    let lease_namespace = args
-        .lease_namespace
-        .clone()
-        .filter(|n| !n.is_empty())
-        .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
-        .unwrap_or_else(|| client.default_namespace().to_string());
     let mut elector = Elector::new(
         client.clone(),
         LeaseSettings::new(&args.lease_name, lease_namespace, leader::identity()),

@@ -63,6 +63,7 @@ pub struct Metrics {
     admissions: Family<AdmissionLabels, Counter>,
     webhook_certificate_expiration: Gauge,
     webhook_certificate_failures: Counter,
+    shards_held: Gauge,
     ready: AtomicBool,
     /// Reconciles running now, and when one last finished (for `/healthz`).
     in_flight: AtomicI64,
@@ -149,6 +150,12 @@ impl Metrics {
             "When the certificate the webhook serves expires (Unix time; 0 before one is served)",
             webhook_certificate_expiration.clone(),
         );
+        let shards_held = Gauge::default();
+        operator.register(
+            "shards_held",
+            "Shards whose Lease this replica holds (--shards > 1)",
+            shards_held.clone(),
+        );
         let webhook_certificate_failures = Counter::default();
         webhook.register(
             "webhook_certificate_failures",
@@ -170,6 +177,7 @@ impl Metrics {
             admissions,
             webhook_certificate_expiration,
             webhook_certificate_failures,
+            shards_held,
             ready: AtomicBool::new(false),
             in_flight: AtomicI64::new(0),
             last_progress: Mutex::new(Instant::now()),
@@ -195,6 +203,11 @@ impl Metrics {
         self.reconcile_duration.observe(took.as_secs_f64());
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         *self.last_progress.lock().expect("progress lock") = Instant::now();
+    }
+
+    /// A reconcile that started and was cancelled (its shard no longer held).
+    pub fn reconcile_abandoned(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn is_stalled(&self) -> bool {
@@ -262,6 +275,10 @@ impl Metrics {
         self.seconds_until_expiry.remove(labels);
         self.expiration.remove(labels);
         self.consecutive_failures.remove(labels);
+    }
+
+    pub fn set_shards_held(&self, held: i64) {
+        self.shards_held.set(held);
     }
 
     pub fn set_ready(&self, ready: bool) {

@@ -71,7 +71,9 @@ SETS=(
 	"watchNamespace|--set watchNamespace=team-a|kind: Role$;kind: RoleBinding;--namespace=team-a;resourceNames: \[\"team-a\"\];!serviceaccounts/token"
 	"serviceAccountTokens|--set rbac.serviceAccountTokens=true|ClusterRole@resources: \[serviceaccounts/token\]"
 	"serviceAccountTokens.watchNamespace|--set rbac.serviceAccountTokens=true --set watchNamespace=team-a|Role@resources: \[serviceaccounts/token\];!ClusterRole@serviceaccounts/token"
-	"leaderElection|--set leaderElection.enabled=true --set replicas=2 --set podDisruptionBudget.enabled=true|kind: PodDisruptionBudget;resources: \[leases\];--leader-election=true;--lease-name=kube-sts;replicas: 2"
+	"leaderElection|--set leaderElection.enabled=true --set replicas=2 --set podDisruptionBudget.enabled=true|kind: PodDisruptionBudget;resources: \[leases\];--leader-election=true;--lease-name=kube-sts;replicas: 2;--shards=1\";!kube-sts-shards"
+	"sharding|--set sharding.shards=8 --set replicas=3 --set podDisruptionBudget.enabled=true|--shards=8\";--leader-election=false;--lease-name=kube-sts\";--lease-namespace=;replicas: 3;!type: Recreate;kind: PodDisruptionBudget;Role@name: kube-sts-shards;Role@verbs: \[list, create, update, delete\];Role@\"kube-sts-shard-0\";Role@\"kube-sts-shard-7\";!Role@\"kube-sts-shard-8\";RoleBinding@name: kube-sts-shards;!kube-sts-leader-election"
+	"sharding.off|--set sharding.shards=1|--shards=1\";type: Recreate;!kube-sts-shards;!--lease-name"
 	"serviceMonitor|--set metrics.serviceMonitor.enabled=true|kind: ServiceMonitor"
 	"grants|--set grants[0].name=team-a --set grants[0].spec.namespaces[0]=team-a --set grants[0].spec.roleArns[0]=arn:aws:iam::123456789012:role/team-a-* --set grants[0].annotations.owner=team-a|kind: AWSRoleGrant;name: team-a;AWSRoleGrant@helm.sh/resource-policy: keep;AWSRoleGrant@owner: team-a"
 	"aws.existingSecret|--set aws.existingSecret=x|envFrom:;name: x$"
@@ -173,7 +175,7 @@ named_doc() {
 	'
 }
 if render all-flags --set watchNamespace=team-a --set region=eu-west-1 \
-	--set stsEndpoint=https://sts.example.test --set leaderElection.enabled=true; then
+	--set stsEndpoint=https://sts.example.test --set leaderElection.enabled=true --set namespacePrefix=team-; then
 	for pair in RunArgs:kube-sts WebhookArgs:kube-sts-webhook; do
 		args=${pair%%:*} deployment=${pair#*:}
 		flags=$(struct_flags "$args")
@@ -204,7 +206,10 @@ BAD=(
 	"ill-typed value|replicas=two|replicas"
 	"unknown nested value|image.tga=x|tga"
 	"bad enum|logFormat=yaml|logFormat"
-	"replicas>1 without leader election|replicas=2|leaderElection"
+	"replicas>1 without leader election or shards|replicas=2|sharding.shards"
+	"zero shards|sharding.shards=0|shards"
+	"shards with leader election|sharding.shards=2,leaderElection.enabled=true|drop leaderElection"
+	"shards with watchNamespace|sharding.shards=2,watchNamespace=team-a|drop watchNamespace"
 	"unknown NetworkPolicy peer field|networkPolicy.metricsFrom[0].namespaceSelectr.x=y|namespaceSelectr"
 	"bad webhook failurePolicy|webhook.failurePolicy=Sometimes|failurePolicy"
 	"webhook validity not a duration|webhook.certificate.validity=90d|validity"

@@ -79,6 +79,14 @@ impl SecretIndex {
         }
     }
 
+    /// Forgets the Secrets `gone` selects (those of shards given up).
+    pub fn forget_where(&mut self, gone: impl Fn(&ObjectRef<Secret>) -> bool) {
+        let forgotten: Vec<ObjectRef<Secret>> = self.owner_of.keys().filter(|s| gone(s)).cloned().collect();
+        for secret in forgotten {
+            self.update(secret, None);
+        }
+    }
+
     pub fn owned_by(&self, owner: &str) -> Vec<ObjectRef<Secret>> {
         self.by_owner.get(owner).into_iter().flatten().cloned().collect()
     }

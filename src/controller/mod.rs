@@ -46,6 +46,7 @@ use crate::{
         self, BINDING_LABEL, Credentials, KEY_ACCESS_KEY_ID, KEY_SECRET_ACCESS_KEY, MANAGED_BY, MANAGED_BY_LABEL,
         SERVICE_ACCOUNT_LABEL,
     },
+    shards::{Scope, gate::ShardEvent, shard_of},
     sts::{Issuer, StsError, access_denied_hint},
     timing,
 };
@@ -70,6 +71,8 @@ pub struct Settings {
     pub concurrency: u16,
     /// STS's time, shared with the STS client that keeps it.
     pub clock: Arc<crate::clock::Clock>,
+    /// Which namespaces this process caches and reconciles (`--namespace-prefix`, shards).
+    pub scope: Scope,
 }
 
 type SubjectKey = (String, String, String);
@@ -208,13 +211,14 @@ pub async fn run(
         metrics.clone(),
         bindings.clone(),
     );
+    let scope = settings.scope.clone();
+    let api = api_for::<AWSRoleBinding>(&client, ns.as_deref());
     let binding_events = reflector(
         writer,
-        watcher(
-            api_for::<AWSRoleBinding>(&client, ns.as_deref()),
-            watcher::Config::default(),
-        )
-        .modify(strip_managed_fields),
+        scope.watch(
+            move || watcher(api.clone(), watcher::Config::default()).modify(strip_managed_fields),
+            namespace_of,
+        ),
     )
     .default_backoff()
     .inspect_ok(move |event| match event {
@@ -247,7 +251,10 @@ pub async fn run(
     let api = api_for::<Secret>(&client, ns.as_deref());
     let stream = reflector(
         writer,
-        watcher(api, watcher::Config::default().labels(&selector)).modify(trim_secret),
+        scope.watch(
+            move || watcher(api.clone(), watcher::Config::default().labels(&selector)).modify(trim_secret),
+            namespace_of,
+        ),
     )
     .default_backoff();
     let secret_owners = Arc::new(Mutex::new(SecretIndex::default()));
@@ -278,7 +285,10 @@ pub async fn run(
     };
     let stream = reflector(
         writer,
-        watcher(api, watcher::Config::default()).modify(trim_service_account),
+        scope.watch(
+            move || watcher(api.clone(), watcher::Config::default()).modify(trim_service_account),
+            namespace_of,
+        ),
     )
     .default_backoff();
     let store = bindings.clone();
@@ -300,7 +310,14 @@ pub async fn run(
         None => watcher::Config::default(),
     };
     let api = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
-    let stream = reflector(writer, watcher(api, config).modify(trim_namespace)).default_backoff();
+    let stream = reflector(
+        writer,
+        scope.watch(
+            move || watcher(api.clone(), config.clone()).modify(trim_namespace),
+            |namespace: &PartialObjectMeta<Namespace>| namespace.name_any(),
+        ),
+    )
+    .default_backoff();
     let store = bindings.clone();
     drive(
         "namespaces",
@@ -321,6 +338,7 @@ pub async fn run(
     .default_backoff();
     let store = bindings.clone();
     // A grant may allow or forbid any binding: re-check them all.
+    let shard_requests = requests.clone();
     drive(
         "awsrolegrants",
         stream.touched_objects(),
@@ -353,10 +371,13 @@ pub async fn run(
     let ctx = Arc::new(Context::new(
         client, metrics, issuer, settings, stores, instance, subjects,
     ));
+    if let Some(events) = ctx.settings.scope.gate.as_ref().and_then(|g| g.take_events()) {
+        tokio::spawn(follow_shards(events, ctx.clone(), shard_requests));
+    }
     controller
         .reconcile_on(requested)
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile_held, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "controller event");
@@ -364,4 +385,77 @@ pub async fn run(
         })
         .await;
     tracing::info!("controller stopped");
+}
+
+fn namespace_of<K: ResourceExt>(object: &K) -> String {
+    object.namespace().unwrap_or_default()
+}
+
+/// Sharded: reconciles a binding only while this replica holds its shard (and the caches
+/// hold it completely), and stops the reconcile when the shard stops being held.
+async fn reconcile_held(binding: Arc<AWSRoleBinding>, ctx: Arc<Context>) -> Result<Action> {
+    let Some(gate) = ctx.settings.scope.gate.clone() else {
+        return reconcile(binding, ctx).await;
+    };
+    let namespace = binding.namespace().unwrap_or_default();
+    let Some(mut permit) = gate.enter(&namespace) else {
+        tracing::debug!(binding = %binding.name_any(), %namespace, "not reconciled: its shard is not active here");
+        return Ok(Action::await_change());
+    };
+    let metrics = ctx.metrics.clone();
+    tokio::select! {
+        // Polled first, so the reconcile has started (and counted itself) before any cancel.
+        biased;
+        result = reconcile(binding.clone(), ctx) => result,
+        () = permit.revoked() => {
+            metrics.reconcile_abandoned();
+            tracing::warn!(binding = %binding.name_any(), %namespace, "reconcile cancelled: its shard is no longer held");
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// Reconciles the bindings of shards once the caches hold them, and forgets what was kept
+/// about the subjects of shards given up or lost (a new holder adopts their Secrets).
+async fn follow_shards(
+    mut events: tokio::sync::mpsc::UnboundedReceiver<ShardEvent>,
+    ctx: Arc<Context>,
+    requests: UnboundedSender<ObjectRef<AWSRoleBinding>>,
+) {
+    let shards = ctx.settings.scope.gate.as_ref().map_or(1, |g| g.shards());
+    while let Some(event) = events.recv().await {
+        match event {
+            ShardEvent::Active(active) => {
+                let of = |ns: &str| active.contains(&shard_of(ns, shards));
+                for binding in bindings_where(&ctx.stores.bindings, |b| of(&namespace_of(b))) {
+                    if requests.unbounded_send(binding).is_err() {
+                        return;
+                    }
+                }
+            }
+            ShardEvent::Listed => {
+                let s = &ctx.stores;
+                tracing::info!(
+                    bindings = s.bindings.len(),
+                    secrets = s.secrets.len(),
+                    service_accounts = s.service_accounts.len(),
+                    namespaces = s.namespaces.len(),
+                    "the caches hold the objects of the shards held, and no others"
+                );
+            }
+            ShardEvent::Dropped(dropped) => {
+                let of = |ns: &str| dropped.contains(&shard_of(ns, shards));
+                forget_subjects_where(&ctx.subjects, &ctx.metrics, |ns, _| of(ns));
+                ctx.failed_reconciles
+                    .lock()
+                    .expect("failures lock")
+                    .retain(|b, _| !of(b.namespace.as_deref().unwrap_or_default()));
+                ctx.stores
+                    .secret_owners
+                    .lock()
+                    .expect("index lock")
+                    .forget_where(|secret| of(secret.namespace.as_deref().unwrap_or_default()));
+            }
+        }
+    }
 }

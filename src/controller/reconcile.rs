@@ -5,7 +5,7 @@ use super::*;
 pub(super) async fn reconcile(binding: Arc<AWSRoleBinding>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     ctx.metrics.reconcile_started();
-    tracing::debug!(binding = %binding.name_any(), "reconciling");
+    tracing::debug!(binding = %binding.name_any(), namespace = binding.namespace().unwrap_or_default(), "reconciling");
     let result = reconcile_binding(&binding, &ctx).await;
     ctx.metrics.reconciled(started.elapsed());
     let at = ObjectRef::from_obj(binding.as_ref());

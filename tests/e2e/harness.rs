@@ -150,8 +150,13 @@ pub struct TestNamespace {
 
 impl TestNamespace {
     pub async fn new(prefix: &str) -> Self {
+        Self::named(&unique(prefix)).await
+    }
+
+    /// A namespace of exactly this name.
+    pub async fn named(name: &str) -> Self {
         let client = client().await;
-        let name = unique(prefix);
+        let name = name.to_string();
         let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
         Api::<Namespace>::all(client.clone())
             .create(&PostParams::default(), &ns)
@@ -857,19 +862,31 @@ impl Operator {
     /// Like `start`, with the Kubernetes identity of another kubeconfig (e.g. a
     /// ServiceAccount token).
     pub fn start_with_kubeconfig(namespace: &str, sts: &Forwarder, extra: &[&str], kubeconfig: &Path) -> Self {
-        Self::spawn(namespace, sts, extra, kubeconfig, None)
+        Self::spawn(Some(namespace), sts, extra, kubeconfig, None)
+    }
+
+    /// Like `start`, watching every namespace (`extra` should narrow it, e.g. with
+    /// `--namespace-prefix`, so that other tests' bindings stay out of its reach).
+    pub fn start_cluster_wide(sts: &Forwarder, extra: &[&str], kubeconfig: &Path) -> Self {
+        Self::spawn(None, sts, extra, kubeconfig, None)
     }
 
     /// Like `start`, with the process's clock shifted by `offset` (libfaketime's `faketime`,
     /// e.g. `+2h`): the wall clock only, timers run as usual.
     pub fn start_with_clock_offset(namespace: &str, sts: &Forwarder, extra: &[&str], offset: &str) -> Self {
-        Self::spawn(namespace, sts, extra, &env().kubeconfig, Some(offset))
+        Self::spawn(Some(namespace), sts, extra, &env().kubeconfig, Some(offset))
     }
 
-    fn spawn(namespace: &str, sts: &Forwarder, extra: &[&str], kubeconfig: &Path, clock_offset: Option<&str>) -> Self {
+    fn spawn(
+        namespace: Option<&str>,
+        sts: &Forwarder,
+        extra: &[&str],
+        kubeconfig: &Path,
+        clock_offset: Option<&str>,
+    ) -> Self {
         let logs = env().repo.join(".e2e/logs");
         std::fs::create_dir_all(&logs).unwrap();
-        let log = logs.join(format!("operator-{namespace}-{}.log", unique("run")));
+        let log = logs.join(format!("operator-{}-{}.log", namespace.unwrap_or("all"), unique("run")));
         let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let file = std::fs::File::create(&log).unwrap();
         let mut command = match clock_offset {
@@ -882,7 +899,8 @@ impl Operator {
         };
         let child = command
             .arg("run")
-            .args(["--namespace", namespace, "--log-format", "json", "--log-level"])
+            .args(namespace.map(|ns| ["--namespace", ns]).into_iter().flatten())
+            .args(["--log-format", "json", "--log-level"])
             .arg(std::env::var("E2E_OPERATOR_LOG").unwrap_or_else(|_| "kube_sts=debug,info".into()))
             .args([
                 "--sts-endpoint",

@@ -13,4 +13,5 @@ mod rbac;
 mod rotation;
 mod secret_log;
 mod security;
+mod shards;
 mod webhook;

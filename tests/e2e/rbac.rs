@@ -49,7 +49,7 @@ const APPLIED_KINDS: [&str; 8] = [
     "ValidatingAdmissionPolicyBinding",
 ];
 
-fn helm() -> &'static Path {
+pub(crate) fn helm() -> &'static Path {
     static HELM: OnceLock<PathBuf> = OnceLock::new();
     HELM.get_or_init(|| {
         let out = Command::new("bash")

@@ -43,6 +43,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/* Whether the operator uses Leases (leader election or shards). */}}
+{{- define "kube-sts.usesLeases" -}}
+{{- if or .Values.leaderElection.enabled (gt (int .Values.sharding.shards) 1) }}true{{ end }}
+{{- end }}
+
 {{- define "kube-sts.leaseNamespace" -}}
 {{- default .Release.Namespace .Values.leaderElection.leaseNamespace }}
 {{- end }}
@@ -60,8 +65,15 @@ Checks of combinations the schema cannot express; included by the Deployment
 so that `helm template` and `helm install` fail with a message.
 */}}
 {{- define "kube-sts.validate" -}}
-{{- if and (gt (int .Values.replicas) 1) (not .Values.leaderElection.enabled) }}
-{{- fail "replicas > 1 requires leaderElection.enabled=true: without a leader every replica would issue and write the same credentials" }}
+{{- $sharded := gt (int .Values.sharding.shards) 1 }}
+{{- if and (gt (int .Values.replicas) 1) (not .Values.leaderElection.enabled) (not $sharded) }}
+{{- fail "replicas > 1 requires leaderElection.enabled=true or sharding.shards > 1: without either every replica would issue and write the same credentials" }}
+{{- end }}
+{{- if and $sharded .Values.leaderElection.enabled }}
+{{- fail "sharding.shards > 1 coordinates the replicas through shard Leases: drop leaderElection.enabled" }}
+{{- end }}
+{{- if and $sharded .Values.watchNamespace }}
+{{- fail "sharding.shards > 1 splits namespaces between replicas: drop watchNamespace (one namespace is one shard)" }}
 {{- end }}
 {{- if and .Values.aws.existingSecret .Values.aws.configSecret }}
 {{- fail "set at most one of aws.existingSecret and aws.configSecret" }}
