@@ -1281,6 +1281,20 @@ pub fn metric_sum(metrics: &str, name: &str) -> f64 {
 }
 
 /// A value of `.e2e/node.env`, which `make up` writes for the node (`KUBE_STS_NODE_*`).
+/// The helm binary `e2e/scripts/build-helm.sh` installs into the cache (once per run).
+pub fn helm() -> &'static Path {
+    static HELM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    HELM.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(env().repo.join("e2e/scripts/build-helm.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("build-helm.sh runs");
+        assert!(out.status.success(), "build-helm.sh failed");
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim())
+    })
+}
+
 pub fn node_env(key: &str) -> String {
     let path = env().repo.join(".e2e/node.env");
     let text =

@@ -5,7 +5,6 @@
 //! a Secret (`aws.existingSecret`). It reaches STS at the peer's address on the node link.
 
 use std::{
-    path::PathBuf,
     process::{Command, Stdio},
     sync::OnceLock,
     time::Duration,
@@ -101,11 +100,6 @@ async fn assert_consumer_acts_as(namespace: &str, pod: &str, role: &str) {
             "{arn}"
         );
     }
-}
-
-fn helm() -> &'static PathBuf {
-    static HELM: OnceLock<PathBuf> = OnceLock::new();
-    HELM.get_or_init(|| PathBuf::from(script_output("build-helm.sh", &[]).lines().last().unwrap().trim()))
 }
 
 /// The STS peer as pods reach it: its proxy's port, on the host's end of the node link.

@@ -12,8 +12,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
-    sync::OnceLock,
+    process::{Command, Output},
     time::{Duration, Instant},
 };
 
@@ -48,19 +47,6 @@ const APPLIED_KINDS: [&str; 8] = [
     "ValidatingAdmissionPolicy",
     "ValidatingAdmissionPolicyBinding",
 ];
-
-pub(crate) fn helm() -> &'static Path {
-    static HELM: OnceLock<PathBuf> = OnceLock::new();
-    HELM.get_or_init(|| {
-        let out = Command::new("bash")
-            .arg(env().repo.join("e2e/scripts/build-helm.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("build-helm.sh runs");
-        assert!(out.status.success(), "build-helm.sh failed");
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim())
-    })
-}
 
 /// `helm template` of the chart for `release` in `namespace`, watching that namespace,
 /// with leader election and the TokenRequest permission (off by default; the scenario's

@@ -16,8 +16,7 @@ use serde_json::{Value, json};
 
 use crate::{
     harness::*,
-    rbac::helm,
-    rotation::{SecretLog, Seen},
+    secret_log::{SecretLog, Seen},
 };
 
 const SHARDS: u32 = 4;
