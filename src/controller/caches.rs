@@ -56,13 +56,43 @@ impl WrittenStatuses {
 
 /// The managed Secrets of each binding (by the binding's UID, from the Secret's controller
 /// ownerReference), so a reconcile finds its own without scanning every cached Secret.
+/// Kept from the Secret watch's own events ([`SecretIndex::apply`]), not from the cache:
+/// during a listing the reflector fills a buffer that becomes the cache only at its end.
 #[derive(Debug, Default)]
 pub struct SecretIndex {
     by_owner: HashMap<String, std::collections::HashSet<ObjectRef<Secret>>>,
     owner_of: HashMap<ObjectRef<Secret>, String>,
+    /// The owners seen so far by a listing in progress; the index at its end.
+    listing: Option<HashMap<ObjectRef<Secret>, String>>,
 }
 
 impl SecretIndex {
+    /// Follows one event of the managed-Secret watch. A listing (at the start, after a
+    /// watch gap, when the shards held change) replaces the index when it ends, so Secrets
+    /// deleted during a gap, or of shards no longer held, drop out.
+    pub fn apply(&mut self, event: &watcher::Event<Secret>) {
+        let at = |secret: &Secret| ObjectRef::new(&secret.name_any()).within(&secret.namespace().unwrap_or_default());
+        match event {
+            watcher::Event::Init => self.listing = Some(HashMap::new()),
+            watcher::Event::InitApply(secret) => {
+                if let (Some(listing), Some(owner)) = (self.listing.as_mut(), controller_uid(secret)) {
+                    listing.insert(at(secret), owner);
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(listing) = self.listing.take() {
+                    self.by_owner.clear();
+                    self.owner_of.clear();
+                    for (secret, owner) in listing {
+                        self.update(secret, Some(owner));
+                    }
+                }
+            }
+            watcher::Event::Apply(secret) => self.update(at(secret), controller_uid(secret)),
+            watcher::Event::Delete(secret) => self.update(at(secret), None),
+        }
+    }
+
     /// Records the Secret `secret` as controlled by `owner` now (`None`: gone, or not ours).
     pub fn update(&mut self, secret: ObjectRef<Secret>, owner: Option<String>) {
         if let Some(old) = self.owner_of.remove(&secret)
@@ -76,14 +106,6 @@ impl SecretIndex {
         if let Some(owner) = owner {
             self.by_owner.entry(owner.clone()).or_default().insert(secret.clone());
             self.owner_of.insert(secret, owner);
-        }
-    }
-
-    /// Forgets the Secrets `gone` selects (those of shards given up).
-    pub fn forget_where(&mut self, gone: impl Fn(&ObjectRef<Secret>) -> bool) {
-        let forgotten: Vec<ObjectRef<Secret>> = self.owner_of.keys().filter(|s| gone(s)).cloned().collect();
-        for secret in forgotten {
-            self.update(secret, None);
         }
     }
 
@@ -231,6 +253,43 @@ mod tests {
         index.update(a, None);
         assert!(index.owned_by("uid-1").is_empty() && index.owned_by("uid-2").is_empty());
         assert!(index.by_owner.is_empty() && index.owner_of.is_empty());
+    }
+
+    fn owned_secret(name: &str, owner: &str) -> Secret {
+        serde_json::from_value(serde_json::json!({"metadata": {
+            "name": name, "namespace": "ns",
+            "ownerReferences": [{"apiVersion": "kube-sts.io/v1alpha1", "kind": "AWSRoleBinding",
+                "name": "b", "uid": owner, "controller": true}],
+        }}))
+        .unwrap()
+    }
+
+    #[test]
+    fn secret_index_is_built_from_the_watch_events_and_replaced_by_each_listing() {
+        let mut index = SecretIndex::default();
+        let names = |index: &SecretIndex, owner: &str| {
+            let mut names: Vec<String> = index.owned_by(owner).into_iter().map(|r| r.name).collect();
+            names.sort();
+            names
+        };
+        // The first listing: known at its end (the cache is filled then too).
+        index.apply(&watcher::Event::Init);
+        index.apply(&watcher::Event::InitApply(owned_secret("a", "uid-1")));
+        index.apply(&watcher::Event::InitApply(owned_secret("b", "uid-1")));
+        index.apply(&watcher::Event::InitDone);
+        assert_eq!(names(&index, "uid-1"), ["a", "b"]);
+        // Watch events.
+        index.apply(&watcher::Event::Apply(owned_secret("c", "uid-2")));
+        index.apply(&watcher::Event::Delete(owned_secret("a", "uid-1")));
+        assert_eq!(names(&index, "uid-1"), ["b"]);
+        assert_eq!(names(&index, "uid-2"), ["c"]);
+        // A listing after a gap replaces the index: b was deleted meanwhile.
+        index.apply(&watcher::Event::Init);
+        index.apply(&watcher::Event::InitApply(owned_secret("c", "uid-2")));
+        assert_eq!(names(&index, "uid-1"), ["b"], "unchanged until the listing ends");
+        index.apply(&watcher::Event::InitDone);
+        assert!(names(&index, "uid-1").is_empty());
+        assert_eq!(names(&index, "uid-2"), ["c"]);
     }
 
     #[test]

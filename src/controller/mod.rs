@@ -258,17 +258,14 @@ pub async fn run(
     )
     .default_backoff();
     let secret_owners = Arc::new(Mutex::new(SecretIndex::default()));
-    let (index, cache) = (secret_owners.clone(), secrets.clone());
+    let index = secret_owners.clone();
+    let stream = stream.inspect_ok(move |event| index.lock().expect("index lock").apply(event));
     drive(
         "secrets",
         stream.touched_objects(),
         requests.clone(),
         move |secret: Secret| {
             let namespace = secret.namespace().unwrap_or_default();
-            // The reflector has applied the event already: the cache says whether it is gone.
-            let at = ObjectRef::from(&secret);
-            let owner = cache.get(&at).as_deref().and_then(controller_uid);
-            index.lock().expect("index lock").update(at, owner);
             secret
                 .owner_references()
                 .iter()
@@ -450,11 +447,8 @@ async fn follow_shards(
                     .lock()
                     .expect("failures lock")
                     .retain(|b, _| !of(b.namespace.as_deref().unwrap_or_default()));
-                ctx.stores
-                    .secret_owners
-                    .lock()
-                    .expect("index lock")
-                    .forget_where(|secret| of(secret.namespace.as_deref().unwrap_or_default()));
+                // The Secret index follows the watch, whose listing after the change
+                // replaces it.
             }
         }
     }

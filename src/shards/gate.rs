@@ -129,7 +129,7 @@ impl Gate {
         let inner = self.lock();
         let slot = &inner.slots[shard_of(namespace, inner.slots.len() as u32) as usize];
         let valid = slot.valid_until.is_some_and(|until| Instant::now() < until);
-        if slot.state != State::Active || !valid {
+        if slot.state != State::Active || !valid || *slot.revoked.borrow() {
             return None;
         }
         let running = slot.lock.clone().try_read_owned().ok()?;
@@ -165,8 +165,19 @@ impl Gate {
         self.set_cached(&inner);
     }
 
-    pub fn renewed(&self, shard: u32, renewed_at: Instant, renew_deadline: Duration) {
-        self.lock().slots[shard as usize].valid_until = Some(renewed_at + renew_deadline);
+    /// The Lease of `shard` was renewed at `renewed_at`. False when the renewal came too
+    /// late: the shard's reconciles were cancelled at its deadline, and its cancellation
+    /// signal stays set; the caller takes the shard afresh ([`Gate::dropped`], then
+    /// [`Gate::acquired`]), else no reconcile of it would ever run again.
+    #[must_use]
+    pub fn renewed(&self, shard: u32, renewed_at: Instant, renew_deadline: Duration) -> bool {
+        let mut inner = self.lock();
+        let slot = &mut inner.slots[shard as usize];
+        if *slot.revoked.borrow() {
+            return false;
+        }
+        slot.valid_until = Some(renewed_at + renew_deadline);
+        true
     }
 
     /// Stops starting reconciles of `shard` (it is being given up).
@@ -429,6 +440,10 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), running.revoked())
             .await
             .expect("revoked");
+        // A renewal answered after the deadline does not revive the shard: it is taken
+        // afresh (dropped, acquired, listed again).
+        assert!(!gate.renewed(0, start + Duration::from_secs(8), Duration::from_secs(10)));
+        assert!(gate.enter("team-a").is_none());
         // A lost shard cancels too, and a new acquisition starts with a fresh signal.
         gate.acquired(0, Instant::now(), Duration::from_secs(10));
         gate.synced(w, gate.cached.borrow().version);

@@ -374,8 +374,12 @@ impl ShardLeases {
                     if state.renewed_at.is_none() {
                         tracing::info!(shard, lease = %shard_lease_name(&s.name, shard), "acquired shard");
                         self.gate.acquired(shard, started, s.renew_deadline);
-                    } else {
-                        self.gate.renewed(shard, started, s.renew_deadline);
+                    } else if !self.gate.renewed(shard, started, s.renew_deadline) {
+                        // Answered after the deadline: its reconciles were cancelled. Still
+                        // ours (the write succeeded), so it starts over as a new holding.
+                        tracing::warn!(shard, lease = %shard_lease_name(&s.name, shard), "shard Lease renewed after its deadline; taking it afresh");
+                        self.gate.dropped(shard);
+                        self.gate.acquired(shard, started, s.renew_deadline);
                     }
                     state.renewed_at = Some(started);
                 }

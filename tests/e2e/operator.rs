@@ -388,6 +388,41 @@ async fn restart_adopts_fresh_secrets_without_sts_calls_or_writes() {
     );
 }
 
+/// After a restart the operator still knows which Secrets are a binding's: removing the
+/// grant revokes (deletes them), and so does removing a subject. (It once learnt the owners
+/// from the cache, which a listing fills only at its end: after a restart it knew none.)
+#[tokio::test]
+async fn after_a_restart_a_revoked_grant_and_a_removed_subject_still_delete_their_secrets() {
+    let ns = TestNamespace::new("revokeafter").await;
+    for sa in ["a", "b"] {
+        ns.service_account(sa).await;
+    }
+    let role = granted_role(&ns, None, "");
+    let sts = Forwarder::start().await;
+    let mut first = Operator::start(&ns.name, &sts, &[]);
+    ns.apply_ok(&binding_yaml("two", &role, &["a", "b"], ""));
+    ns.apply_ok(&binding_yaml("one", &role, &["a"], ""));
+    wait_ready(&ns.bindings(), "two", "True", "CredentialsIssued").await;
+    wait_ready(&ns.bindings(), "one", "True", "CredentialsIssued").await;
+    first.stop();
+
+    let second = Operator::start(&ns.name, &sts, &[]);
+    second.wait_reconciled().await;
+    ns.apply_ok(&binding_yaml("two", &role, &["a"], ""));
+    eventually(
+        "the removed subject's Secret deleted",
+        Duration::from_secs(30),
+        || async { ns.secrets().get_opt("two-b").await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+    assert!(kubectl(&["delete", "awsrolegrant", &ns.name], None).status.success());
+    wait_ready(&ns.bindings(), "one", "False", "RoleNotGranted").await;
+    eventually("the revoked Secrets deleted", Duration::from_secs(30), || async {
+        managed_secrets(&ns).await.is_empty().then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn sts_outage_degrades_keeps_the_secret_and_recovers() {
     let ns = TestNamespace::new("outage").await;
