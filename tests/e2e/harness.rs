@@ -1280,7 +1280,6 @@ pub fn metric_sum(metrics: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// A value of `.e2e/node.env`, which `make up` writes for the node (`KUBE_STS_NODE_*`).
 /// The helm binary `e2e/scripts/build-helm.sh` installs into the cache (once per run).
 pub fn helm() -> &'static Path {
     static HELM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
@@ -1295,6 +1294,7 @@ pub fn helm() -> &'static Path {
     })
 }
 
+/// A value of `.e2e/node.env`, which `make up` writes for the node (`KUBE_STS_NODE_*`).
 pub fn node_env(key: &str) -> String {
     let path = env().repo.join(".e2e/node.env");
     let text =
