@@ -6,6 +6,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
@@ -923,6 +924,9 @@ impl Operator {
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .stdout(file.try_clone().unwrap())
             .stderr(file)
+            // A process group of its own, signalled as a whole: `faketime` runs the operator
+            // as its child and passes no signal on.
+            .process_group(0)
             .spawn()
             .expect("operator starts");
         Operator {
@@ -935,7 +939,7 @@ impl Operator {
     /// Sends SIGTERM and waits for the process to end; returns how it ended.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            signal_group(&child, "TERM");
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
                 if let Some(status) = child.try_wait().unwrap() {
@@ -943,7 +947,7 @@ impl Operator {
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            let _ = child.kill();
+            signal_group(&child, "KILL");
             let _ = child.wait();
             panic!("operator did not stop on SIGTERM within 20 s");
         }
@@ -953,7 +957,7 @@ impl Operator {
     /// SIGKILL: the process gets no chance to clean up (e.g. to release a Lease).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
+            signal_group(&child, "KILL");
             let _ = child.wait();
         }
     }
@@ -1030,10 +1034,17 @@ pub async fn scrape(addr: SocketAddr) -> String {
 impl Drop for Operator {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
+            signal_group(&child, "KILL");
             let _ = child.wait();
         }
     }
+}
+
+/// Sends `signal` to the process group `child` leads (it and whatever it started).
+fn signal_group(child: &Child, signal: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{signal}"), "--", &format!("-{}", child.id())])
+        .status();
 }
 
 /// The Ready condition of a binding as `(status, reason, message)`.
