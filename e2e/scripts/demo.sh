@@ -138,5 +138,6 @@ kubectl -n "$ns" get arb reports
 kubectl -n "$ns" get events --field-selector involvedObject.kind=AWSRoleBinding
 echo
 echo "The pod's SDK reads credential_process again shortly before the key it holds ($first) expires"
-echo "at $first_expiry, and then signs with $new, with no restart: kubectl -n $ns logs -f reports-app"
+echo "at $first_expiry, and then signs with the key the volume holds then ($new, or a later one: with"
+echo "this binding a refresh comes every 7.5 minutes), with no restart: kubectl -n $ns logs -f reports-app"
 step "Done. Everything keeps running: KUBECONFIG=.e2e/kubeconfig kubectl get arb -A; make down stops it."
