@@ -210,6 +210,7 @@ BAD=(
 	"zero shards|sharding.shards=0|shards"
 	"shards with leader election|sharding.shards=2,leaderElection.enabled=true|drop leaderElection"
 	"shards with watchNamespace|sharding.shards=2,watchNamespace=team-a|drop watchNamespace"
+	"shard Leases among the cluster's own|sharding.shards=2,replicas=2,leaderElection.leaseNamespace=kube-system|namespace of its own"
 	"unknown NetworkPolicy peer field|networkPolicy.metricsFrom[0].namespaceSelectr.x=y|namespaceSelectr"
 	"bad webhook failurePolicy|webhook.failurePolicy=Sometimes|failurePolicy"
 	"webhook validity not a duration|webhook.certificate.validity=90d|validity"

@@ -72,6 +72,10 @@ so that `helm template` and `helm install` fail with a message.
 {{- if and $sharded .Values.leaderElection.enabled }}
 {{- fail "sharding.shards > 1 coordinates the replicas through shard Leases: drop leaderElection.enabled" }}
 {{- end }}
+{{- $leaseNamespace := .Values.leaderElection.leaseNamespace | default .Release.Namespace }}
+{{- if and $sharded (has $leaseNamespace (list "kube-system" "kube-public" "kube-node-lease")) }}
+{{- fail (printf "sharding.shards > 1 lets the operator create, update and delete every Lease of leaderElection.leaseNamespace (%s holds the cluster's own Leases): give it a namespace of its own" $leaseNamespace) }}
+{{- end }}
 {{- if and $sharded .Values.watchNamespace }}
 {{- fail "sharding.shards > 1 splits namespaces between replicas: drop watchNamespace (one namespace is one shard)" }}
 {{- end }}
