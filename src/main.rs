@@ -231,12 +231,7 @@ async fn run(args: RunArgs) -> RunResult {
     // Handled from here on, whatever the process is doing when the signal comes (syncing
     // caches, standing by, the instant after winning the Lease).
     let shutdown = shutdown_signal()?;
-    let lease_namespace = args
-        .lease_namespace
-        .clone()
-        .filter(|n| !n.is_empty())
-        .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
-        .unwrap_or_else(|| client.default_namespace().to_string());
+    let lease_namespace = own_namespace(args.lease_namespace.as_deref(), &client);
     if let Some(gate) = settings.scope.gate.clone() {
         // Sharded: the controller runs at once and reconciles the shards held; the Leases
         // are kept beside it and given up after it stopped (in-flight reconciles finished).
@@ -356,12 +351,7 @@ async fn run_webhook(args: WebhookArgs) -> RunResult {
     let client = kube::Client::try_default()
         .await
         .map_err(|e| format!("cannot build a Kubernetes client: {e}"))?;
-    let secret_namespace = args
-        .tls_secret_namespace
-        .clone()
-        .filter(|n| !n.is_empty())
-        .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
-        .unwrap_or_else(|| client.default_namespace().to_string());
+    let secret_namespace = own_namespace(args.tls_secret_namespace.as_deref(), &client);
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         namespace = args.namespace.as_deref().unwrap_or("<all>"),
@@ -443,4 +433,12 @@ async fn main() {
         eprintln!("kube-sts: {message}");
         std::process::exit(1);
     }
+}
+
+/// The namespace a flag names, else the pod's own (`POD_NAMESPACE`), else the kubeconfig's.
+fn own_namespace(flag: Option<&str>, client: &kube::Client) -> String {
+    flag.filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
+        .unwrap_or_else(|| client.default_namespace().to_string())
 }

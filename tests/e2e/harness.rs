@@ -1305,6 +1305,13 @@ pub fn helm() -> &'static Path {
     })
 }
 
+/// The STS peer as pods reach it: its proxy's port, on the host's end of the node link.
+pub fn sts_url_for_pods() -> String {
+    let local = &env().aws["AWS_ENDPOINT_URL_STS"];
+    let port = local.rsplit(':').next().unwrap().trim_end_matches('/');
+    format!("http://{}:{port}", node_env("KUBE_STS_NODE_HOST_ADDRESS"))
+}
+
 /// A value of `.e2e/node.env`, which `make up` writes for the node (`KUBE_STS_NODE_*`).
 pub fn node_env(key: &str) -> String {
     let path = env().repo.join(".e2e/node.env");

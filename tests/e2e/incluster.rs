@@ -102,13 +102,6 @@ async fn assert_consumer_acts_as(namespace: &str, pod: &str, role: &str) {
     }
 }
 
-/// The STS peer as pods reach it: its proxy's port, on the host's end of the node link.
-fn sts_url_for_pods() -> String {
-    let local = &env().aws["AWS_ENDPOINT_URL_STS"];
-    let port = local.rsplit(':').next().unwrap().trim_end_matches('/');
-    format!("http://{}:{port}", node_env("KUBE_STS_NODE_HOST_ADDRESS"))
-}
-
 fn helm_run(args: &[&str]) {
     let out = Command::new(helm())
         .args(args)
@@ -220,15 +213,19 @@ fn operator_pods(ns: &TestNamespace) -> String {
     format!("app.kubernetes.io/instance={},app.kubernetes.io/name=kube-sts", ns.name)
 }
 
+/// The release's operator pods in `ns`, as listed now.
+async fn list_operator_pods(ns: &TestNamespace) -> kube::Result<Vec<Pod>> {
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    Ok(pods
+        .list(&ListParams::default().labels(&operator_pods(ns)))
+        .await?
+        .items)
+}
+
 /// The operator's pod once it is Ready, other than `not` (a pod deleted since).
 async fn operator_pod(ns: &TestNamespace, not: Option<&str>) -> Pod {
-    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
     eventually("the operator pod is Ready", Duration::from_secs(180), || async {
-        let list = pods
-            .list(&ListParams::default().labels(&operator_pods(ns)))
-            .await
-            .ok()?;
-        for pod in list.items {
+        for pod in list_operator_pods(ns).await.ok()? {
             let name = pod.metadata.name.as_deref()?;
             if Some(name) != not
                 && pod.metadata.deletion_timestamp.is_none()
@@ -326,12 +323,9 @@ async fn a_deleted_operator_pod_is_recreated_and_adopts_the_secrets_with_no_sts_
 
 /// The pods of the release that run (started, whether Ready or standing by), by name.
 async fn running_pods(ns: &TestNamespace) -> Vec<String> {
-    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
-    let list = pods
-        .list(&ListParams::default().labels(&operator_pods(ns)))
+    list_operator_pods(ns)
         .await
-        .unwrap();
-    list.items
+        .unwrap()
         .into_iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter(|p| {
@@ -527,16 +521,11 @@ async fn helm_upgrade_and_uninstall_keep_the_credentials_a_running_pod_uses() {
 
     release.uninstall();
     let (op, ns) = (&release.op, &release.tenant);
-    let pods: Api<Pod> = Api::namespaced(op.client.clone(), &op.name);
     // The pods go by the garbage collector (Deployment, then ReplicaSet, then pods), which
     // lags by minutes while the whole suite churns objects (seen: over two minutes; 15 s
     // alone). Meanwhile the pod cannot act: its ServiceAccount is gone with the release.
     eventually("no operator pod is left", Duration::from_secs(300), || async {
-        let left = pods
-            .list(&ListParams::default().labels(&operator_pods(op)))
-            .await
-            .ok()?;
-        left.items.is_empty().then_some(())
+        list_operator_pods(op).await.ok()?.is_empty().then_some(())
     })
     .await;
     assert!(

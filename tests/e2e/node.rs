@@ -158,12 +158,9 @@ async fn status_line(addr: &str, head: &str) -> String {
 /// header that reaches the peer without enforcement. The host's own listener has both.
 #[tokio::test]
 async fn pods_reach_no_admin_api_of_the_sts_peer() {
-    let local = env().aws["AWS_ENDPOINT_URL_STS"]
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    let port = local.rsplit(':').next().unwrap();
-    let for_pods = format!("{}:{port}", node_env("KUBE_STS_NODE_HOST_ADDRESS"));
+    let address = |url: &str| url.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let local = address(&env().aws["AWS_ENDPOINT_URL_STS"]);
+    let for_pods = address(&sts_url_for_pods());
     let admin = "GET /moto-api/data.json HTTP/1.1\r\nHost: sts\r\nConnection: close\r\n\r\n";
     let rerouted = "GET / HTTP/1.1\r\nHost: sts\r\nX-Kube-Sts-Upstream: noauth\r\nConnection: close\r\n\r\n";
     assert!(
