@@ -1,6 +1,6 @@
-//! The caches the reconciler reads from (labelled Secrets, ServiceAccount and Namespace
-//! metadata, grants), the indexes kept beside them, and the watch plumbing that turns a
-//! touched object into reconcile requests.
+//! The caches the reconciler reads from (labelled Secrets, kept compact in `secret_cache`;
+//! ServiceAccount and Namespace metadata, grants), the indexes kept beside them, and the
+//! watch plumbing that turns a touched object into reconcile requests.
 
 use super::*;
 
@@ -9,12 +9,11 @@ use super::*;
 #[derive(Clone)]
 pub struct Stores {
     pub bindings: Store<AWSRoleBinding>,
-    pub secrets: Store<Secret>,
+    /// Managed Secrets, compact, with the Secrets each binding controls.
+    pub secrets: SecretCache,
     pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     pub grants: Store<AWSRoleGrant>,
-    /// Which cached Secrets each binding controls, kept up to date by the Secret watch.
-    pub secret_owners: Arc<Mutex<SecretIndex>>,
     /// Status this process wrote, by binding, until the binding cache shows the write.
     pub written_statuses: Arc<Mutex<WrittenStatuses>>,
 }
@@ -54,74 +53,6 @@ impl WrittenStatuses {
     }
 }
 
-/// The managed Secrets of each binding (by the binding's UID, from the Secret's controller
-/// ownerReference), so a reconcile finds its own without scanning every cached Secret.
-/// Kept from the Secret watch's own events ([`SecretIndex::apply`]), not from the cache:
-/// during a listing the reflector fills a buffer that becomes the cache only at its end.
-#[derive(Debug, Default)]
-pub struct SecretIndex {
-    by_owner: HashMap<String, std::collections::HashSet<ObjectRef<Secret>>>,
-    owner_of: HashMap<ObjectRef<Secret>, String>,
-    /// The owners seen so far by a listing in progress; the index at its end.
-    listing: Option<HashMap<ObjectRef<Secret>, String>>,
-}
-
-impl SecretIndex {
-    /// Follows one event of the managed-Secret watch. A listing (at the start, after a
-    /// watch gap, when the shards held change) replaces the index when it ends, so Secrets
-    /// deleted during a gap, or of shards no longer held, drop out.
-    pub fn apply(&mut self, event: &watcher::Event<Secret>) {
-        let at = |secret: &Secret| ObjectRef::new(&secret.name_any()).within(&secret.namespace().unwrap_or_default());
-        match event {
-            watcher::Event::Init => self.listing = Some(HashMap::new()),
-            watcher::Event::InitApply(secret) => {
-                if let (Some(listing), Some(owner)) = (self.listing.as_mut(), controller_uid(secret)) {
-                    listing.insert(at(secret), owner);
-                }
-            }
-            watcher::Event::InitDone => {
-                if let Some(listing) = self.listing.take() {
-                    self.by_owner.clear();
-                    self.owner_of.clear();
-                    for (secret, owner) in listing {
-                        self.update(secret, Some(owner));
-                    }
-                }
-            }
-            watcher::Event::Apply(secret) => self.update(at(secret), controller_uid(secret)),
-            watcher::Event::Delete(secret) => self.update(at(secret), None),
-        }
-    }
-
-    /// Records the Secret `secret` as controlled by `owner` now (`None`: gone, or not ours).
-    pub fn update(&mut self, secret: ObjectRef<Secret>, owner: Option<String>) {
-        if let Some(old) = self.owner_of.remove(&secret)
-            && let Some(set) = self.by_owner.get_mut(&old)
-        {
-            set.remove(&secret);
-            if set.is_empty() {
-                self.by_owner.remove(&old);
-            }
-        }
-        if let Some(owner) = owner {
-            self.by_owner.entry(owner.clone()).or_default().insert(secret.clone());
-            self.owner_of.insert(secret, owner);
-        }
-    }
-
-    pub fn owned_by(&self, owner: &str) -> Vec<ObjectRef<Secret>> {
-        self.by_owner.get(owner).into_iter().flatten().cloned().collect()
-    }
-}
-
-pub(super) fn controller_uid(secret: &Secret) -> Option<String> {
-    secret
-        .owner_references()
-        .iter()
-        .find(|o| o.controller == Some(true) && o.kind == "AWSRoleBinding")
-        .map(|o| o.uid.clone())
-}
-
 impl Stores {
     pub(super) async fn wait_ready(&self) {
         let _ = futures::join!(
@@ -156,15 +87,6 @@ pub(super) fn strip_managed_fields<K: ResourceExt>(object: &mut K) {
 }
 
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
-/// A managed Secret as cached: each credential once, the renderings of it as digests
-/// (`render::cached_data`).
-pub(super) fn trim_secret(secret: &mut Secret) {
-    strip_managed_fields(secret);
-    if let Some(data) = &mut secret.data {
-        *data = render::cached_data(data);
-    }
-}
 
 /// What is cached of a ServiceAccount: that it exists.
 pub(super) fn trim_service_account(sa: &mut PartialObjectMeta<ServiceAccount>) {
@@ -234,63 +156,6 @@ pub(super) fn bindings_where(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn secret_index_follows_owner_changes_and_deletes() {
-        let mut index = SecretIndex::default();
-        let a = ObjectRef::<Secret>::new("a").within("ns");
-        let b = ObjectRef::<Secret>::new("b").within("ns");
-        index.update(a.clone(), Some("uid-1".into()));
-        index.update(b.clone(), Some("uid-1".into()));
-        let mut owned = index.owned_by("uid-1");
-        owned.sort_by(|x, y| x.name.cmp(&y.name));
-        assert_eq!(owned, [a.clone(), b.clone()]);
-        index.update(a.clone(), Some("uid-2".into()));
-        assert_eq!(index.owned_by("uid-1").len(), 1);
-        assert_eq!(index.owned_by("uid-1")[0], b);
-        assert_eq!(index.owned_by("uid-2")[0], a);
-        index.update(b, None);
-        index.update(a, None);
-        assert!(index.owned_by("uid-1").is_empty() && index.owned_by("uid-2").is_empty());
-        assert!(index.by_owner.is_empty() && index.owner_of.is_empty());
-    }
-
-    fn owned_secret(name: &str, owner: &str) -> Secret {
-        serde_json::from_value(serde_json::json!({"metadata": {
-            "name": name, "namespace": "ns",
-            "ownerReferences": [{"apiVersion": "kube-sts.io/v1alpha1", "kind": "AWSRoleBinding",
-                "name": "b", "uid": owner, "controller": true}],
-        }}))
-        .unwrap()
-    }
-
-    #[test]
-    fn secret_index_is_built_from_the_watch_events_and_replaced_by_each_listing() {
-        let mut index = SecretIndex::default();
-        let names = |index: &SecretIndex, owner: &str| {
-            let mut names: Vec<String> = index.owned_by(owner).into_iter().map(|r| r.name).collect();
-            names.sort();
-            names
-        };
-        // The first listing: known at its end (the cache is filled then too).
-        index.apply(&watcher::Event::Init);
-        index.apply(&watcher::Event::InitApply(owned_secret("a", "uid-1")));
-        index.apply(&watcher::Event::InitApply(owned_secret("b", "uid-1")));
-        index.apply(&watcher::Event::InitDone);
-        assert_eq!(names(&index, "uid-1"), ["a", "b"]);
-        // Watch events.
-        index.apply(&watcher::Event::Apply(owned_secret("c", "uid-2")));
-        index.apply(&watcher::Event::Delete(owned_secret("a", "uid-1")));
-        assert_eq!(names(&index, "uid-1"), ["b"]);
-        assert_eq!(names(&index, "uid-2"), ["c"]);
-        // A listing after a gap replaces the index: b was deleted meanwhile.
-        index.apply(&watcher::Event::Init);
-        index.apply(&watcher::Event::InitApply(owned_secret("c", "uid-2")));
-        assert_eq!(names(&index, "uid-1"), ["b"], "unchanged until the listing ends");
-        index.apply(&watcher::Event::InitDone);
-        assert!(names(&index, "uid-1").is_empty());
-        assert_eq!(names(&index, "uid-2"), ["c"]);
-    }
 
     #[test]
     fn written_status_stands_in_until_the_cache_shows_a_newer_version() {

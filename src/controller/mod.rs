@@ -53,12 +53,14 @@ use crate::{
 
 mod caches;
 mod reconcile;
+mod secret_cache;
 mod secrets;
 mod status;
 mod subject;
 
 use self::{caches::*, reconcile::*, secrets::*, status::*, subject::*};
-pub use caches::{SecretIndex, Stores, WrittenStatuses};
+pub use caches::{Stores, WrittenStatuses};
+pub use secret_cache::SecretCache;
 
 pub const FIELD_MANAGER: &str = "kube-sts";
 
@@ -246,20 +248,17 @@ pub async fn run(
         .with_config(kube::runtime::controller::Config::default().concurrency(settings.concurrency));
     let (requests, requested) = futures::channel::mpsc::unbounded();
 
-    let (secrets, writer) = reflector::store();
+    let secrets = SecretCache::default();
     let selector = managed_selector();
     let api = api_for::<Secret>(&client, ns.as_deref());
-    let stream = reflector(
-        writer,
-        scope.watch(
-            move || watcher(api.clone(), watcher::Config::default().labels(&selector)).modify(trim_secret),
+    let cache = secrets.clone();
+    let stream = scope
+        .watch(
+            move || watcher(api.clone(), watcher::Config::default().labels(&selector)),
             namespace_of,
-        ),
-    )
-    .default_backoff();
-    let secret_owners = Arc::new(Mutex::new(SecretIndex::default()));
-    let index = secret_owners.clone();
-    let stream = stream.inspect_ok(move |event| index.lock().expect("index lock").apply(event));
+        )
+        .default_backoff()
+        .inspect_ok(move |event| cache.apply(event));
     drive(
         "secrets",
         stream.touched_objects(),
@@ -349,7 +348,6 @@ pub async fn run(
         service_accounts,
         namespaces,
         grants,
-        secret_owners,
         written_statuses,
     };
     // Decide nothing before every cache is complete (a restart must see every Secret).
@@ -434,7 +432,7 @@ async fn follow_shards(
                 let s = &ctx.stores;
                 tracing::info!(
                     bindings = s.bindings.len(),
-                    secrets = s.secrets.len(),
+                    secrets = s.secrets.count(),
                     service_accounts = s.service_accounts.len(),
                     namespaces = s.namespaces.len(),
                     "the caches hold the objects of the shards held, and no others"

@@ -37,10 +37,11 @@ pub(super) fn sa_label(secret: &Secret) -> String {
     secret.labels().get(SERVICE_ACCOUNT_LABEL).cloned().unwrap_or_default()
 }
 
-pub(super) fn owned_secrets(ctx: &Context, namespace: &str, binding: &str, uid: &str) -> Vec<Arc<Secret>> {
-    let refs = ctx.stores.secret_owners.lock().expect("index lock").owned_by(uid);
-    refs.iter()
-        .filter_map(|r| ctx.stores.secrets.get(r))
+pub(super) fn owned_secrets(ctx: &Context, namespace: &str, binding: &str, uid: &str) -> Vec<Secret> {
+    ctx.stores
+        .secrets
+        .owned_by(uid)
+        .into_iter()
         .filter(|s| {
             s.namespace().as_deref() == Some(namespace)
                 && s.labels().get(BINDING_LABEL).map(String::as_str) == Some(binding)
@@ -99,12 +100,8 @@ pub(super) async fn delete_stale_secrets(
 /// The Secret of a subject as it is now: from the cache, or (when the cache has none) from
 /// the API, since a Secret someone else created carries none of our labels.
 pub(super) async fn current_secret(ctx: &Context, target: &render::SecretTarget) -> Result<Option<Arc<Secret>>> {
-    if let Some(secret) = ctx
-        .stores
-        .secrets
-        .get(&ObjectRef::new(&target.name).within(&target.namespace))
-    {
-        return Ok(Some(secret));
+    if let Some(secret) = ctx.stores.secrets.get(&target.namespace, &target.name) {
+        return Ok(Some(Arc::new(secret)));
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &target.namespace);
     Ok(api.get_opt(&target.name).await.map_err(Error::Kube)?.map(Arc::new))

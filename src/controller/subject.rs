@@ -494,7 +494,7 @@ pub(super) fn kubernetes_failed(
     let stored = ctx
         .stores
         .secrets
-        .get(&ObjectRef::new(&target.name).within(&target.namespace))
+        .get(&target.namespace, &target.name)
         .map(|secret| stored_secret(&secret, target));
     let mut state = ctx.state(&key, binding);
     let message = format!("{error}");

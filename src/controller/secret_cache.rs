@@ -1,0 +1,462 @@
+//! The cache of managed Secrets, kept compact: each Secret is packed into one allocation
+//! holding only what the operator reads back (its uid, resourceVersion, type, labels,
+//! annotations, ownerReferences, the credential keys, and the renderings of them as digests,
+//! `render::cached_data`), with an index of the Secrets each binding controls. A reconcile
+//! gets a `Secret` unpacked from it.
+//!
+//! Kept from the Secret watch's own events ([`SecretCache::apply`]): a listing (at the start,
+//! after a watch gap, when the shards held change) fills a buffer that replaces the cache
+//! and the index when it ends, so Secrets deleted during a gap, or of shards no longer held,
+//! drop out; as with a reflector, the cache counts as ready once the first listing ended.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, RwLock},
+};
+
+use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::OwnerReference};
+use kube::{ResourceExt, api::ObjectMeta, runtime::watcher};
+
+use crate::render;
+
+/// The managed-Secret cache; clones share it.
+#[derive(Clone)]
+pub struct SecretCache {
+    inner: Arc<RwLock<Inner>>,
+    ready: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// By `namespace/name`.
+    secrets: HashMap<Box<str>, Packed>,
+    /// The Secrets each binding (by UID) controls, by key.
+    by_owner: HashMap<Box<str>, HashSet<Box<str>>>,
+    /// The Secrets a listing in progress has seen so far.
+    listing: Option<HashMap<Box<str>, Packed>>,
+}
+
+impl Default for SecretCache {
+    fn default() -> Self {
+        SecretCache {
+            inner: Arc::default(),
+            ready: Arc::new(tokio::sync::watch::channel(false).0),
+        }
+    }
+}
+
+fn key_of(namespace: &str, name: &str) -> Box<str> {
+    format!("{namespace}/{name}").into_boxed_str()
+}
+
+fn key(secret: &Secret) -> Box<str> {
+    key_of(&secret.namespace().unwrap_or_default(), &secret.name_any())
+}
+
+impl SecretCache {
+    /// Follows one event of the managed-Secret watch.
+    pub fn apply(&self, event: &watcher::Event<Secret>) {
+        let mut inner = self.inner.write().expect("secret cache lock");
+        match event {
+            watcher::Event::Init => inner.listing = Some(HashMap::new()),
+            watcher::Event::InitApply(secret) => {
+                if let Some(listing) = inner.listing.as_mut() {
+                    listing.insert(key(secret), Packed::pack(secret));
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(listing) = inner.listing.take() {
+                    inner.secrets.clear();
+                    inner.by_owner.clear();
+                    for (key, packed) in listing {
+                        inner.insert(key, packed);
+                    }
+                }
+                self.ready.send_replace(true);
+            }
+            watcher::Event::Apply(secret) => {
+                let key = key(secret);
+                inner.remove(&key);
+                inner.insert(key, Packed::pack(secret));
+            }
+            watcher::Event::Delete(secret) => inner.remove(&key(secret)),
+        }
+    }
+
+    /// The Secret `namespace/name` as cached.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Secret> {
+        let inner = self.inner.read().expect("secret cache lock");
+        inner.secrets.get(&key_of(namespace, name)).map(|p| p.unpack(namespace, name))
+    }
+
+    /// The cached Secrets whose controller is the binding with UID `owner`.
+    pub fn owned_by(&self, owner: &str) -> Vec<Secret> {
+        let inner = self.inner.read().expect("secret cache lock");
+        let Some(keys) = inner.by_owner.get(owner) else {
+            return Vec::new();
+        };
+        keys.iter()
+            .filter_map(|key| {
+                let (namespace, name) = key.split_once('/')?;
+                Some(inner.secrets.get(key)?.unpack(namespace, name))
+            })
+            .collect()
+    }
+
+    /// How many Secrets are cached.
+    pub fn count(&self) -> usize {
+        self.inner.read().expect("secret cache lock").secrets.len()
+    }
+
+    /// Returns once the first listing has ended.
+    pub async fn wait_until_ready(&self) {
+        let mut ready = self.ready.subscribe();
+        let _ = ready.wait_for(|ready| *ready).await;
+    }
+}
+
+impl Inner {
+    fn insert(&mut self, key: Box<str>, packed: Packed) {
+        if let Some(owner) = packed.controller_uid() {
+            self.by_owner.entry(owner.into()).or_default().insert(key.clone());
+        }
+        self.secrets.insert(key, packed);
+    }
+
+    fn remove(&mut self, key: &str) {
+        let Some(old) = self.secrets.remove(key) else {
+            return;
+        };
+        if let Some(owner) = old.controller_uid()
+            && let Some(keys) = self.by_owner.get_mut(owner)
+        {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_owner.remove(owner);
+            }
+        }
+    }
+}
+
+/// One Secret in one allocation: its uid, resourceVersion, type, labels, annotations,
+/// ownerReferences and data (renderings as digests), as length-prefixed fields. Its name
+/// and namespace are the cache's key. Everything else of the object (managedFields,
+/// timestamps) the operator never reads.
+struct Packed(Box<[u8]>);
+
+/// Tags of an optional map or list: absent, or present with `count` entries (`count + 1`).
+const ABSENT: u32 = 0;
+
+impl Packed {
+    fn pack(secret: &Secret) -> Packed {
+        let mut out = Writer::default();
+        let meta = &secret.metadata;
+        out.opt_str(meta.uid.as_deref());
+        out.opt_str(meta.resource_version.as_deref());
+        out.opt_str(secret.type_.as_deref());
+        for map in [&meta.labels, &meta.annotations] {
+            out.opt_len(map.as_ref().map(BTreeMap::len));
+            for (k, v) in map.iter().flatten() {
+                out.str(k);
+                out.str(v);
+            }
+        }
+        out.opt_len(meta.owner_references.as_ref().map(Vec::len));
+        for owner in meta.owner_references.iter().flatten() {
+            // The controller's uid first: the index reads it without unpacking the rest.
+            out.str(&owner.uid);
+            out.str(&owner.api_version);
+            out.str(&owner.kind);
+            out.str(&owner.name);
+            out.opt_bool(owner.controller);
+            out.opt_bool(owner.block_owner_deletion);
+        }
+        let data = secret.data.as_ref().map(render::cached_data);
+        out.opt_len(data.as_ref().map(BTreeMap::len));
+        for (k, v) in data.iter().flatten() {
+            out.str(k);
+            out.bytes(&v.0);
+        }
+        Packed(out.0.into_boxed_slice())
+    }
+
+    fn unpack(&self, namespace: &str, name: &str) -> Secret {
+        let mut r = Reader(&self.0);
+        let uid = r.opt_str();
+        let resource_version = r.opt_str();
+        let type_ = r.opt_str();
+        let mut maps = [None, None];
+        for map in &mut maps {
+            *map = r.opt_len().map(|n| (0..n).map(|_| (r.string(), r.string())).collect::<BTreeMap<_, _>>());
+        }
+        let [labels, annotations] = maps;
+        let owner_references = r.opt_len().map(|n| {
+            (0..n)
+                .map(|_| {
+                    let uid = r.string();
+                    OwnerReference {
+                        uid,
+                        api_version: r.string(),
+                        kind: r.string(),
+                        name: r.string(),
+                        controller: r.opt_bool(),
+                        block_owner_deletion: r.opt_bool(),
+                    }
+                })
+                .collect()
+        });
+        let data = r
+            .opt_len()
+            .map(|n| (0..n).map(|_| (r.string(), ByteString(r.bytes().to_vec()))).collect());
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(namespace.into()),
+                uid,
+                resource_version,
+                labels,
+                annotations,
+                owner_references,
+                ..Default::default()
+            },
+            type_,
+            data,
+            ..Default::default()
+        }
+    }
+
+    /// The uid of the binding controlling the Secret (a controller ownerReference of kind
+    /// `AWSRoleBinding`).
+    fn controller_uid(&self) -> Option<&str> {
+        let mut r = Reader(&self.0);
+        for _ in 0..3 {
+            r.opt_str_ref();
+        }
+        for _ in 0..2 {
+            for _ in 0..r.opt_len().unwrap_or(0) * 2 {
+                r.bytes();
+            }
+        }
+        let mut found = None;
+        for _ in 0..r.opt_len().unwrap_or(0) {
+            let uid = r.str_ref();
+            let _api_version = r.bytes();
+            let kind = r.str_ref();
+            let _name = r.bytes();
+            let controller = r.opt_bool();
+            let _block = r.opt_bool();
+            if found.is_none() && controller == Some(true) && kind == "AWSRoleBinding" {
+                found = Some(uid);
+            }
+        }
+        found
+    }
+}
+
+/// Lengths and counts as LEB128; strings and bytes length-prefixed.
+#[derive(Default)]
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn len(&mut self, mut n: u32) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                self.0.push(byte);
+                return;
+            }
+            self.0.push(byte | 0x80);
+        }
+    }
+
+    fn opt_len(&mut self, n: Option<usize>) {
+        self.len(n.map_or(ABSENT, |n| u32::try_from(n).expect("count fits u32") + 1));
+    }
+
+    fn bytes(&mut self, b: &[u8]) {
+        self.len(u32::try_from(b.len()).expect("a Secret is far below 4 GiB"));
+        self.0.extend_from_slice(b);
+    }
+
+    fn str(&mut self, s: &str) {
+        self.bytes(s.as_bytes());
+    }
+
+    fn opt_str(&mut self, s: Option<&str>) {
+        match s {
+            Some(s) => {
+                self.0.push(1);
+                self.str(s);
+            }
+            None => self.0.push(0),
+        }
+    }
+
+    fn opt_bool(&mut self, b: Option<bool>) {
+        self.0.push(match b {
+            None => 0,
+            Some(false) => 1,
+            Some(true) => 2,
+        });
+    }
+}
+
+/// Reads what [`Writer`] wrote (only ever its own output, so it trusts it).
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn byte(&mut self) -> u8 {
+        let (first, rest) = self.0.split_first().expect("packed Secret intact");
+        self.0 = rest;
+        *first
+    }
+
+    fn len(&mut self) -> u32 {
+        let mut n = 0u32;
+        let mut shift = 0;
+        loop {
+            let byte = self.byte();
+            n |= u32::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return n;
+            }
+            shift += 7;
+        }
+    }
+
+    fn opt_len(&mut self) -> Option<usize> {
+        match self.len() {
+            ABSENT => None,
+            n => Some(n as usize - 1),
+        }
+    }
+
+    fn bytes(&mut self) -> &'a [u8] {
+        let n = self.len() as usize;
+        let (taken, rest) = self.0.split_at(n);
+        self.0 = rest;
+        taken
+    }
+
+    fn str_ref(&mut self) -> &'a str {
+        std::str::from_utf8(self.bytes()).expect("packed from a str")
+    }
+
+    fn string(&mut self) -> String {
+        self.str_ref().to_string()
+    }
+
+    fn opt_str_ref(&mut self) -> Option<&'a str> {
+        (self.byte() == 1).then(|| self.str_ref())
+    }
+
+    fn opt_str(&mut self) -> Option<String> {
+        self.opt_str_ref().map(str::to_string)
+    }
+
+    fn opt_bool(&mut self) -> Option<bool> {
+        match self.byte() {
+            0 => None,
+            1 => Some(false),
+            _ => Some(true),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owned_secret(name: &str, owner: &str) -> Secret {
+        serde_json::from_value(serde_json::json!({"metadata": {
+            "name": name, "namespace": "ns", "uid": format!("uid-of-{name}"),
+            "ownerReferences": [{"apiVersion": "kube-sts.io/v1alpha1", "kind": "AWSRoleBinding",
+                "name": "b", "uid": owner, "controller": true}],
+        }}))
+        .unwrap()
+    }
+
+    fn names(cache: &SecretCache, owner: &str) -> Vec<String> {
+        let mut names: Vec<String> = cache.owned_by(owner).iter().map(ResourceExt::name_any).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_secret_unpacks_as_it_was_cached_with_renderings_as_digests() {
+        let full: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "app", "namespace": "team-a", "uid": "u-1", "resourceVersion": "42",
+                "creationTimestamp": "2026-11-26T09:00:00Z",
+                "labels": {"app.kubernetes.io/managed-by": "kube-sts", "kube-sts.io/binding": "b"},
+                "annotations": {"kube-sts.io/spec-hash": "abc", "ünïcode": "välue"},
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "c", "uid": "other"},
+                    {"apiVersion": "kube-sts.io/v1alpha1", "kind": "AWSRoleBinding", "name": "b",
+                     "uid": "owner-1", "controller": true, "blockOwnerDeletion": false},
+                ],
+                "managedFields": [{"manager": "kube-sts", "operation": "Apply"}],
+            },
+            "type": "kube-sts.io/aws-credentials",
+            "data": {"AWS_ACCESS_KEY_ID": "QVNJQQ==", "config": "W2RlZmF1bHRdCg==", "empty": ""},
+        }))
+        .unwrap();
+        let packed = Packed::pack(&full);
+        assert_eq!(packed.controller_uid(), Some("owner-1"));
+        let mut expected = full.clone();
+        expected.metadata.creation_timestamp = None;
+        expected.metadata.managed_fields = None;
+        expected.data = full.data.as_ref().map(render::cached_data);
+        assert_eq!(packed.unpack("team-a", "app"), expected);
+
+        // Absent and empty stay apart; a Secret with nothing but a name round-trips too.
+        let mut bare = Secret::default();
+        bare.metadata.name = Some("x".into());
+        bare.metadata.namespace = Some("ns".into());
+        assert_eq!(Packed::pack(&bare).unpack("ns", "x"), bare);
+        assert_eq!(Packed::pack(&bare).controller_uid(), None);
+        bare.data = Some(BTreeMap::new());
+        bare.metadata.labels = Some(BTreeMap::new());
+        bare.metadata.owner_references = Some(vec![]);
+        assert_eq!(Packed::pack(&bare).unpack("ns", "x"), bare);
+        // Long values (lengths over one LEB128 byte).
+        let mut long = bare.clone();
+        long.metadata.annotations = Some([("k".to_string(), "v".repeat(70_000))].into());
+        assert_eq!(Packed::pack(&long).unpack("ns", "x"), long);
+    }
+
+    #[test]
+    fn the_owner_index_follows_the_watch_and_each_listing_replaces_the_cache() {
+        let cache = SecretCache::default();
+        // The first listing: known at its end.
+        cache.apply(&watcher::Event::Init);
+        cache.apply(&watcher::Event::InitApply(owned_secret("a", "uid-1")));
+        cache.apply(&watcher::Event::InitApply(owned_secret("b", "uid-1")));
+        assert_eq!(cache.count(), 0, "a listing counts at its end");
+        assert!(!*cache.ready.borrow());
+        cache.apply(&watcher::Event::InitDone);
+        assert!(*cache.ready.borrow());
+        assert_eq!(names(&cache, "uid-1"), ["a", "b"]);
+        // Watch events: a new Secret, a delete, a Secret changing owner.
+        cache.apply(&watcher::Event::Apply(owned_secret("c", "uid-2")));
+        cache.apply(&watcher::Event::Delete(owned_secret("a", "uid-1")));
+        assert_eq!(names(&cache, "uid-1"), ["b"]);
+        assert_eq!(names(&cache, "uid-2"), ["c"]);
+        cache.apply(&watcher::Event::Apply(owned_secret("b", "uid-2")));
+        assert!(names(&cache, "uid-1").is_empty());
+        assert_eq!(names(&cache, "uid-2"), ["b", "c"]);
+        assert_eq!(cache.get("ns", "b").and_then(|s| s.uid()).as_deref(), Some("uid-of-b"));
+        assert!(cache.get("ns", "a").is_none());
+        // A listing after a gap replaces the cache: b was deleted meanwhile.
+        cache.apply(&watcher::Event::Init);
+        cache.apply(&watcher::Event::InitApply(owned_secret("c", "uid-2")));
+        assert_eq!(names(&cache, "uid-2"), ["b", "c"], "unchanged until the listing ends");
+        cache.apply(&watcher::Event::InitDone);
+        assert_eq!(names(&cache, "uid-2"), ["c"]);
+        assert!(cache.get("ns", "b").is_none());
+        assert_eq!(cache.count(), 1);
+        let inner = cache.inner.read().unwrap();
+        assert_eq!(inner.by_owner.len(), 1, "no empty entries left behind");
+    }
+}
