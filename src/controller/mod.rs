@@ -59,7 +59,7 @@ mod status;
 mod subject;
 
 use self::{caches::*, reconcile::*, secrets::*, status::*, subject::*};
-pub use caches::{Stores, WrittenStatuses};
+pub use caches::{Stores, WrittenStatuses, watch_config};
 pub use secret_cache::SecretCache;
 
 pub const FIELD_MANAGER: &str = "kube-sts";
@@ -218,7 +218,7 @@ pub async fn run(
     let binding_events = reflector(
         writer,
         scope.watch(
-            move || watcher(api.clone(), watcher::Config::default()).modify(strip_managed_fields),
+            move || watcher(api.clone(), watch_config()).modify(strip_managed_fields),
             namespace_of,
         ),
     )
@@ -254,7 +254,7 @@ pub async fn run(
     let cache = secrets.clone();
     let stream = scope
         .watch(
-            move || watcher(api.clone(), watcher::Config::default().labels(&selector)),
+            move || watcher(api.clone(), watch_config().labels(&selector)),
             namespace_of,
         )
         .default_backoff()
@@ -282,7 +282,7 @@ pub async fn run(
     let stream = reflector(
         writer,
         scope.watch(
-            move || watcher(api.clone(), watcher::Config::default()).modify(trim_service_account),
+            move || watcher(api.clone(), watch_config()).modify(trim_service_account),
             namespace_of,
         ),
     )
@@ -302,8 +302,8 @@ pub async fn run(
 
     let (namespaces, writer) = reflector::store();
     let config = match &ns {
-        Some(name) => watcher::Config::default().fields(&format!("metadata.name={name}")),
-        None => watcher::Config::default(),
+        Some(name) => watch_config().fields(&format!("metadata.name={name}")),
+        None => watch_config(),
     };
     let api = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
     let stream = reflector(
@@ -329,7 +329,7 @@ pub async fn run(
     let api = Api::<AWSRoleGrant>::all(client.clone());
     let stream = reflector(
         writer,
-        watcher(api, watcher::Config::default()).modify(strip_managed_fields),
+        watcher(api, watch_config()).modify(strip_managed_fields),
     )
     .default_backoff();
     let store = bindings.clone();
@@ -369,17 +369,28 @@ pub async fn run(
     if let Some(events) = ctx.settings.scope.gate.as_ref().and_then(|g| g.take_events()) {
         tokio::spawn(follow_shards(events, ctx.clone(), shard_requests));
     }
-    controller
+    let running = controller
         .reconcile_on(requested)
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(shutdown.clone())
         .run(reconcile_held, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "controller event");
             }
-        })
-        .await;
-    tracing::info!("controller stopped");
+        });
+    // The controller runs no reconcile before the binding cache has its first listing, and
+    // its graceful shutdown would wait for that listing (which a slow or unreachable
+    // apiserver may never finish): stopped then, there is nothing in flight to finish.
+    let unlisted_at_shutdown = async {
+        shutdown.await;
+        if futures::FutureExt::now_or_never(bindings.wait_until_ready()).is_some() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = running => tracing::info!("controller stopped"),
+        () = unlisted_at_shutdown => tracing::info!("stopped before the binding cache was listed"),
+    }
 }
 
 fn namespace_of<K: ResourceExt>(object: &K) -> String {

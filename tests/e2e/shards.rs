@@ -301,11 +301,13 @@ async fn shards_are_spread_taken_over_after_a_kill_and_given_back() {
         })
         .await;
     }
-    let end = Timestamp::now();
-
     // One holder per shard at any time, and every reconcile inside its process's holding.
+    // The live replicas' logs are read first: a shard they hold is held until `end`, and
+    // every line read was written before it.
+    let live: Vec<_> = replicas.iter().map(|r| lines(&r.operator)).collect();
+    let end = Timestamp::now();
     let mut logs = vec![(3, lines(&dead.operator), killed)];
-    logs.extend(replicas.iter().enumerate().map(|(i, r)| (i, lines(&r.operator), end)));
+    logs.extend(live.into_iter().enumerate().map(|(i, lines)| (i, lines, end)));
     let spans = holdings(&logs);
     assert_eq!(spans.len(), SHARDS as usize, "{spans:?}");
     for (shard, spans) in &spans {
