@@ -25,7 +25,9 @@ pub struct StoredSecret {
 pub struct SubjectState {
     /// The last credentials this process issued or adopted, with the spec hash they are for
     /// (to restore an edited Secret, and to retry a failed write without a new STS call).
-    pub creds: Option<(String, Credentials)>,
+    /// Boxed: a subject holds credentials nearly always, and the map of every subject's
+    /// state then stays small.
+    pub creds: Option<Box<(String, Credentials)>>,
     pub failures: u32,
     pub retry_at: Option<Timestamp>,
     pub last_error: Option<(Reason, String)>,
@@ -145,7 +147,7 @@ pub fn decide(
         .and_then(|s| s.creds.as_ref());
     let kept = remembered
         .creds
-        .as_ref()
+        .as_deref()
         .filter(|(hash, _)| hash == spec_hash)
         .map(|(_, c)| c);
     let current = match (stored, kept) {
@@ -256,7 +258,7 @@ mod tests {
 
     fn remembered(c: Option<Credentials>, hash: &str) -> SubjectState {
         SubjectState {
-            creds: c.map(|c| (hash.to_string(), c)),
+            creds: c.map(|c| Box::new((hash.to_string(), c))),
             ..Default::default()
         }
     }

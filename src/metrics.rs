@@ -51,14 +51,25 @@ struct WriteLabels {
     verb: String,
 }
 
+/// A subject's labels as the per-subject families hold them: one allocation shared by the
+/// three series of a subject (each family would otherwise keep its own three strings).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct SharedSubjectLabels(std::sync::Arc<SubjectLabels>);
+
+impl EncodeLabelSet for SharedSubjectLabels {
+    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     sts_calls: Family<StsCallLabels, Counter>,
     reconcile_duration: Histogram,
     reconcile_errors: Family<ErrorLabels, Counter>,
-    seconds_until_expiry: Family<SubjectLabels, Gauge>,
-    expiration: Family<SubjectLabels, Gauge>,
-    consecutive_failures: Family<SubjectLabels, Gauge>,
+    seconds_until_expiry: Family<SharedSubjectLabels, Gauge>,
+    expiration: Family<SharedSubjectLabels, Gauge>,
+    consecutive_failures: Family<SharedSubjectLabels, Gauge>,
     writes: Family<WriteLabels, Counter>,
     admissions: Family<AdmissionLabels, Counter>,
     webhook_certificate_expiration: Gauge,
@@ -112,19 +123,19 @@ impl Metrics {
         );
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         operator.register("reconcile_errors", "Reconcile errors by kind", reconcile_errors.clone());
-        let seconds_until_expiry = Family::<SubjectLabels, Gauge>::default();
+        let seconds_until_expiry = Family::<SharedSubjectLabels, Gauge>::default();
         operator.register(
             "credential_seconds_until_expiry",
             "Seconds until the credentials in a subject's Secret expire",
             seconds_until_expiry.clone(),
         );
-        let expiration = Family::<SubjectLabels, Gauge>::default();
+        let expiration = Family::<SharedSubjectLabels, Gauge>::default();
         operator.register(
             "credential_expiration_timestamp_seconds",
             "When the credentials in a subject's Secret expire (Unix time; alert on time() - this)",
             expiration.clone(),
         );
-        let consecutive_failures = Family::<SubjectLabels, Gauge>::default();
+        let consecutive_failures = Family::<SharedSubjectLabels, Gauge>::default();
         operator.register(
             "subject_consecutive_failures",
             "Consecutive failed issuances for a subject",
@@ -256,25 +267,29 @@ impl Metrics {
         now: jiff::Timestamp,
         failures: u32,
     ) {
+        // Created by the first series that needs it, shared by the others (a series that
+        // exists keeps the labels it was created with, equal to these).
+        let labels = SharedSubjectLabels(std::sync::Arc::new(labels.clone()));
         match expiration {
             Some(at) => {
                 self.seconds_until_expiry
-                    .get_or_create(labels)
+                    .get_or_create(&labels)
                     .set(at.duration_since(now).as_secs());
-                self.expiration.get_or_create(labels).set(at.as_second());
+                self.expiration.get_or_create(&labels).set(at.as_second());
             }
             None => {
-                self.seconds_until_expiry.remove(labels);
-                self.expiration.remove(labels);
+                self.seconds_until_expiry.remove(&labels);
+                self.expiration.remove(&labels);
             }
         }
-        self.consecutive_failures.get_or_create(labels).set(i64::from(failures));
+        self.consecutive_failures.get_or_create(&labels).set(i64::from(failures));
     }
 
     pub fn forget_subject(&self, labels: &SubjectLabels) {
-        self.seconds_until_expiry.remove(labels);
-        self.expiration.remove(labels);
-        self.consecutive_failures.remove(labels);
+        let labels = SharedSubjectLabels(std::sync::Arc::new(labels.clone()));
+        self.seconds_until_expiry.remove(&labels);
+        self.expiration.remove(&labels);
+        self.consecutive_failures.remove(&labels);
     }
 
     pub fn set_shards_held(&self, held: i64) {

@@ -135,7 +135,7 @@ pub(super) async fn reconcile_subject(
             // Good credentials end whatever failing was remembered (resumed from status, or
             // of a spec that was changed back).
             let state = SubjectState {
-                creds: Some((plan.spec_hash.clone(), creds.clone())),
+                creds: Some(Box::new((plan.spec_hash.clone(), creds.clone()))),
                 ..Default::default()
             };
             ctx.set_state(key, state.clone());
@@ -217,7 +217,7 @@ pub(super) async fn issue(
             // Remembered before writing: should the write fail, the retry writes these
             // credentials again instead of asking STS for new ones.
             let state = SubjectState {
-                creds: Some((plan.spec_hash.clone(), creds.clone())),
+                creds: Some(Box::new((plan.spec_hash.clone(), creds.clone()))),
                 ..Default::default()
             };
             ctx.set_state(key, state.clone());
@@ -366,7 +366,7 @@ pub(super) fn failed_result(
     status.next_refresh_time = retry_at.map(Time);
     // What the Secret holds (not credentials this process keeps but could not write).
     let in_secret = |c: &&(String, Credentials)| valid_until == Some(c.1.expiration);
-    if let Some((_, creds)) = state.creds.as_ref().filter(in_secret) {
+    if let Some((_, creds)) = state.creds.as_deref().filter(in_secret) {
         status.access_key_id = Some(creds.access_key_id.clone());
         status.arn = creds.arn.clone();
         status.issued_at = Some(Time(creds.issued_at));
