@@ -19,9 +19,8 @@
 //! 2. Peak RSS (`VmHWM`) of the tuned operator at `BENCH_BINDINGS`, and again after more
 //!    bindings were added to the same namespace up to `BENCH_LARGE` (10000, or as many as
 //!    the time budget allows; the table says how many).
-//! 3. At rest at that size, every binding fresh: for `BENCH_REST_SECONDS` (300: longer
-//!    than the 290 s after which the apiserver ends each watch, so every watch is renewed
-//!    in it) the apiserver requests the operator causes and its CPU, then as long with the
+//! 3. At rest at that size, every binding fresh: for `BENCH_REST_SECONDS` (600: longer
+//!    than the longest life of a watch, 300 to 599 s, so every watch is renewed in it) the apiserver requests the operator causes and its CPU, then as long with the
 //!    operator stopped (the idle cluster). Read from kube-apiserver's own `/metrics`: the operator's
 //!    requests exactly, through a FlowSchema of its own
 //!    (`apiserver_flowcontrol_dispatched_requests_total`), and `apiserver_request_total`
@@ -1583,7 +1582,7 @@ async fn main() {
     let n = env_usize("BENCH_BINDINGS", 1000).max(1);
     let large = env_usize("BENCH_LARGE", 10_000).max(n);
     let noise = env_usize("BENCH_NOISE_SECRETS", 20_000);
-    let rest = Duration::from_secs(env_usize("BENCH_REST_SECONDS", 300).max(1) as u64);
+    let rest = Duration::from_secs(env_usize("BENCH_REST_SECONDS", 600).max(1) as u64);
     let reserve = Duration::from_secs(env_usize("BENCH_RESERVE_SECONDS", 180) as u64) + 2 * rest;
     let ns = format!("bench-{}", bench.id);
     let ns_noise = format!("{ns}-noise");

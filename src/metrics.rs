@@ -282,7 +282,9 @@ impl Metrics {
                 self.expiration.remove(&labels);
             }
         }
-        self.consecutive_failures.get_or_create(&labels).set(i64::from(failures));
+        self.consecutive_failures
+            .get_or_create(&labels)
+            .set(i64::from(failures));
     }
 
     pub fn forget_subject(&self, labels: &SubjectLabels) {

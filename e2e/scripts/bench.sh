@@ -4,8 +4,8 @@
 # prints its table. Figures are printed, never asserted. The environment keeps running.
 #
 # Env: BENCH_BINDINGS (1000), BENCH_LARGE (10000), BENCH_NOISE_SECRETS (20000),
-#      BENCH_REST_SECONDS (300), BENCH_CONCURRENCY (32), BENCH_BUDGET_SECONDS (1560),
-#      BENCH_RESERVE_SECONDS (180); see examples/bench.rs. A full run takes about 25 minutes.
+#      BENCH_REST_SECONDS (600), BENCH_CONCURRENCY (32), BENCH_BUDGET_SECONDS (1560),
+#      BENCH_RESERVE_SECONDS (180); see examples/bench.rs. A full run takes about 35 minutes.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"

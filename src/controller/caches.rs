@@ -64,24 +64,6 @@ impl Stores {
     }
 }
 
-/// How every watch is opened: each watch request lives a random 5–10 minutes, as
-/// client-go's reflectors do (`minWatchTimeout`), instead of kube-rs's fixed 290 s. Watches
-/// renewed twice as rarely keep an operator at rest under one request a minute whatever
-/// its size, and their renewals do not come in step. The cost: a connection that dies
-/// silently (no close from the apiserver, which a restart of it does send) is noticed after
-/// the watch's time plus 5 s rather than after 295 s; the apiserver's bookmarks (about one a
-/// minute) keep a live quiet watch from looking idle.
-pub fn watch_config() -> watcher::Config {
-    watcher::Config::default().timeout(watch_timeout_seconds(rand::random()))
-}
-
-/// The watch timeout for a uniform draw `r` in [0, 1): 300 to 599 seconds.
-fn watch_timeout_seconds(r: f64) -> u32 {
-    MIN_WATCH_SECONDS + (r.clamp(0.0, 1.0) * f64::from(MIN_WATCH_SECONDS)) as u32 % MIN_WATCH_SECONDS
-}
-
-const MIN_WATCH_SECONDS: u32 = 300;
-
 pub(super) fn managed_selector() -> String {
     format!("{MANAGED_BY_LABEL}={MANAGED_BY}")
 }
@@ -104,7 +86,13 @@ pub(super) fn strip_managed_fields<K: ResourceExt>(object: &mut K) {
     object.annotations_mut().remove(LAST_APPLIED);
 }
 
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+pub(super) const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Whether an ownerReference (by its kind and controller flag) makes a binding the
+/// Secret's controller: the one owner the operator acts for.
+pub(super) fn is_binding_controller(kind: &str, controller: Option<bool>) -> bool {
+    controller == Some(true) && kind == "AWSRoleBinding"
+}
 
 /// What is cached of a ServiceAccount: that it exists.
 pub(super) fn trim_service_account(sa: &mut PartialObjectMeta<ServiceAccount>) {
@@ -174,15 +162,6 @@ pub(super) fn bindings_where(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn watches_live_five_to_ten_minutes() {
-        assert_eq!(watch_timeout_seconds(0.0), 300);
-        assert_eq!(watch_timeout_seconds(0.5), 450);
-        assert_eq!(watch_timeout_seconds(0.999_999), 599);
-        assert_eq!(watch_timeout_seconds(1.0), 300, "a draw of 1 wraps, never past 599");
-        assert_eq!(watch_timeout_seconds(-1.0), 300);
-    }
 
     #[test]
     fn written_status_stands_in_until_the_cache_shows_a_newer_version() {

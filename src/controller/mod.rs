@@ -59,7 +59,7 @@ mod status;
 mod subject;
 
 use self::{caches::*, reconcile::*, secrets::*, status::*, subject::*};
-pub use caches::{Stores, WrittenStatuses, watch_config};
+pub use caches::{Stores, WrittenStatuses};
 pub use secret_cache::SecretCache;
 
 pub const FIELD_MANAGER: &str = "kube-sts";
@@ -218,7 +218,7 @@ pub async fn run(
     let binding_events = reflector(
         writer,
         scope.watch(
-            move || watcher(api.clone(), watch_config()).modify(strip_managed_fields),
+            move || watcher(api.clone(), timing::watch_config()).modify(strip_managed_fields),
             namespace_of,
         ),
     )
@@ -254,7 +254,7 @@ pub async fn run(
     let cache = secrets.clone();
     let stream = scope
         .watch(
-            move || watcher(api.clone(), watch_config().labels(&selector)),
+            move || watcher(api.clone(), timing::watch_config().labels(&selector)),
             namespace_of,
         )
         .default_backoff()
@@ -268,7 +268,7 @@ pub async fn run(
             secret
                 .owner_references()
                 .iter()
-                .filter(|o| o.controller == Some(true) && o.kind == "AWSRoleBinding")
+                .filter(|o| is_binding_controller(&o.kind, o.controller))
                 .map(|o| ObjectRef::new(&o.name).within(&namespace))
                 .collect()
         },
@@ -282,7 +282,7 @@ pub async fn run(
     let stream = reflector(
         writer,
         scope.watch(
-            move || watcher(api.clone(), watch_config()).modify(trim_service_account),
+            move || watcher(api.clone(), timing::watch_config()).modify(trim_service_account),
             namespace_of,
         ),
     )
@@ -302,8 +302,8 @@ pub async fn run(
 
     let (namespaces, writer) = reflector::store();
     let config = match &ns {
-        Some(name) => watch_config().fields(&format!("metadata.name={name}")),
-        None => watch_config(),
+        Some(name) => timing::watch_config().fields(&format!("metadata.name={name}")),
+        None => timing::watch_config(),
     };
     let api = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
     let stream = reflector(
@@ -329,7 +329,7 @@ pub async fn run(
     let api = Api::<AWSRoleGrant>::all(client.clone());
     let stream = reflector(
         writer,
-        watcher(api, watch_config()).modify(strip_managed_fields),
+        watcher(api, timing::watch_config()).modify(strip_managed_fields),
     )
     .default_backoff();
     let store = bindings.clone();

@@ -17,6 +17,7 @@ use std::{
 use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::OwnerReference};
 use kube::{ResourceExt, api::ObjectMeta, runtime::watcher};
 
+use super::caches::{LAST_APPLIED, is_binding_controller};
 use crate::render;
 
 /// The managed-Secret cache; clones share it.
@@ -56,12 +57,19 @@ fn key(secret: &Secret) -> Box<str> {
 impl SecretCache {
     /// Follows one event of the managed-Secret watch.
     pub fn apply(&self, event: &watcher::Event<Secret>) {
+        // Packed (digests computed) before the lock is taken: reconciles read meanwhile.
+        let packed = match event {
+            watcher::Event::InitApply(secret) | watcher::Event::Apply(secret) => {
+                Some((key(secret), Packed::pack(secret)))
+            }
+            _ => None,
+        };
         let mut inner = self.inner.write().expect("secret cache lock");
         match event {
             watcher::Event::Init => inner.listing = Some(HashMap::new()),
-            watcher::Event::InitApply(secret) => {
-                if let Some(listing) = inner.listing.as_mut() {
-                    listing.insert(key(secret), Packed::pack(secret));
+            watcher::Event::InitApply(_) => {
+                if let (Some(listing), Some((key, packed))) = (inner.listing.as_mut(), packed) {
+                    listing.insert(key, packed);
                 }
             }
             watcher::Event::InitDone => {
@@ -74,10 +82,11 @@ impl SecretCache {
                 }
                 self.ready.send_replace(true);
             }
-            watcher::Event::Apply(secret) => {
-                let key = key(secret);
-                inner.remove(&key);
-                inner.insert(key, Packed::pack(secret));
+            watcher::Event::Apply(_) => {
+                if let Some((key, packed)) = packed {
+                    inner.remove(&key);
+                    inner.insert(key, packed);
+                }
             }
             watcher::Event::Delete(secret) => inner.remove(&key(secret)),
         }
@@ -86,7 +95,10 @@ impl SecretCache {
     /// The Secret `namespace/name` as cached.
     pub fn get(&self, namespace: &str, name: &str) -> Option<Secret> {
         let inner = self.inner.read().expect("secret cache lock");
-        inner.secrets.get(&key_of(namespace, name)).map(|p| p.unpack(namespace, name))
+        inner
+            .secrets
+            .get(&key_of(namespace, name))
+            .map(|p| p.unpack(namespace, name))
     }
 
     /// The cached Secrets whose controller is the binding with UID `owner`.
@@ -155,8 +167,13 @@ impl Packed {
         out.opt_str(meta.resource_version.as_deref());
         out.opt_str(secret.type_.as_deref());
         for map in [&meta.labels, &meta.annotations] {
-            out.opt_len(map.as_ref().map(BTreeMap::len));
-            for (k, v) in map.iter().flatten() {
+            // Not the copy of the whole object a client-side `kubectl apply` keeps in an
+            // annotation (it would cache the data in the clear).
+            let kept: Option<Vec<_>> = map
+                .as_ref()
+                .map(|m| m.iter().filter(|(k, _)| k.as_str() != LAST_APPLIED).collect());
+            out.opt_len(kept.as_ref().map(Vec::len));
+            for (k, v) in kept.into_iter().flatten() {
                 out.str(k);
                 out.str(v);
             }
@@ -187,20 +204,28 @@ impl Packed {
         let type_ = r.opt_str();
         let mut maps = [None, None];
         for map in &mut maps {
-            *map = r.opt_len().map(|n| (0..n).map(|_| (r.string(), r.string())).collect::<BTreeMap<_, _>>());
+            *map = r
+                .opt_len()
+                .map(|n| (0..n).map(|_| (r.string(), r.string())).collect::<BTreeMap<_, _>>());
         }
         let [labels, annotations] = maps;
         let owner_references = r.opt_len().map(|n| {
             (0..n)
                 .map(|_| {
+                    // Read in the order written, one statement each.
                     let uid = r.string();
+                    let api_version = r.string();
+                    let kind = r.string();
+                    let name = r.string();
+                    let controller = r.opt_bool();
+                    let block_owner_deletion = r.opt_bool();
                     OwnerReference {
+                        api_version,
+                        block_owner_deletion,
+                        controller,
+                        kind,
+                        name,
                         uid,
-                        api_version: r.string(),
-                        kind: r.string(),
-                        name: r.string(),
-                        controller: r.opt_bool(),
-                        block_owner_deletion: r.opt_bool(),
                     }
                 })
                 .collect()
@@ -245,7 +270,7 @@ impl Packed {
             let _name = r.bytes();
             let controller = r.opt_bool();
             let _block = r.opt_bool();
-            if found.is_none() && controller == Some(true) && kind == "AWSRoleBinding" {
+            if found.is_none() && is_binding_controller(kind, controller) {
                 found = Some(uid);
             }
         }
@@ -390,7 +415,8 @@ mod tests {
                 "name": "app", "namespace": "team-a", "uid": "u-1", "resourceVersion": "42",
                 "creationTimestamp": "2026-11-26T09:00:00Z",
                 "labels": {"app.kubernetes.io/managed-by": "kube-sts", "kube-sts.io/binding": "b"},
-                "annotations": {"kube-sts.io/spec-hash": "abc", "ünïcode": "välue"},
+                "annotations": {"kube-sts.io/spec-hash": "abc", "ünïcode": "välue",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"data\":{\"AWS_SECRET_ACCESS_KEY\":\"c2VjcmV0\"}}"},
                 "ownerReferences": [
                     {"apiVersion": "v1", "kind": "ConfigMap", "name": "c", "uid": "other"},
                     {"apiVersion": "kube-sts.io/v1alpha1", "kind": "AWSRoleBinding", "name": "b",
@@ -407,6 +433,13 @@ mod tests {
         let mut expected = full.clone();
         expected.metadata.creation_timestamp = None;
         expected.metadata.managed_fields = None;
+        expected
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove(LAST_APPLIED)
+            .expect("the test Secret carries one");
         expected.data = full.data.as_ref().map(render::cached_data);
         assert_eq!(packed.unpack("team-a", "app"), expected);
 

@@ -71,7 +71,7 @@ fn caches(client: &Client, namespace: Option<&str>) -> (Arc<bindings::Cache>, St
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let stream = watcher(api, crate::controller::watch_config()).default_backoff();
+    let stream = watcher(api, crate::timing::watch_config()).default_backoff();
     let fed = cache.clone();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -85,8 +85,8 @@ fn caches(client: &Client, namespace: Option<&str>) -> (Arc<bindings::Cache>, St
 
     let (namespaces, writer) = reflector::store();
     let config = match namespace {
-        Some(name) => crate::controller::watch_config().fields(&format!("metadata.name={name}")),
-        None => crate::controller::watch_config(),
+        Some(name) => crate::timing::watch_config().fields(&format!("metadata.name={name}")),
+        None => crate::timing::watch_config(),
     };
     let api = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
     // Only the labels are read: annotations (a last-applied configuration, say) are not kept.

@@ -302,12 +302,14 @@ async fn shards_are_spread_taken_over_after_a_kill_and_given_back() {
         .await;
     }
     // One holder per shard at any time, and every reconcile inside its process's holding.
-    // The live replicas' logs are read first: a shard they hold is held until `end`, and
-    // every line read was written before it.
-    let live: Vec<_> = replicas.iter().map(|r| lines(&r.operator)).collect();
-    let end = Timestamp::now();
+    // A live replica's shards count as held until the moment right after its log was read
+    // (every line read was written before it; one taken for all would let a shard handed
+    // from a replica read earlier to one read later look held by both).
     let mut logs = vec![(3, lines(&dead.operator), killed)];
-    logs.extend(live.into_iter().enumerate().map(|(i, lines)| (i, lines, end)));
+    for (i, r) in replicas.iter().enumerate() {
+        let lines = lines(&r.operator);
+        logs.push((i, lines, Timestamp::now()));
+    }
     let spans = holdings(&logs);
     assert_eq!(spans.len(), SHARDS as usize, "{spans:?}");
     for (shard, spans) in &spans {
