@@ -150,8 +150,8 @@ impl Inner {
     }
 }
 
-/// One Secret in one allocation: its uid, resourceVersion, type, labels, annotations,
-/// ownerReferences and data (renderings as digests), as length-prefixed fields. Its name
+/// One Secret in one allocation: its ownerReferences, uid, resourceVersion, type, labels,
+/// annotations and data (renderings as digests), as length-prefixed fields. Its name
 /// and namespace are the cache's key. Everything else of the object (managedFields,
 /// timestamps) the operator never reads.
 struct Packed(Box<[u8]>);
@@ -163,6 +163,16 @@ impl Packed {
     fn pack(secret: &Secret) -> Packed {
         let mut out = Writer::default();
         let meta = &secret.metadata;
+        // The owners first: the index reads them without going through the rest.
+        out.opt_len(meta.owner_references.as_ref().map(Vec::len));
+        for owner in meta.owner_references.iter().flatten() {
+            out.str(&owner.uid);
+            out.str(&owner.api_version);
+            out.str(&owner.kind);
+            out.str(&owner.name);
+            out.opt_bool(owner.controller);
+            out.opt_bool(owner.block_owner_deletion);
+        }
         out.opt_str(meta.uid.as_deref());
         out.opt_str(meta.resource_version.as_deref());
         out.opt_str(secret.type_.as_deref());
@@ -178,16 +188,6 @@ impl Packed {
                 out.str(v);
             }
         }
-        out.opt_len(meta.owner_references.as_ref().map(Vec::len));
-        for owner in meta.owner_references.iter().flatten() {
-            // The controller's uid first: the index reads it without unpacking the rest.
-            out.str(&owner.uid);
-            out.str(&owner.api_version);
-            out.str(&owner.kind);
-            out.str(&owner.name);
-            out.opt_bool(owner.controller);
-            out.opt_bool(owner.block_owner_deletion);
-        }
         let data = secret.data.as_ref().map(render::cached_data);
         out.opt_len(data.as_ref().map(BTreeMap::len));
         for (k, v) in data.iter().flatten() {
@@ -199,6 +199,21 @@ impl Packed {
 
     fn unpack(&self, namespace: &str, name: &str) -> Secret {
         let mut r = Reader(&self.0);
+        let owner_references = r.opt_len().map(|n| {
+            (0..n)
+                .map(|_| {
+                    let owner = r.owner();
+                    OwnerReference {
+                        api_version: owner.api_version.into(),
+                        block_owner_deletion: owner.block_owner_deletion,
+                        controller: owner.controller,
+                        kind: owner.kind.into(),
+                        name: owner.name.into(),
+                        uid: owner.uid.into(),
+                    }
+                })
+                .collect()
+        });
         let uid = r.opt_str();
         let resource_version = r.opt_str();
         let type_ = r.opt_str();
@@ -209,27 +224,6 @@ impl Packed {
                 .map(|n| (0..n).map(|_| (r.string(), r.string())).collect::<BTreeMap<_, _>>());
         }
         let [labels, annotations] = maps;
-        let owner_references = r.opt_len().map(|n| {
-            (0..n)
-                .map(|_| {
-                    // Read in the order written, one statement each.
-                    let uid = r.string();
-                    let api_version = r.string();
-                    let kind = r.string();
-                    let name = r.string();
-                    let controller = r.opt_bool();
-                    let block_owner_deletion = r.opt_bool();
-                    OwnerReference {
-                        api_version,
-                        block_owner_deletion,
-                        controller,
-                        kind,
-                        name,
-                        uid,
-                    }
-                })
-                .collect()
-        });
         let data = r
             .opt_len()
             .map(|n| (0..n).map(|_| (r.string(), ByteString(r.bytes().to_vec()))).collect());
@@ -254,28 +248,22 @@ impl Packed {
     /// `AWSRoleBinding`).
     fn controller_uid(&self) -> Option<&str> {
         let mut r = Reader(&self.0);
-        for _ in 0..3 {
-            r.opt_str_ref();
-        }
-        for _ in 0..2 {
-            for _ in 0..r.opt_len().unwrap_or(0) * 2 {
-                r.bytes();
-            }
-        }
-        let mut found = None;
-        for _ in 0..r.opt_len().unwrap_or(0) {
-            let uid = r.str_ref();
-            let _api_version = r.bytes();
-            let kind = r.str_ref();
-            let _name = r.bytes();
-            let controller = r.opt_bool();
-            let _block = r.opt_bool();
-            if found.is_none() && is_binding_controller(kind, controller) {
-                found = Some(uid);
-            }
-        }
-        found
+        let owners = r.opt_len().unwrap_or(0);
+        (0..owners)
+            .map(|_| r.owner())
+            .find(|o| is_binding_controller(o.kind, o.controller))
+            .map(|o| o.uid)
     }
+}
+
+/// One ownerReference as packed, borrowed from the packed bytes.
+struct PackedOwner<'a> {
+    uid: &'a str,
+    api_version: &'a str,
+    kind: &'a str,
+    name: &'a str,
+    controller: Option<bool>,
+    block_owner_deletion: Option<bool>,
 }
 
 /// Lengths and counts as LEB128; strings and bytes length-prefixed.
@@ -372,12 +360,26 @@ impl<'a> Reader<'a> {
         self.str_ref().to_string()
     }
 
-    fn opt_str_ref(&mut self) -> Option<&'a str> {
-        (self.byte() == 1).then(|| self.str_ref())
+    fn opt_str(&mut self) -> Option<String> {
+        (self.byte() == 1).then(|| self.string())
     }
 
-    fn opt_str(&mut self) -> Option<String> {
-        self.opt_str_ref().map(str::to_string)
+    /// The fields in the order [`Packed::pack`] writes them, one statement each.
+    fn owner(&mut self) -> PackedOwner<'a> {
+        let uid = self.str_ref();
+        let api_version = self.str_ref();
+        let kind = self.str_ref();
+        let name = self.str_ref();
+        let controller = self.opt_bool();
+        let block_owner_deletion = self.opt_bool();
+        PackedOwner {
+            uid,
+            api_version,
+            kind,
+            name,
+            controller,
+            block_owner_deletion,
+        }
     }
 
     fn opt_bool(&mut self) -> Option<bool> {

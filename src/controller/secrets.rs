@@ -99,12 +99,12 @@ pub(super) async fn delete_stale_secrets(
 
 /// The Secret of a subject as it is now: from the cache, or (when the cache has none) from
 /// the API, since a Secret someone else created carries none of our labels.
-pub(super) async fn current_secret(ctx: &Context, target: &render::SecretTarget) -> Result<Option<Arc<Secret>>> {
+pub(super) async fn current_secret(ctx: &Context, target: &render::SecretTarget) -> Result<Option<Secret>> {
     if let Some(secret) = ctx.stores.secrets.get(&target.namespace, &target.name) {
-        return Ok(Some(Arc::new(secret)));
+        return Ok(Some(secret));
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &target.namespace);
-    Ok(api.get_opt(&target.name).await.map_err(Error::Kube)?.map(Arc::new))
+    api.get_opt(&target.name).await.map_err(Error::Kube)
 }
 
 /// Writes `desired` over `existing` (apply), or creates it. A Secret's type never changes

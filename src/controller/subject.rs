@@ -57,7 +57,7 @@ pub(super) async fn reconcile_subject(
     };
 
     let existing = current_secret(ctx, target).await?;
-    let stored = existing.as_deref().map(|secret| stored_secret(secret, target));
+    let stored = existing.as_ref().map(|secret| stored_secret(secret, target));
     let mut state = ctx.state(&key, binding);
     let decision = decision::decide(
         &decision::Inputs {
@@ -74,7 +74,7 @@ pub(super) async fn reconcile_subject(
         |creds| refresh_time(sp, binding, creds),
         |creds| {
             existing
-                .as_deref()
+                .as_ref()
                 .is_some_and(|s| render::secret_matches(s, &render::render_secret(creds, target)))
         },
     );
@@ -127,7 +127,7 @@ pub(super) async fn reconcile_subject(
                 // Deleted or edited by someone, or the cache lags behind: write back what
                 // was issued, no STS call.
                 let desired = render::render_secret(&creds, target);
-                if let Err(refused) = write_subject_secret(ctx, &desired, existing.as_deref()).await? {
+                if let Err(refused) = write_subject_secret(ctx, &desired, existing.as_ref()).await? {
                     return Ok(unwritten(sp, plan, state, status, stored.as_ref(), refused, ctx, now));
                 }
                 tracing::info!(secret = %target.name, namespace = %target.namespace, "restored managed Secret");
@@ -142,7 +142,7 @@ pub(super) async fn reconcile_subject(
             Ok(ready_result(sp, binding, &creds, status, &state, ctx, &labels, now))
         }
         Decision::Wait { retry_at, expire, .. } => {
-            if expire && expire_credentials(ctx, target, existing.as_deref(), secret_expiration).await? {
+            if expire && expire_credentials(ctx, target, existing.as_ref(), secret_expiration).await? {
                 state.creds = None;
                 ctx.set_state(key, state.clone());
             }
@@ -165,7 +165,7 @@ pub(super) async fn reconcile_subject(
                 sp,
                 resolved,
                 ctx,
-                existing.as_deref(),
+                existing.as_ref(),
                 stored.as_ref(),
                 status,
                 state,
