@@ -19,6 +19,14 @@ pub fn watch_config() -> kube::runtime::watcher::Config {
     kube::runtime::watcher::Config::default().timeout(watch_timeout_seconds(rand::random()))
 }
 
+/// [`watch_config`] for the one object named `name` (a field selector), or for all.
+pub fn watch_config_of(name: Option<&str>) -> kube::runtime::watcher::Config {
+    match name {
+        Some(name) => watch_config().fields(&format!("metadata.name={name}")),
+        None => watch_config(),
+    }
+}
+
 /// The watch timeout for a uniform draw `r` in [0, 1): 300 to 599 seconds.
 fn watch_timeout_seconds(r: f64) -> u32 {
     MIN_WATCH_SECONDS + (r.clamp(0.0, 1.0) * f64::from(MIN_WATCH_SECONDS)) as u32 % MIN_WATCH_SECONDS

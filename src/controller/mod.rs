@@ -301,10 +301,7 @@ pub async fn run(
     );
 
     let (namespaces, writer) = reflector::store();
-    let config = match &ns {
-        Some(name) => timing::watch_config().fields(&format!("metadata.name={name}")),
-        None => timing::watch_config(),
-    };
+    let config = timing::watch_config_of(ns.as_deref());
     let api = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
     let stream = reflector(
         writer,

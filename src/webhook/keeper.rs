@@ -65,7 +65,7 @@ where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
-    let config = crate::timing::watch_config().fields(&format!("metadata.name={name}"));
+    let config = crate::timing::watch_config_of(Some(name));
     let stream = reflector(writer, watcher(api, config)).default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);

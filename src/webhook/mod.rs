@@ -84,10 +84,7 @@ fn caches(client: &Client, namespace: Option<&str>) -> (Arc<bindings::Cache>, St
     });
 
     let (namespaces, writer) = reflector::store();
-    let config = match namespace {
-        Some(name) => crate::timing::watch_config().fields(&format!("metadata.name={name}")),
-        None => crate::timing::watch_config(),
-    };
+    let config = crate::timing::watch_config_of(namespace);
     let api = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
     // Only the labels are read: annotations (a last-applied configuration, say) are not kept.
     let stream = reflector(
