@@ -25,6 +25,8 @@ pub enum Error {
     Kube(#[source] kube::Error),
     #[error("object lacks {0}")]
     MissingField(&'static str),
+    #[error("cached object unreadable: {0}")]
+    Cache(String),
 }
 
 impl Error {
@@ -33,6 +35,7 @@ impl Error {
         match self {
             Error::Kube(_) => "kube_api",
             Error::MissingField(_) => "missing_field",
+            Error::Cache(_) => "cache",
         }
     }
 }

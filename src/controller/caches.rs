@@ -8,7 +8,7 @@ use super::*;
 /// and Namespaces, and the grants.
 #[derive(Clone)]
 pub struct Stores {
-    pub bindings: Store<AWSRoleBinding>,
+    pub bindings: Store<CachedBinding>,
     /// Managed Secrets, compact, with the Secrets each binding controls.
     pub secrets: SecretCache,
     pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
@@ -40,14 +40,10 @@ impl WrittenStatuses {
         }
     }
 
-    /// Forgets what the cache now shows (a version other than the one written from).
-    pub(super) fn seen(&mut self, binding: &AWSRoleBinding) {
-        let key = binding_key(binding);
-        if self
-            .0
-            .get(&key)
-            .is_some_and(|(version, _)| binding.resource_version().as_ref() != Some(version))
-        {
+    /// Forgets what the cache now shows (a version other than the one written from) of
+    /// the binding `key`.
+    pub(super) fn seen(&mut self, key: (String, String), resource_version: &str) {
+        if self.0.get(&key).is_some_and(|(version, _)| version != resource_version) {
             self.0.remove(&key);
         }
     }
@@ -123,12 +119,12 @@ pub(super) fn trim_namespace(namespace: &mut PartialObjectMeta<Namespace>) {
 pub(super) fn drive<K, S, M>(
     name: &'static str,
     stream: S,
-    requests: UnboundedSender<ObjectRef<AWSRoleBinding>>,
+    requests: UnboundedSender<ObjectRef<CachedBinding>>,
     affected: M,
 ) where
     K: Send + 'static,
     S: futures::Stream<Item = std::result::Result<K, watcher::Error>> + Send + 'static,
-    M: Fn(K) -> Vec<ObjectRef<AWSRoleBinding>> + Send + 'static,
+    M: Fn(K) -> Vec<ObjectRef<CachedBinding>> + Send + 'static,
 {
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -148,9 +144,9 @@ pub(super) fn drive<K, S, M>(
 }
 
 pub(super) fn bindings_where(
-    store: &Store<AWSRoleBinding>,
-    keep: impl Fn(&AWSRoleBinding) -> bool,
-) -> Vec<ObjectRef<AWSRoleBinding>> {
+    store: &Store<CachedBinding>,
+    keep: impl Fn(&CachedBinding) -> bool,
+) -> Vec<ObjectRef<CachedBinding>> {
     store
         .state()
         .into_iter()
@@ -176,11 +172,11 @@ mod tests {
         statuses.0.insert(binding_key(&binding), ("1".into(), written.clone()));
         // The cache still has version 1 (no status): what was written counts.
         assert_eq!(statuses.current(&binding), Some(written.clone()));
-        statuses.seen(&binding);
+        statuses.seen(binding_key(&binding), "1");
         assert_eq!(statuses.0.len(), 1);
         // Version 2 arrived: the cached object counts, the entry is gone.
         binding.metadata.resource_version = Some("2".into());
-        statuses.seen(&binding);
+        statuses.seen(binding_key(&binding), "2");
         assert!(statuses.0.is_empty());
         assert_eq!(statuses.current(&binding), None);
     }

@@ -51,6 +51,7 @@ use crate::{
     timing,
 };
 
+mod binding_cache;
 mod caches;
 mod reconcile;
 mod secret_cache;
@@ -58,7 +59,8 @@ mod secrets;
 mod status;
 mod subject;
 
-use self::{caches::*, reconcile::*, secrets::*, status::*, subject::*};
+use self::{binding_cache::*, caches::*, reconcile::*, secrets::*, status::*, subject::*};
+pub use binding_cache::CachedBinding;
 pub use caches::{Stores, WrittenStatuses};
 pub use secret_cache::SecretCache;
 
@@ -81,8 +83,7 @@ type SubjectKey = (String, String, String);
 
 /// Forgets what the operator kept about a deleted binding: per-subject state and metric
 /// series (its Secrets go with the garbage collector).
-fn forget_binding(binding: &AWSRoleBinding, subjects: &Mutex<HashMap<SubjectKey, SubjectState>>, metrics: &Metrics) {
-    let (namespace, name) = binding_key(binding);
+fn forget_binding(namespace: &str, name: &str, subjects: &Mutex<HashMap<SubjectKey, SubjectState>>, metrics: &Metrics) {
     forget_subjects_where(subjects, metrics, |ns, b| ns == namespace && b == name);
 }
 
@@ -116,7 +117,7 @@ pub struct Context {
     subjects: Arc<Mutex<HashMap<SubjectKey, SubjectState>>>,
     mfa_codes: crate::mfa::CodeLedger,
     /// Consecutive failed reconciles (Kubernetes errors) by binding, for their backoff.
-    failed_reconciles: Mutex<HashMap<ObjectRef<AWSRoleBinding>, u32>>,
+    failed_reconciles: Mutex<HashMap<(String, String), u32>>,
 }
 
 impl Context {
@@ -217,19 +218,26 @@ pub async fn run(
     let api = api_for::<AWSRoleBinding>(&client, ns.as_deref());
     let binding_events = reflector(
         writer,
-        scope.watch(
-            move || watcher(api.clone(), timing::watch_config()).modify(strip_managed_fields),
-            namespace_of,
-        ),
+        scope
+            .watch(move || watcher(api.clone(), timing::watch_config()), namespace_of)
+            .map_ok(packed),
     )
     .default_backoff()
     .inspect_ok(move |event| match event {
         watcher::Event::Apply(binding) | watcher::Event::InitApply(binding) => {
-            written.lock().expect("status lock").seen(binding);
+            written
+                .lock()
+                .expect("status lock")
+                .seen(binding.key(), binding.resource_version());
         }
         watcher::Event::Delete(binding) => {
-            written.lock().expect("status lock").0.remove(&binding_key(binding));
-            forget_binding(binding, &kept, &meter);
+            let (namespace, name) = binding.key();
+            written
+                .lock()
+                .expect("status lock")
+                .0
+                .remove(&(namespace.clone(), name.clone()));
+            forget_binding(&namespace, &name, &kept, &meter);
         }
         watcher::Event::InitDone => {
             // A relist after a watch gap: bindings deleted meanwhile sent no delete event.
@@ -294,9 +302,7 @@ pub async fn run(
         requests.clone(),
         move |sa: PartialObjectMeta<ServiceAccount>| {
             let (namespace, name) = (sa.namespace(), sa.name_any());
-            bindings_where(&store, |b| {
-                b.namespace() == namespace && b.spec.subjects.iter().any(|s| s.name == name)
-            })
+            bindings_where(&store, |b| b.namespace() == namespace && b.has_subject(&name))
         },
     );
 
@@ -396,7 +402,7 @@ fn namespace_of<K: ResourceExt>(object: &K) -> String {
 
 /// Sharded: reconciles a binding only while this replica holds its shard (and the caches
 /// hold it completely), and stops the reconcile when the shard stops being held.
-async fn reconcile_held(binding: Arc<AWSRoleBinding>, ctx: Arc<Context>) -> Result<Action> {
+async fn reconcile_held(binding: Arc<CachedBinding>, ctx: Arc<Context>) -> Result<Action> {
     let Some(gate) = ctx.settings.scope.gate.clone() else {
         return reconcile(binding, ctx).await;
     };
@@ -423,7 +429,7 @@ async fn reconcile_held(binding: Arc<AWSRoleBinding>, ctx: Arc<Context>) -> Resu
 async fn follow_shards(
     mut events: tokio::sync::mpsc::UnboundedReceiver<ShardEvent>,
     ctx: Arc<Context>,
-    requests: UnboundedSender<ObjectRef<AWSRoleBinding>>,
+    requests: UnboundedSender<ObjectRef<CachedBinding>>,
 ) {
     let shards = ctx.settings.scope.gate.as_ref().map_or(1, |g| g.shards());
     while let Some(event) = events.recv().await {
@@ -452,7 +458,7 @@ async fn follow_shards(
                 ctx.failed_reconciles
                     .lock()
                     .expect("failures lock")
-                    .retain(|b, _| !of(b.namespace.as_deref().unwrap_or_default()));
+                    .retain(|(namespace, _), _| !of(namespace));
                 // The Secret index follows the watch, whose listing after the change
                 // replaces it.
             }

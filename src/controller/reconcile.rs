@@ -2,20 +2,27 @@
 
 use super::*;
 
-pub(super) async fn reconcile(binding: Arc<AWSRoleBinding>, ctx: Arc<Context>) -> Result<Action> {
+pub(super) async fn reconcile(cached: Arc<CachedBinding>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     ctx.metrics.reconcile_started();
-    tracing::debug!(binding = %binding.name_any(), namespace = binding.namespace().unwrap_or_default(), "reconciling");
-    let result = reconcile_binding(&binding, &ctx).await;
+    let (namespace, name) = cached.key();
+    tracing::debug!(binding = %name, %namespace, "reconciling");
+    let binding = cached.binding();
+    let result = match &binding {
+        Ok(binding) => reconcile_binding(binding, &ctx).await,
+        Err(e) => Err(Error::Cache(e.to_string())),
+    };
     ctx.metrics.reconciled(started.elapsed());
-    let at = ObjectRef::from_obj(binding.as_ref());
-    let gone = ctx.stores.bindings.get(&at).is_none();
+    let gone = ctx.stores.bindings.get(&ObjectRef::from_obj(cached.as_ref())).is_none();
     if gone {
-        ctx.failed_reconciles.lock().expect("failure lock").remove(&at);
+        ctx.failed_reconciles
+            .lock()
+            .expect("failure lock")
+            .remove(&(namespace.clone(), name.clone()));
         // Deleted while this reconcile ran: what it recorded after the delete event goes too.
-        forget_binding(&binding, &ctx.subjects, &ctx.metrics);
-    } else if let Err(error @ Error::Kube(_)) = &result {
-        report_kubernetes_error(&binding, error, &ctx).await;
+        forget_binding(&namespace, &name, &ctx.subjects, &ctx.metrics);
+    } else if let (Ok(binding), Err(error @ Error::Kube(_))) = (&binding, &result) {
+        report_kubernetes_error(binding, error, &ctx).await;
     }
     result
 }
@@ -43,15 +50,15 @@ fn kubernetes_ok(binding: &AWSRoleBinding, ctx: &Context) {
     ctx.failed_reconciles
         .lock()
         .expect("failure lock")
-        .remove(&ObjectRef::from_obj(binding));
+        .remove(&binding_key(binding));
 }
 
 /// Counts a reconcile that met a Kubernetes error; says when to try again (full jitter,
 /// 5 s doubling to 5 min).
-fn kubernetes_backoff(binding: &AWSRoleBinding, ctx: &Context) -> (u32, Duration) {
+fn kubernetes_backoff(binding: (String, String), ctx: &Context) -> (u32, Duration) {
     let failures = {
         let mut failed = ctx.failed_reconciles.lock().expect("failure lock");
-        let count = failed.entry(ObjectRef::from_obj(binding)).or_default();
+        let count = failed.entry(binding).or_default();
         *count += 1;
         *count
     };
@@ -136,7 +143,7 @@ pub(super) async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -
     match failed {
         Some(error) => {
             ctx.metrics.reconcile_error(error.metric_label());
-            let (failures, delay) = kubernetes_backoff(binding, ctx);
+            let (failures, delay) = kubernetes_backoff(binding_key(binding), ctx);
             tracing::warn!(binding = %binding.name_any(), namespace, %error, failures, retry_in_s = delay.as_secs(), "a subject's Kubernetes request failed; retrying");
             let retry = now + jiff::SignedDuration::try_from(delay).unwrap_or_default();
             wake = Some(wake.map_or(retry, |w| w.min(retry)));
@@ -360,9 +367,9 @@ pub(super) fn requeue_at(at: Timestamp, now: Timestamp) -> Action {
 /// A reconcile that failed on a Kubernetes request is retried with its own exponential
 /// backoff (full jitter, 5 s doubling to 5 min), so a binding the apiserver keeps refusing
 /// does not cost a request every few seconds forever.
-pub(super) fn error_policy(binding: Arc<AWSRoleBinding>, error: &Error, ctx: Arc<Context>) -> Action {
+pub(super) fn error_policy(binding: Arc<CachedBinding>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error(error.metric_label());
-    let (failures, delay) = kubernetes_backoff(&binding, &ctx);
+    let (failures, delay) = kubernetes_backoff(binding.key(), &ctx);
     tracing::warn!(binding = %binding.name_any(), namespace = binding.namespace().unwrap_or_default(), error = %error, failures, retry_in_s = delay.as_secs(), "reconcile failed; retrying");
     Action::requeue(delay)
 }
