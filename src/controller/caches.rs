@@ -116,6 +116,9 @@ pub(super) fn trim_namespace(namespace: &mut PartialObjectMeta<Namespace>) {
 
 /// Drives a reflector in a task of its own (so its cache fills whatever the controller is
 /// doing) and turns every touched object into reconcile requests for the bindings it affects.
+/// Not the objects of the watch's first listing: the controller reconciles no binding before
+/// every cache has listed, and then reconciles each one anyway (its own watch's listing);
+/// asking for them all again would only queue a copy of every binding's request per watch.
 pub(super) fn drive<K, S, M>(
     name: &'static str,
     stream: S,
@@ -123,21 +126,30 @@ pub(super) fn drive<K, S, M>(
     affected: M,
 ) where
     K: Send + 'static,
-    S: futures::Stream<Item = std::result::Result<K, watcher::Error>> + Send + 'static,
+    S: futures::Stream<Item = std::result::Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     M: Fn(K) -> Vec<ObjectRef<CachedBinding>> + Send + 'static,
 {
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
+        let mut listed = false;
         while let Some(event) = stream.next().await {
-            match event {
-                Ok(object) => {
-                    for binding in affected(object) {
-                        if requests.unbounded_send(binding).is_err() {
-                            return;
-                        }
-                    }
+            let touched = match event {
+                Ok(watcher::Event::Apply(object) | watcher::Event::Delete(object)) => object,
+                Ok(watcher::Event::InitApply(object)) if listed => object,
+                Ok(watcher::Event::InitDone) => {
+                    listed = true;
+                    continue;
                 }
-                Err(e) => tracing::warn!(watch = name, error = %e, "watch failed; retrying with backoff"),
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+                Err(e) => {
+                    tracing::warn!(watch = name, error = %e, "watch failed; retrying with backoff");
+                    continue;
+                }
+            };
+            for binding in affected(touched) {
+                if requests.unbounded_send(binding).is_err() {
+                    return;
+                }
             }
         }
     });

@@ -58,8 +58,9 @@ mod secret_cache;
 mod secrets;
 mod status;
 mod subject;
+mod wakeups;
 
-use self::{binding_cache::*, caches::*, reconcile::*, secrets::*, status::*, subject::*};
+use self::{binding_cache::*, caches::*, reconcile::*, secrets::*, status::*, subject::*, wakeups::Wakeups};
 pub use binding_cache::CachedBinding;
 pub use caches::{Stores, WrittenStatuses};
 pub use secret_cache::SecretCache;
@@ -116,6 +117,8 @@ pub struct Context {
     pub stores: Stores,
     subjects: Arc<Mutex<HashMap<SubjectKey, SubjectState>>>,
     mfa_codes: crate::mfa::CodeLedger,
+    /// When each binding is next reconciled on its own.
+    wakeups: Arc<Wakeups>,
     /// Consecutive failed reconciles (Kubernetes errors) by binding, for their backoff.
     failed_reconciles: Mutex<HashMap<(String, String), u32>>,
 }
@@ -127,28 +130,6 @@ impl Context {
             .lock()
             .expect("status lock")
             .current(binding)
-    }
-
-    fn new(
-        client: Client,
-        metrics: Arc<Metrics>,
-        issuer: Arc<dyn Issuer>,
-        settings: Settings,
-        stores: Stores,
-        instance: Option<String>,
-        subjects: Arc<Mutex<HashMap<SubjectKey, SubjectState>>>,
-    ) -> Self {
-        Context {
-            events: Publisher::new(client.clone(), FIELD_MANAGER, instance),
-            client,
-            metrics,
-            issuer,
-            settings,
-            stores,
-            subjects,
-            mfa_codes: crate::mfa::CodeLedger::default(),
-            failed_reconciles: Mutex::default(),
-        }
     }
 
     /// What this process remembers of a subject. One that remembers nothing (it just
@@ -208,11 +189,13 @@ pub async fn run(
     let (bindings, writer) = reflector::store();
     let written_statuses = Arc::new(Mutex::new(WrittenStatuses::default()));
     let subjects = Arc::new(Mutex::new(HashMap::new()));
-    let (written, kept, meter, cached) = (
+    let wakeups = Arc::new(Wakeups::default());
+    let (written, kept, meter, cached, planned) = (
         written_statuses.clone(),
         subjects.clone(),
         metrics.clone(),
         bindings.clone(),
+        wakeups.clone(),
     );
     let scope = settings.scope.clone();
     let api = api_for::<AWSRoleBinding>(&client, ns.as_deref());
@@ -238,11 +221,13 @@ pub async fn run(
                 .0
                 .remove(&(namespace.clone(), name.clone()));
             forget_binding(&namespace, &name, &kept, &meter);
+            planned.retain(|ns, b| ns != namespace || b != name);
         }
         watcher::Event::InitDone => {
             // A relist after a watch gap: bindings deleted meanwhile sent no delete event.
             let exists = |ns: &str, name: &str| cached.get(&ObjectRef::new(name).within(ns)).is_some();
             forget_subjects_where(&kept, &meter, |ns, b| !exists(ns, b));
+            planned.retain(exists);
             written
                 .lock()
                 .expect("status lock")
@@ -267,20 +252,15 @@ pub async fn run(
         )
         .default_backoff()
         .inspect_ok(move |event| cache.apply(event));
-    drive(
-        "secrets",
-        stream.touched_objects(),
-        requests.clone(),
-        move |secret: Secret| {
-            let namespace = secret.namespace().unwrap_or_default();
-            secret
-                .owner_references()
-                .iter()
-                .filter(|o| is_binding_controller(&o.kind, o.controller))
-                .map(|o| ObjectRef::new(&o.name).within(&namespace))
-                .collect()
-        },
-    );
+    drive("secrets", stream, requests.clone(), move |secret: Secret| {
+        let namespace = secret.namespace().unwrap_or_default();
+        secret
+            .owner_references()
+            .iter()
+            .filter(|o| is_binding_controller(&o.kind, o.controller))
+            .map(|o| ObjectRef::new(&o.name).within(&namespace))
+            .collect()
+    });
 
     let (service_accounts, writer) = reflector::store();
     let api: Api<PartialObjectMeta<ServiceAccount>> = match ns.as_deref() {
@@ -298,7 +278,7 @@ pub async fn run(
     let store = bindings.clone();
     drive(
         "serviceaccounts",
-        stream.touched_objects(),
+        stream,
         requests.clone(),
         move |sa: PartialObjectMeta<ServiceAccount>| {
             let (namespace, name) = (sa.namespace(), sa.name_any());
@@ -320,7 +300,7 @@ pub async fn run(
     let store = bindings.clone();
     drive(
         "namespaces",
-        stream.touched_objects(),
+        stream,
         requests.clone(),
         move |namespace: PartialObjectMeta<Namespace>| {
             let name = namespace.name_any();
@@ -338,12 +318,9 @@ pub async fn run(
     let store = bindings.clone();
     // A grant may allow or forbid any binding: re-check them all.
     let shard_requests = requests.clone();
-    drive(
-        "awsrolegrants",
-        stream.touched_objects(),
-        requests,
-        move |_: AWSRoleGrant| bindings_where(&store, |_| true),
-    );
+    drive("awsrolegrants", stream, requests, move |_: AWSRoleGrant| {
+        bindings_where(&store, |_| true)
+    });
 
     let stores = Stores {
         bindings: bindings.clone(),
@@ -366,9 +343,19 @@ pub async fn run(
     metrics.set_ready(true);
     tracing::info!("caches synced");
 
-    let ctx = Arc::new(Context::new(
-        client, metrics, issuer, settings, stores, instance, subjects,
-    ));
+    let ctx = Arc::new(Context {
+        events: Publisher::new(client.clone(), FIELD_MANAGER, instance),
+        client,
+        metrics,
+        issuer,
+        settings,
+        stores,
+        subjects,
+        mfa_codes: crate::mfa::CodeLedger::default(),
+        wakeups: wakeups.clone(),
+        failed_reconciles: Mutex::default(),
+    });
+    tokio::spawn(wakeups.run(shard_requests.clone()));
     if let Some(events) = ctx.settings.scope.gate.as_ref().and_then(|g| g.take_events()) {
         tokio::spawn(follow_shards(events, ctx.clone(), shard_requests));
     }
@@ -449,12 +436,14 @@ async fn follow_shards(
                     secrets = s.secrets.count(),
                     service_accounts = s.service_accounts.len(),
                     namespaces = s.namespaces.len(),
+                    wakeups = ctx.wakeups.len(),
                     "the caches hold the objects of the shards held, and no others"
                 );
             }
             ShardEvent::Dropped(dropped) => {
                 let of = |ns: &str| dropped.contains(&shard_of(ns, shards));
                 forget_subjects_where(&ctx.subjects, &ctx.metrics, |ns, _| of(ns));
+                ctx.wakeups.retain(|ns, _| !of(ns));
                 ctx.failed_reconciles
                     .lock()
                     .expect("failures lock")

@@ -14,6 +14,12 @@ pub(super) async fn reconcile(cached: Arc<CachedBinding>, ctx: Arc<Context>) -> 
     };
     ctx.metrics.reconciled(started.elapsed());
     let gone = ctx.stores.bindings.get(&ObjectRef::from_obj(cached.as_ref())).is_none();
+    if let Ok(wake) = &result {
+        // The binding's own next reconcile: planned here, not by the controller's scheduler
+        // (see `wakeups`). A failed reconcile keeps the one planned before and is retried
+        // by the error policy.
+        ctx.wakeups.set(&namespace, &name, wake.filter(|_| !gone));
+    }
     if gone {
         ctx.failed_reconciles
             .lock()
@@ -24,7 +30,7 @@ pub(super) async fn reconcile(cached: Arc<CachedBinding>, ctx: Arc<Context>) -> 
     } else if let (Ok(binding), Err(error @ Error::Kube(_))) = (&binding, &result) {
         report_kubernetes_error(binding, error, &ctx).await;
     }
-    result
+    result.map(|_| Action::await_change())
 }
 
 /// A reconcile that failed on a Kubernetes request says so in `Degraded` (best effort: the
@@ -66,12 +72,13 @@ fn kubernetes_backoff(binding: (String, String), ctx: &Context) -> (u32, Duratio
     (failures, delay)
 }
 
-pub(super) async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -> Result<Action> {
+/// Reconciles the binding; says when to reconcile it again on its own (none: on a change).
+pub(super) async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -> Result<Option<Duration>> {
     let namespace = binding.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let uid = binding.uid().ok_or(Error::MissingField("metadata.uid"))?;
     if binding.metadata.deletion_timestamp.is_some() {
         // The garbage collector removes the Secrets through their owner references.
-        return Ok(Action::await_change());
+        return Ok(None);
     }
     let now = ctx.settings.clock.now();
 
@@ -150,7 +157,7 @@ pub(super) async fn reconcile_binding(binding: &AWSRoleBinding, ctx: &Context) -
         }
         None => kubernetes_ok(binding, ctx),
     }
-    Ok(wake.map_or_else(Action::await_change, |at| requeue_at(at, now)))
+    Ok(wake.map(|at| wake_in(at, now)))
 }
 
 /// Reads what the binding references in other objects; `Ok(Err(msg))` is an InvalidSpec.
@@ -302,7 +309,7 @@ pub(super) async fn binding_problem(
     message: String,
     revoke: bool,
     now: Timestamp,
-) -> Result<Action> {
+) -> Result<Option<Duration>> {
     let namespace = binding.namespace().unwrap_or_default();
     let uid = binding.uid().unwrap_or_default();
     let current = ctx.current_status(binding);
@@ -347,21 +354,19 @@ pub(super) async fn binding_problem(
     kubernetes_ok(binding, ctx);
     if revoke {
         // Grants are watched: a grant that allows the binding wakes it.
-        return Ok(Action::await_change());
+        return Ok(None);
     }
     // What an invalid spec references (a Secret) is not watched: look again soon, and at
     // the latest when the credentials still held run out.
     let recheck = now + RECHECK;
-    Ok(requeue_at(next_expiry.map_or(recheck, |e| e.min(recheck)), now))
+    Ok(Some(wake_in(next_expiry.map_or(recheck, |e| e.min(recheck)), now)))
 }
 
-/// A requeue at `at` (at least a second after `now`, both in STS's time).
-pub(super) fn requeue_at(at: Timestamp, now: Timestamp) -> Action {
-    Action::requeue(
-        Duration::try_from(at.duration_since(now))
-            .unwrap_or_default()
-            .max(Duration::from_secs(1)),
-    )
+/// How long until `at` (at least a second after `now`, both in STS's time).
+pub(super) fn wake_in(at: Timestamp, now: Timestamp) -> Duration {
+    Duration::try_from(at.duration_since(now))
+        .unwrap_or_default()
+        .max(Duration::from_secs(1))
 }
 
 /// A reconcile that failed on a Kubernetes request is retried with its own exponential
