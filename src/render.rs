@@ -369,27 +369,40 @@ const DIGEST_MARK: &[u8] = b"\0sha256\0";
 
 /// A Secret's data as the cache keeps it: the credential keys as they are, every rendered
 /// key (credentials file, `credential_process` JSON, config, expiration) by its SHA-256, so
-/// a cached Secret holds each credential once. Idempotent; comparisons of data go through
-/// it on both sides, so a cached and a freshly read Secret compare alike.
+/// a cached Secret holds each credential once. For data read from the apiserver: a value
+/// that already looks like a digest was written by someone else (the operator never renders
+/// one) and is digested again, so it can never pass for the value it names.
 pub fn cached_data(data: &BTreeMap<String, ByteString>) -> BTreeMap<String, ByteString> {
-    use sha2::{Digest, Sha256};
     data.iter()
         .map(|(key, value)| {
-            let kept = READ_BACK_KEYS.contains(&key.as_str()) || value.0.starts_with(DIGEST_MARK);
-            let value = if kept {
-                value.clone()
-            } else {
-                ByteString([DIGEST_MARK, Sha256::digest(&value.0).as_slice()].concat())
-            };
-            (key.clone(), value)
+            let clear = READ_BACK_KEYS.contains(&key.as_str()) && !value.0.starts_with(DIGEST_MARK);
+            (key.clone(), if clear { value.clone() } else { digest(value) })
         })
         .collect()
 }
 
-/// Whether two Secrets' data are the same, either side cached or read as it is.
+/// A Secret's data with every value by its digest, the credential keys too: what the cache
+/// keeps once the operator holds the credentials themselves, and what data is compared by
+/// (a cached Secret, in either form, and a desired one compare alike). Values that are
+/// digests already (the cache's) stay as they are.
+pub fn digested_data(data: &BTreeMap<String, ByteString>) -> BTreeMap<String, ByteString> {
+    data.iter()
+        .map(|(key, value)| {
+            let done = value.0.starts_with(DIGEST_MARK);
+            (key.clone(), if done { value.clone() } else { digest(value) })
+        })
+        .collect()
+}
+
+fn digest(value: &ByteString) -> ByteString {
+    use sha2::{Digest, Sha256};
+    ByteString([DIGEST_MARK, Sha256::digest(&value.0).as_slice()].concat())
+}
+
+/// Whether two Secrets' data are the same, either side cached (either way) or read as it is.
 fn same_data(a: &Option<BTreeMap<String, ByteString>>, b: &Option<BTreeMap<String, ByteString>>) -> bool {
     match (a, b) {
-        (Some(a), Some(b)) => a.len() == b.len() && cached_data(a) == cached_data(b),
+        (Some(a), Some(b)) => a.len() == b.len() && digested_data(a) == digested_data(b),
         (a, b) => a.is_none() && b.is_none(),
     }
 }
@@ -567,7 +580,6 @@ mod tests {
         let desired = render_secret(&creds(), &target());
         let data = desired.data.clone().unwrap();
         let cached = cached_data(&data);
-        assert_eq!(cached_data(&cached), cached, "idempotent");
         // The credential keys stay readable, the renderings are digests.
         assert_eq!(cached[KEY_SESSION_TOKEN], data[KEY_SESSION_TOKEN]);
         for key in [KEY_CREDENTIALS, KEY_CREDENTIALS_JSON, KEY_CONFIG, KEY_EXPIRATION] {
@@ -575,15 +587,35 @@ mod tests {
             assert!(!String::from_utf8_lossy(&cached[key].0).contains("s3cr3t"), "{key}");
         }
         let mut in_cache = desired.clone();
-        in_cache.data = Some(cached);
+        in_cache.data = Some(cached.clone());
         assert!(secret_matches(&in_cache, &desired));
         assert_eq!(read_credentials(&in_cache, &target()), Some(creds()));
+        // Cached as digests only (the operator holds the credentials): still the same data,
+        // the credentials no longer readable from it, none of them in the clear.
+        let digests = digested_data(&data);
+        assert_eq!(digested_data(&digests), digests, "idempotent");
+        assert_eq!(digested_data(&cached), digests, "from either form");
+        for value in digests.values() {
+            assert!(value.0.starts_with(DIGEST_MARK));
+        }
+        let mut digests_only = desired.clone();
+        digests_only.data = Some(digests);
+        assert!(secret_matches(&digests_only, &desired));
+        assert_eq!(read_credentials(&digests_only, &target()), None);
         // An edited rendering is seen through its digest.
         let mut edited = data.clone();
         edited.insert(KEY_CONFIG.into(), ByteString(b"[default]\n".to_vec()));
         in_cache.data = Some(cached_data(&edited));
         assert!(!secret_matches(&in_cache, &desired));
         assert_eq!(read_credentials(&in_cache, &target()), None);
+        // A Secret someone wrote digests into (of the right values, in a rendered key and in
+        // a credential key) does not pass for the real one once cached.
+        for key in [KEY_CONFIG, KEY_SESSION_TOKEN] {
+            let mut forged = data.clone();
+            forged.insert(key.into(), digested_data(&data)[key].clone());
+            in_cache.data = Some(cached_data(&forged));
+            assert!(!secret_matches(&in_cache, &desired), "{key}");
+        }
     }
 
     fn pull_target() -> SecretTarget {

@@ -2,10 +2,10 @@
 //! its store, its queue and its schedule on the object's name and namespace; a reconcile
 //! reads the whole binding. So the cached object is its name and namespace (all that its
 //! `ObjectMeta` holds, which also keeps the controller's object references free of uid and
-//! resourceVersion copies), its resourceVersion and subjects' names (for the watch's own
-//! bookkeeping and for finding the bindings a ServiceAccount affects without unpacking),
-//! and the binding itself as compact JSON (managedFields and kubectl's last-applied copy
-//! dropped), unpacked by each reconcile: a third of the memory of the decoded object.
+//! resourceVersion copies), its resourceVersion (to tell when the cache shows a status this
+//! process wrote, `WrittenStatuses`), its subjects' names (to find the bindings a
+//! ServiceAccount affects without unpacking), and the binding itself as compact JSON
+//! (managedFields and kubectl's last-applied copy dropped), unpacked by each reconcile.
 
 use std::borrow::Cow;
 

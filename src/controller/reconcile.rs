@@ -7,10 +7,12 @@ pub(super) async fn reconcile(cached: Arc<CachedBinding>, ctx: Arc<Context>) -> 
     ctx.metrics.reconcile_started();
     let (namespace, name) = cached.key();
     tracing::debug!(binding = %name, %namespace, "reconciling");
-    let binding = cached.binding();
-    let result = match &binding {
-        Ok(binding) => reconcile_binding(binding, &ctx).await,
-        Err(e) => Err(Error::Cache(e.to_string())),
+    let (binding, result) = match cached.binding() {
+        Ok(binding) => {
+            let result = reconcile_binding(&binding, &ctx).await;
+            (Some(binding), result)
+        }
+        Err(e) => (None, Err(e)),
     };
     ctx.metrics.reconciled(started.elapsed());
     let gone = ctx.stores.bindings.get(&ObjectRef::from_obj(cached.as_ref())).is_none();
@@ -27,7 +29,7 @@ pub(super) async fn reconcile(cached: Arc<CachedBinding>, ctx: Arc<Context>) -> 
             .remove(&(namespace.clone(), name.clone()));
         // Deleted while this reconcile ran: what it recorded after the delete event goes too.
         forget_binding(&namespace, &name, &ctx.subjects, &ctx.metrics);
-    } else if let (Ok(binding), Err(error @ Error::Kube(_))) = (&binding, &result) {
+    } else if let (Some(binding), Err(error @ Error::Kube(_))) = (&binding, &result) {
         report_kubernetes_error(binding, error, &ctx).await;
     }
     result.map(|_| Action::await_change())

@@ -2,7 +2,9 @@
 //! holding only what the operator reads back (its uid, resourceVersion, type, labels,
 //! annotations, ownerReferences, the credential keys, and the renderings of them as digests,
 //! `render::cached_data`), with an index of the Secrets each binding controls. A reconcile
-//! gets a `Secret` unpacked from it.
+//! gets a `Secret` unpacked from it. Once a reconcile holds a Secret's credentials in the
+//! subject's state, it has the cache drop them too ([`SecretCache::forget_credentials`]):
+//! the credentials are then kept once, and the cached Secret is digests only.
 //!
 //! Kept from the Secret watch's own events ([`SecretCache::apply`]): a listing (at the start,
 //! after a watch gap, when the shards held change) fills a buffer that replaces the cache
@@ -115,6 +117,40 @@ impl SecretCache {
             .collect()
     }
 
+    /// Drops the credentials from the cached Secret `namespace/name` while it is still at
+    /// `resource_version` (its data then by digests only): the operator holds them itself
+    /// (the subject's state), and keeps one copy. A newer version, or a listing, brings
+    /// them back until the next reconcile takes them.
+    pub fn forget_credentials(&self, namespace: &str, name: &str, resource_version: &str) {
+        let key = key_of(namespace, name);
+        let at_version = |p: &Packed| {
+            let secret = p.unpack(namespace, name);
+            (secret.resource_version().as_deref() == Some(resource_version)).then_some(secret)
+        };
+        let Some(mut secret) = self
+            .inner
+            .read()
+            .expect("secret cache lock")
+            .secrets
+            .get(&key)
+            .and_then(at_version)
+        else {
+            return;
+        };
+        let Some(data) = secret.data.take().map(|data| (render::digested_data(&data), data)) else {
+            return;
+        };
+        if data.0 == data.1 {
+            return;
+        }
+        let packed = Packed::encode(&secret, Some(&data.0));
+        let mut inner = self.inner.write().expect("secret cache lock");
+        // Still that version (the watch may have moved on while this packed).
+        if let Some(slot) = inner.secrets.get_mut(&key).filter(|p| at_version(p).is_some()) {
+            *slot = packed;
+        }
+    }
+
     /// How many Secrets are cached.
     pub fn count(&self) -> usize {
         self.inner.read().expect("secret cache lock").secrets.len()
@@ -160,7 +196,13 @@ struct Packed(Box<[u8]>);
 const ABSENT: u32 = 0;
 
 impl Packed {
+    /// Packs a Secret read from the apiserver (its data as `render::cached_data` keeps it).
     fn pack(secret: &Secret) -> Packed {
+        Packed::encode(secret, secret.data.as_ref().map(render::cached_data).as_ref())
+    }
+
+    /// Packs a Secret with `data` as it is given (already in the cache's form).
+    fn encode(secret: &Secret, data: Option<&BTreeMap<String, ByteString>>) -> Packed {
         let mut out = Writer::default();
         let meta = &secret.metadata;
         // The owners first: the index reads them without going through the rest.
@@ -188,9 +230,8 @@ impl Packed {
                 out.str(v);
             }
         }
-        let data = secret.data.as_ref().map(render::cached_data);
-        out.opt_len(data.as_ref().map(BTreeMap::len));
-        for (k, v) in data.iter().flatten() {
+        out.opt_len(data.map(BTreeMap::len));
+        for (k, v) in data.into_iter().flatten() {
             out.str(k);
             out.bytes(&v.0);
         }
@@ -459,6 +500,46 @@ mod tests {
         let mut long = bare.clone();
         long.metadata.annotations = Some([("k".to_string(), "v".repeat(70_000))].into());
         assert_eq!(Packed::pack(&long).unpack("ns", "x"), long);
+    }
+
+    #[test]
+    fn credentials_are_dropped_only_from_the_version_they_were_taken_from() {
+        let cache = SecretCache::default();
+        let mut secret = owned_secret("app", "uid-1");
+        secret.metadata.resource_version = Some("7".into());
+        secret.data = Some(
+            [
+                ("AWS_ACCESS_KEY_ID".to_string(), ByteString(b"ASIAKEY".to_vec())),
+                ("AWS_SESSION_TOKEN".to_string(), ByteString(b"token".to_vec())),
+                ("config".to_string(), ByteString(b"[default]\n".to_vec())),
+            ]
+            .into(),
+        );
+        cache.apply(&watcher::Event::Apply(secret.clone()));
+        let cached = |c: &SecretCache| c.get("ns", "app").unwrap();
+        let in_clear = cached(&cache).data.unwrap();
+        assert_eq!(in_clear["AWS_SESSION_TOKEN"].0, b"token");
+
+        // Another version than the one held: nothing changes.
+        cache.forget_credentials("ns", "app", "6");
+        assert_eq!(cached(&cache).data.unwrap(), in_clear);
+        cache.forget_credentials("ns", "absent", "7");
+
+        cache.forget_credentials("ns", "app", "7");
+        let digests = cached(&cache);
+        assert_eq!(digests.data, secret.data.as_ref().map(render::digested_data));
+        let packed = cache.inner.read().unwrap().secrets[&key_of("ns", "app")].0.clone();
+        assert!(!packed.windows(5).any(|w| w == b"token"), "not in the clear anywhere");
+        // Everything else is as it was, the owner index too.
+        let mut expected = secret.clone();
+        expected.data = digests.data.clone();
+        assert_eq!(digests, expected);
+        assert_eq!(names(&cache, "uid-1"), ["app"]);
+
+        // The next version (say, a new issue) comes with its credentials.
+        secret.metadata.resource_version = Some("8".into());
+        cache.apply(&watcher::Event::Apply(secret));
+        assert_eq!(cached(&cache).data.unwrap(), in_clear);
     }
 
     #[test]

@@ -139,6 +139,15 @@ pub(super) async fn reconcile_subject(
                 ..Default::default()
             };
             ctx.set_state(key, state.clone());
+            // Held here now: the cached Secret need not keep a second copy.
+            if let Some(secret) = existing.as_ref().filter(|_| !restore)
+                && stored.as_ref().and_then(|s| s.creds.as_ref()) == Some(&creds)
+            {
+                let version = secret.resource_version().unwrap_or_default();
+                ctx.stores
+                    .secrets
+                    .forget_credentials(&target.namespace, &target.name, &version);
+            }
             Ok(ready_result(sp, binding, &creds, status, &state, ctx, &labels, now))
         }
         Decision::Wait { retry_at, expire, .. } => {
@@ -212,6 +221,8 @@ pub(super) async fn issue(
             ));
         }
     };
+    // The Secret held credentials before (the cache may have handed its copy to the state).
+    let refreshed = stored.is_some_and(|s| s.creds.is_some()) || (existing.is_some() && state.creds.is_some());
     match issued {
         Ok(crate::sts::Issued { creds }) => {
             // Remembered before writing: should the write fail, the retry writes these
@@ -225,7 +236,6 @@ pub(super) async fn issue(
             if let Err(refused) = write_subject_secret(ctx, &desired, existing).await? {
                 return Ok(unwritten(sp, plan, state, status, stored, refused, ctx, now));
             }
-            let refreshed = stored.is_some_and(|s| s.creds.is_some());
             let note = format!(
                 "{} credentials for ServiceAccount {} into Secret {} (access key {}, expires {})",
                 if refreshed { "refreshed" } else { "issued" },

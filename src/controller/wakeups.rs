@@ -3,13 +3,16 @@
 //! Kept here rather than in kube-runtime's scheduler (a reconcile returns "await change"
 //! to it), because nearly every binding always has one: the scheduler keeps two copies of
 //! a reconcile request per entry in a delay queue and a map, this keeps one shared
-//! `namespace/name` and the time. A binding has at most one wake-up: each reconcile
-//! replaces it with the one it computed (or removes it). What is due is sent as an ordinary
+//! `namespace/name` and the time. A binding has at most one wake-up here: each successful
+//! reconcile replaces it with the one it computed (or removes it); a failed one keeps it
+//! and is retried by the error policy through kube-runtime's scheduler (a rare case, so
+//! left there). What is due is sent as an ordinary
 //! reconcile request, so the controller's guarantees (one reconcile of a binding at a time,
 //! a request during a reconcile runs after it) hold as for any other request.
 //!
-//! Times are monotonic (`tokio::time::Instant`): a wrong or corrected wall clock moves
-//! when a reconcile computes a wake-up, never one already planned.
+//! Times are monotonic (`tokio::time::Instant`), as kube-runtime's requeues were: a wake-up
+//! is planned from STS's time when its reconcile runs, and a later correction of that time
+//! moves only the wake-ups planned after it.
 
 use std::collections::BTreeSet;
 
