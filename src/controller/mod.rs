@@ -393,23 +393,36 @@ async fn reconcile_held(binding: Arc<CachedBinding>, ctx: Arc<Context>) -> Resul
     let Some(gate) = ctx.settings.scope.gate.clone() else {
         return reconcile(binding, ctx).await;
     };
-    let namespace = binding.namespace().unwrap_or_default();
+    let (namespace, name) = binding.key();
+    // Not reconciled now, while the shard is still held here (its Lease renewed late, its
+    // caches listing, or draining): tried again shortly, since the wake-up that may have
+    // brought this request is spent. A shard given up plans nothing (its new holder
+    // reconciles the binding; `Dropped` removes what was planned here).
+    let later = |ctx: &Context| {
+        if gate.holds(&namespace) {
+            ctx.wakeups.set(&namespace, &name, Some(RETRY_WHILE_HELD));
+        }
+        Ok(Action::await_change())
+    };
     let Some(mut permit) = gate.enter(&namespace) else {
-        tracing::debug!(binding = %binding.name_any(), %namespace, "not reconciled: its shard is not active here");
-        return Ok(Action::await_change());
+        tracing::debug!(binding = %name, %namespace, "not reconciled: its shard is not active here");
+        return later(&ctx);
     };
     let metrics = ctx.metrics.clone();
     tokio::select! {
         // Polled first, so the reconcile has started (and counted itself) before any cancel.
         biased;
-        result = reconcile(binding.clone(), ctx) => result,
+        result = reconcile(binding.clone(), ctx.clone()) => result,
         () = permit.revoked() => {
             metrics.reconcile_abandoned();
-            tracing::warn!(binding = %binding.name_any(), %namespace, "reconcile cancelled: its shard is no longer held");
-            Ok(Action::await_change())
+            tracing::warn!(binding = %name, %namespace, "reconcile cancelled: its shard is no longer held");
+            later(&ctx)
         }
     }
 }
+
+/// How soon a binding whose shard is held but not active is tried again.
+const RETRY_WHILE_HELD: Duration = Duration::from_secs(5);
 
 /// Reconciles the bindings of shards once the caches hold them, and forgets what was kept
 /// about the subjects of shards given up or lost (a new holder adopts their Secrets).

@@ -139,6 +139,12 @@ impl Gate {
         })
     }
 
+    /// Whether this replica holds the shard of `namespace` (in any state but given up).
+    pub fn holds(&self, namespace: &str) -> bool {
+        let inner = self.lock();
+        inner.slots[shard_of(namespace, inner.slots.len() as u32) as usize].state != State::Idle
+    }
+
     /// The controller's end of the events (once).
     pub fn take_events(&self) -> Option<mpsc::UnboundedReceiver<ShardEvent>> {
         self.receiver.lock().expect("gate lock").take()
@@ -394,8 +400,10 @@ mod tests {
         let (a, b) = (gate.register_watch(), gate.register_watch());
         let mut events = gate.take_events().unwrap();
         let ns = namespace_in(1, 2);
+        assert!(!gate.holds(&ns));
         gate.acquired(1, Instant::now(), Duration::from_secs(10));
         assert!(gate.enter(&ns).is_none(), "pending: caches not listed yet");
+        assert!(gate.holds(&ns), "held, not yet active");
         let version = gate.cached.borrow().version;
         assert!(gate.cached.borrow().shards[1]);
         gate.synced(a, version);
@@ -419,10 +427,12 @@ mod tests {
         gate.drain(0);
         assert!(gate.enter("team-a").is_none());
         assert!(!gate.drained(0), "a reconcile still runs");
+        assert!(gate.holds("team-a"), "held while draining");
         drop(running);
         assert!(gate.drained(0));
         gate.dropped(0);
         assert!(!gate.cached.borrow().shards[0]);
+        assert!(!gate.holds("team-a"));
         assert!(gate.enter("team-a").is_none());
     }
 
