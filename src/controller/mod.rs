@@ -214,14 +214,10 @@ pub async fn run(
                 .seen(binding.key(), binding.resource_version());
         }
         watcher::Event::Delete(binding) => {
-            let (namespace, name) = binding.key();
-            written
-                .lock()
-                .expect("status lock")
-                .0
-                .remove(&(namespace.clone(), name.clone()));
-            forget_binding(&namespace, &name, &kept, &meter);
-            planned.retain(|ns, b| ns != namespace || b != name);
+            let key = binding.key();
+            written.lock().expect("status lock").0.remove(&key);
+            forget_binding(&key.0, &key.1, &kept, &meter);
+            planned.set(&key.0, &key.1, None);
         }
         watcher::Event::InitDone => {
             // A relist after a watch gap: bindings deleted meanwhile sent no delete event.

@@ -123,17 +123,15 @@ impl SecretCache {
     /// them back until the next reconcile takes them.
     pub fn forget_credentials(&self, namespace: &str, name: &str, resource_version: &str) {
         let key = key_of(namespace, name);
-        let at_version = |p: &Packed| {
-            let secret = p.unpack(namespace, name);
-            (secret.resource_version().as_deref() == Some(resource_version)).then_some(secret)
-        };
+        let at_version = |p: &Packed| p.resource_version() == Some(resource_version);
         let Some(mut secret) = self
             .inner
             .read()
             .expect("secret cache lock")
             .secrets
             .get(&key)
-            .and_then(at_version)
+            .filter(|p| at_version(p))
+            .map(|p| p.unpack(namespace, name))
         else {
             return;
         };
@@ -146,7 +144,7 @@ impl SecretCache {
         let packed = Packed::encode(&secret, Some(&data.0));
         let mut inner = self.inner.write().expect("secret cache lock");
         // Still that version (the watch may have moved on while this packed).
-        if let Some(slot) = inner.secrets.get_mut(&key).filter(|p| at_version(p).is_some()) {
+        if let Some(slot) = inner.secrets.get_mut(&key).filter(|p| at_version(p)) {
             *slot = packed;
         }
     }
@@ -287,6 +285,16 @@ impl Packed {
 
     /// The uid of the binding controlling the Secret (a controller ownerReference of kind
     /// `AWSRoleBinding`).
+    /// Its resourceVersion, read without unpacking the rest.
+    fn resource_version(&self) -> Option<&str> {
+        let mut r = Reader(&self.0);
+        for _ in 0..r.opt_len().unwrap_or(0) {
+            r.owner();
+        }
+        let _uid = r.opt_str_ref();
+        r.opt_str_ref()
+    }
+
     fn controller_uid(&self) -> Option<&str> {
         let mut r = Reader(&self.0);
         let owners = r.opt_len().unwrap_or(0);
@@ -401,8 +409,12 @@ impl<'a> Reader<'a> {
         self.str_ref().to_string()
     }
 
+    fn opt_str_ref(&mut self) -> Option<&'a str> {
+        (self.byte() == 1).then(|| self.str_ref())
+    }
+
     fn opt_str(&mut self) -> Option<String> {
-        (self.byte() == 1).then(|| self.string())
+        self.opt_str_ref().map(str::to_string)
     }
 
     /// The fields in the order [`Packed::pack`] writes them, one statement each.
@@ -473,6 +485,7 @@ mod tests {
         .unwrap();
         let packed = Packed::pack(&full);
         assert_eq!(packed.controller_uid(), Some("owner-1"));
+        assert_eq!(packed.resource_version(), Some("42"));
         let mut expected = full.clone();
         expected.metadata.creation_timestamp = None;
         expected.metadata.managed_fields = None;
@@ -492,6 +505,7 @@ mod tests {
         bare.metadata.namespace = Some("ns".into());
         assert_eq!(Packed::pack(&bare).unpack("ns", "x"), bare);
         assert_eq!(Packed::pack(&bare).controller_uid(), None);
+        assert_eq!(Packed::pack(&bare).resource_version(), None);
         bare.data = Some(BTreeMap::new());
         bare.metadata.labels = Some(BTreeMap::new());
         bare.metadata.owner_references = Some(vec![]);
