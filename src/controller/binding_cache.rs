@@ -5,14 +5,15 @@
 //! resourceVersion copies), its resourceVersion (to tell when the cache shows a status this
 //! process wrote, `WrittenStatuses`), its subjects' names (to find the bindings a
 //! ServiceAccount affects without unpacking), and the binding itself as compact JSON
-//! (managedFields and kubectl's last-applied copy dropped), unpacked by each reconcile.
+//! (managedFields and kubectl's last-applied copy dropped) compressed against a sample
+//! binding (`packing`), unpacked by each reconcile.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, sync::LazyLock};
 
 use kube::api::ObjectMeta;
 use serde::{Deserialize, Deserializer};
 
-use super::*;
+use super::{packing::Dictionary, *};
 
 #[derive(Clone, Debug)]
 pub struct CachedBinding {
@@ -20,8 +21,37 @@ pub struct CachedBinding {
     metadata: ObjectMeta,
     resource_version: Box<str>,
     subjects: Box<[Box<str>]>,
-    json: Box<[u8]>,
+    /// The binding's JSON, compressed with [`DICTIONARY`].
+    packed: Box<[u8]>,
 }
+
+/// A binding as a team writes one and as the operator reports on it, encoded as the cache
+/// encodes bindings (the field order of the types).
+static DICTIONARY: LazyLock<Dictionary> = LazyLock::new(|| {
+    let sample: AWSRoleBinding = serde_json::from_value(json!({
+        "apiVersion": "kube-sts.io/v1alpha1", "kind": "AWSRoleBinding",
+        "metadata": {"creationTimestamp": "2026-01-01T00:00:00Z", "generation": 1, "name": "app",
+            "namespace": "team", "resourceVersion": "1000000", "uid": "00000000-0000-0000-0000-000000000000",
+            "labels": {"app.kubernetes.io/name": "app"}},
+        "spec": {"method": "AssumeRole", "roleArn": "arn:aws:iam::000000000000:role/app",
+            "subjects": [{"kind": "ServiceAccount", "name": "app"}], "durationSeconds": 3600,
+            "secret": {"name": "app-aws"}},
+        "status": {"observedGeneration": 1, "expiration": "2026-01-01T01:00:00Z",
+            "nextRefreshTime": "2026-01-01T00:45:00Z",
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "CredentialsIssued",
+                 "message": "credentials issued for 1 subject(s)", "observedGeneration": 1,
+                 "lastTransitionTime": "2026-01-01T00:00:00Z"},
+                {"type": "Degraded", "status": "False", "reason": "AsExpected", "message": "",
+                 "observedGeneration": 1, "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+            "subjects": [{"name": "app", "secretName": "app-aws", "accessKeyId": "ASIA0000000000000000",
+                "arn": "arn:aws:sts::000000000000:assumed-role/app/team.app",
+                "issuedAt": "2026-01-01T00:00:00Z", "expiration": "2026-01-01T01:00:00Z",
+                "nextRefreshTime": "2026-01-01T00:45:00Z", "consecutiveFailures": 0, "message": ""}]},
+    }))
+    .expect("the sample binding decodes");
+    Dictionary::new(serde_json::to_vec(&sample).expect("a binding encodes"))
+});
 
 impl CachedBinding {
     pub fn pack(mut binding: AWSRoleBinding) -> Self {
@@ -36,16 +66,15 @@ impl CachedBinding {
             resource_version: binding.resource_version().unwrap_or_default().into(),
             subjects: binding.spec.subjects.iter().map(|s| s.name.as_str().into()).collect(),
             // A value decoded from JSON encodes again: its maps have string keys.
-            json: serde_json::to_vec(&binding)
-                .expect("a decoded binding encodes")
-                .into_boxed_slice(),
+            packed: DICTIONARY.compress(&serde_json::to_vec(&binding).expect("a decoded binding encodes")),
         }
     }
 
     /// The binding as the apiserver sent it (without managedFields and kubectl's
     /// last-applied copy).
     pub fn binding(&self) -> Result<AWSRoleBinding> {
-        serde_json::from_slice(&self.json).map_err(|e| Error::Cache(e.to_string()))
+        let json = DICTIONARY.decompress(&self.packed).map_err(Error::Cache)?;
+        serde_json::from_slice(&json).map_err(|e| Error::Cache(e.to_string()))
     }
 
     pub fn resource_version(&self) -> &str {

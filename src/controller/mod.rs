@@ -5,7 +5,9 @@
 //! - `caches`: the caches and indexes the reconciler reads from, and the watch plumbing;
 //! - `reconcile`: one binding end to end (grants, references, plan, subjects, status);
 //! - `subject`: one subject: the pure decision (`crate::decision`) and acting on it;
-//! - `secrets`: Secret I/O; `status`: conditions and the status write.
+//! - `secrets`: Secret I/O; `status`: conditions and the status write;
+//! - `binding_cache`, `secret_cache`, `packing`: the compact caches of bindings and Secrets;
+//!   `wakeups`: when each binding is reconciled next.
 
 use std::{
     collections::HashMap,
@@ -53,6 +55,7 @@ use crate::{
 
 mod binding_cache;
 mod caches;
+mod packing;
 mod reconcile;
 mod secret_cache;
 mod secrets;

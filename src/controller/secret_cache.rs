@@ -1,8 +1,8 @@
 //! The cache of managed Secrets, kept compact: each Secret is packed into one allocation
 //! holding only what the operator reads back (its uid, resourceVersion, type, labels,
 //! annotations, ownerReferences, the credential keys, and the renderings of them as digests,
-//! `render::cached_data`), with an index of the Secrets each binding controls. A reconcile
-//! gets a `Secret` unpacked from it. Once a reconcile holds a Secret's credentials in the
+//! `render::cached_data`), compressed against a sample managed Secret (`packing`), with an
+//! index of the Secrets each binding controls. A reconcile gets a `Secret` unpacked from it. Once a reconcile holds a Secret's credentials in the
 //! subject's state, it has the cache drop them too ([`SecretCache::forget_credentials`]):
 //! the credentials are then kept once, and the cached Secret is digests only.
 //!
@@ -13,13 +13,16 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    sync::{Arc, RwLock},
+    sync::{Arc, LazyLock, RwLock},
 };
 
 use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::OwnerReference};
 use kube::{ResourceExt, api::ObjectMeta, runtime::watcher};
 
-use super::caches::{LAST_APPLIED, is_binding_controller};
+use super::{
+    caches::{LAST_APPLIED, is_binding_controller},
+    packing::Dictionary,
+};
 use crate::render;
 
 /// The managed-Secret cache; clones share it.
@@ -123,7 +126,7 @@ impl SecretCache {
     /// them back until the next reconcile takes them.
     pub fn forget_credentials(&self, namespace: &str, name: &str, resource_version: &str) {
         let key = key_of(namespace, name);
-        let at_version = |p: &Packed| p.resource_version() == Some(resource_version);
+        let at_version = |p: &Packed| p.resource_version().as_deref() == Some(resource_version);
         let Some(mut secret) = self
             .inner
             .read()
@@ -174,21 +177,56 @@ impl Inner {
             return;
         };
         if let Some(owner) = old.controller_uid()
-            && let Some(keys) = self.by_owner.get_mut(owner)
+            && let Some(keys) = self.by_owner.get_mut(&*owner)
         {
             keys.remove(key);
             if keys.is_empty() {
-                self.by_owner.remove(owner);
+                self.by_owner.remove(&*owner);
             }
         }
     }
 }
 
 /// One Secret in one allocation: its ownerReferences, uid, resourceVersion, type, labels,
-/// annotations and data (renderings as digests), as length-prefixed fields. Its name
-/// and namespace are the cache's key. Everything else of the object (managedFields,
-/// timestamps) the operator never reads.
+/// annotations and data (renderings as digests), as length-prefixed fields, compressed
+/// with [`DICTIONARY`]. Its name and namespace are the cache's key. Everything else of the
+/// object (managedFields, timestamps) the operator never reads.
 struct Packed(Box<[u8]>);
+
+/// A managed Secret as the operator renders one, its data as the cache keeps it after a
+/// reconcile took the credentials (digests), in the packed fields' encoding.
+static DICTIONARY: LazyLock<Dictionary> = LazyLock::new(|| {
+    let credentials = render::Credentials {
+        access_key_id: "ASIA0000000000000000".into(),
+        secret_access_key: "0".repeat(40),
+        session_token: "0".repeat(400),
+        expiration: "2026-01-01T01:00:00Z".parse().expect("a timestamp"),
+        issued_at: "2026-01-01T00:00:00Z".parse().expect("a timestamp"),
+        arn: Some("arn:aws:sts::000000000000:assumed-role/app/team.app".into()),
+        note: None,
+        registries: Vec::new(),
+    };
+    let target = render::SecretTarget {
+        namespace: "team".into(),
+        name: "app-aws".into(),
+        binding: "app".into(),
+        binding_uid: "00000000-0000-0000-0000-000000000000".into(),
+        service_account: "app".into(),
+        spec_hash: "0000000000000000".into(),
+        role_arn: Some("arn:aws:iam::000000000000:role/app".into()),
+        region: None,
+        profile: render::DEFAULT_PROFILE.into(),
+        mount_path: render::DEFAULT_MOUNT_PATH.into(),
+        secret_type: crate::crd::SecretType::default(),
+        extra_labels: BTreeMap::new(),
+        extra_annotations: BTreeMap::new(),
+    };
+    let mut secret = render::render_secret(&credentials, &target);
+    secret.metadata.uid = Some("00000000-0000-0000-0000-000000000000".into());
+    secret.metadata.resource_version = Some("1000000".into());
+    let data = secret.data.as_ref().map(render::digested_data);
+    Dictionary::new(Packed::fields(&secret, data.as_ref()))
+});
 
 /// Tags of an optional map or list: absent, or present with `count` entries (`count + 1`).
 const ABSENT: u32 = 0;
@@ -201,6 +239,11 @@ impl Packed {
 
     /// Packs a Secret with `data` as it is given (already in the cache's form).
     fn encode(secret: &Secret, data: Option<&BTreeMap<String, ByteString>>) -> Packed {
+        Packed(DICTIONARY.compress(&Packed::fields(secret, data)))
+    }
+
+    /// The fields a Secret is cached by, uncompressed.
+    fn fields(secret: &Secret, data: Option<&BTreeMap<String, ByteString>>) -> Vec<u8> {
         let mut out = Writer::default();
         let meta = &secret.metadata;
         // The owners first: the index reads them without going through the rest.
@@ -233,11 +276,17 @@ impl Packed {
             out.str(k);
             out.bytes(&v.0);
         }
-        Packed(out.0.into_boxed_slice())
+        out.0
+    }
+
+    /// The packed fields, decompressed (packed by this process, so intact).
+    fn unpacked_fields(&self) -> Vec<u8> {
+        DICTIONARY.decompress(&self.0).expect("a packed Secret decompresses")
     }
 
     fn unpack(&self, namespace: &str, name: &str) -> Secret {
-        let mut r = Reader(&self.0);
+        let fields = self.unpacked_fields();
+        let mut r = Reader(&fields);
         let owner_references = r.opt_len().map(|n| {
             (0..n)
                 .map(|_| {
@@ -283,25 +332,27 @@ impl Packed {
         }
     }
 
-    /// The uid of the binding controlling the Secret (a controller ownerReference of kind
-    /// `AWSRoleBinding`).
-    /// Its resourceVersion, read without unpacking the rest.
-    fn resource_version(&self) -> Option<&str> {
-        let mut r = Reader(&self.0);
+    /// Its resourceVersion, read without building the rest.
+    fn resource_version(&self) -> Option<String> {
+        let fields = self.unpacked_fields();
+        let mut r = Reader(&fields);
         for _ in 0..r.opt_len().unwrap_or(0) {
             r.owner();
         }
         let _uid = r.opt_str_ref();
-        r.opt_str_ref()
+        r.opt_str()
     }
 
-    fn controller_uid(&self) -> Option<&str> {
-        let mut r = Reader(&self.0);
+    /// The uid of the binding controlling the Secret (a controller ownerReference of kind
+    /// `AWSRoleBinding`).
+    fn controller_uid(&self) -> Option<String> {
+        let fields = self.unpacked_fields();
+        let mut r = Reader(&fields);
         let owners = r.opt_len().unwrap_or(0);
         (0..owners)
             .map(|_| r.owner())
             .find(|o| is_binding_controller(o.kind, o.controller))
-            .map(|o| o.uid)
+            .map(|o| o.uid.to_string())
     }
 }
 
@@ -484,8 +535,8 @@ mod tests {
         }))
         .unwrap();
         let packed = Packed::pack(&full);
-        assert_eq!(packed.controller_uid(), Some("owner-1"));
-        assert_eq!(packed.resource_version(), Some("42"));
+        assert_eq!(packed.controller_uid().as_deref(), Some("owner-1"));
+        assert_eq!(packed.resource_version().as_deref(), Some("42"));
         let mut expected = full.clone();
         expected.metadata.creation_timestamp = None;
         expected.metadata.managed_fields = None;
@@ -542,7 +593,7 @@ mod tests {
         cache.forget_credentials("ns", "app", "7");
         let digests = cached(&cache);
         assert_eq!(digests.data, secret.data.as_ref().map(render::digested_data));
-        let packed = cache.inner.read().unwrap().secrets[&key_of("ns", "app")].0.clone();
+        let packed = cache.inner.read().unwrap().secrets[&key_of("ns", "app")].unpacked_fields();
         assert!(!packed.windows(5).any(|w| w == b"token"), "not in the clear anywhere");
         // Everything else is as it was, the owner index too.
         let mut expected = secret.clone();
