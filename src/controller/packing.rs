@@ -4,7 +4,7 @@
 //! watches. Most of each is what every other one repeats: field names, label and annotation
 //! keys, the ownerReference's kind and apiVersion, ARN and timestamp prefixes. LZ4 with a
 //! dictionary (a sample object of that kind, packed the same way) leaves mostly what
-//! differs: a binding's compact JSON of ~1.2 KiB packs to ~300 bytes. It lives in memory
+//! differs: a binding's compact JSON of ~1.2 KiB packs to ~360 bytes. It lives in memory
 //! only, so the dictionaries may change with any release; they are built from the same
 //! types and renderers as the objects, and a drift only costs some compression.
 
