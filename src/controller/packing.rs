@@ -21,7 +21,8 @@ impl Dictionary {
         lz4_flex::block::compress_prepend_size_with_dict(bytes, &self.0).into_boxed_slice()
     }
 
-    /// What [`Dictionary::compress`] was given.
+    /// What [`Dictionary::compress`] of this dictionary was given; an error for anything
+    /// else it cannot read.
     pub fn decompress(&self, packed: &[u8]) -> Result<Vec<u8>, String> {
         lz4_flex::block::decompress_size_prepended_with_dict(packed, &self.0).map_err(|e| e.to_string())
     }
@@ -43,7 +44,7 @@ mod tests {
             let packed = dictionary.compress(input);
             assert_eq!(dictionary.decompress(&packed).unwrap(), input);
         }
-        // Another dictionary reads other bytes (or fails), never the original silently.
+        // The dictionary is used: another one reads other bytes from the same input (or fails).
         let text = b"{\"apiVersion\":\"kube-sts.io/v1alpha1\",\"kind\":\"AWSRoleBinding\"}";
         let other = Dictionary::new(b"something else entirely, of another length".to_vec());
         assert_ne!(

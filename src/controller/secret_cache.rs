@@ -2,9 +2,10 @@
 //! holding only what the operator reads back (its uid, resourceVersion, type, labels,
 //! annotations, ownerReferences, the credential keys, and the renderings of them as digests,
 //! `render::cached_data`), compressed against a sample managed Secret (`packing`), with an
-//! index of the Secrets each binding controls. A reconcile gets a `Secret` unpacked from it. Once a reconcile holds a Secret's credentials in the
-//! subject's state, it has the cache drop them too ([`SecretCache::forget_credentials`]):
-//! the credentials are then kept once, and the cached Secret is digests only.
+//! index of the Secrets each binding controls. A reconcile gets a `Secret` unpacked from it.
+//! Once a reconcile holds a Secret's credentials in the subject's state, it has the cache
+//! drop them too ([`SecretCache::forget_credentials`]): the credentials are then kept once,
+//! and the cached Secret is digests only.
 //!
 //! Kept from the Secret watch's own events ([`SecretCache::apply`]): a listing (at the start,
 //! after a watch gap, when the shards held change) fills a buffer that replaces the cache
@@ -126,7 +127,7 @@ impl SecretCache {
     /// them back until the next reconcile takes them.
     pub fn forget_credentials(&self, namespace: &str, name: &str, resource_version: &str) {
         let key = key_of(namespace, name);
-        let at_version = |p: &Packed| p.resource_version().as_deref() == Some(resource_version);
+        let at_version = |p: &Packed| p.resource_version() == Some(resource_version);
         let Some(mut secret) = self
             .inner
             .read()
@@ -177,19 +178,21 @@ impl Inner {
             return;
         };
         if let Some(owner) = old.controller_uid()
-            && let Some(keys) = self.by_owner.get_mut(&*owner)
+            && let Some(keys) = self.by_owner.get_mut(owner)
         {
             keys.remove(key);
             if keys.is_empty() {
-                self.by_owner.remove(&*owner);
+                self.by_owner.remove(owner);
             }
         }
     }
 }
 
-/// One Secret in one allocation: its ownerReferences, uid, resourceVersion, type, labels,
-/// annotations and data (renderings as digests), as length-prefixed fields, compressed
-/// with [`DICTIONARY`]. Its name and namespace are the cache's key. Everything else of the
+/// One Secret in one allocation: the uid of the binding controlling it and its
+/// resourceVersion in the clear (what the owner index and `forget_credentials` read, under
+/// the cache's lock), then its ownerReferences, uid, resourceVersion, type, labels,
+/// annotations and data (renderings as digests), as length-prefixed fields compressed with
+/// [`DICTIONARY`]. Its name and namespace are the cache's key. Everything else of the
 /// object (managedFields, timestamps) the operator never reads.
 struct Packed(Box<[u8]>);
 
@@ -239,14 +242,24 @@ impl Packed {
 
     /// Packs a Secret with `data` as it is given (already in the cache's form).
     fn encode(secret: &Secret, data: Option<&BTreeMap<String, ByteString>>) -> Packed {
-        Packed(DICTIONARY.compress(&Packed::fields(secret, data)))
+        let meta = &secret.metadata;
+        let controller = meta
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| is_binding_controller(&o.kind, o.controller));
+        let mut out = Writer::default();
+        out.opt_str(controller.map(|o| o.uid.as_str()));
+        out.opt_str(meta.resource_version.as_deref());
+        out.0
+            .extend_from_slice(&DICTIONARY.compress(&Packed::fields(secret, data)));
+        Packed(out.0.into_boxed_slice())
     }
 
     /// The fields a Secret is cached by, uncompressed.
     fn fields(secret: &Secret, data: Option<&BTreeMap<String, ByteString>>) -> Vec<u8> {
         let mut out = Writer::default();
         let meta = &secret.metadata;
-        // The owners first: the index reads them without going through the rest.
         out.opt_len(meta.owner_references.as_ref().map(Vec::len));
         for owner in meta.owner_references.iter().flatten() {
             out.str(&owner.uid);
@@ -281,7 +294,10 @@ impl Packed {
 
     /// The packed fields, decompressed (packed by this process, so intact).
     fn unpacked_fields(&self) -> Vec<u8> {
-        DICTIONARY.decompress(&self.0).expect("a packed Secret decompresses")
+        let mut r = Reader(&self.0);
+        let _controller = r.opt_str_ref();
+        let _resource_version = r.opt_str_ref();
+        DICTIONARY.decompress(r.0).expect("a packed Secret decompresses")
     }
 
     fn unpack(&self, namespace: &str, name: &str) -> Secret {
@@ -332,27 +348,17 @@ impl Packed {
         }
     }
 
-    /// Its resourceVersion, read without building the rest.
-    fn resource_version(&self) -> Option<String> {
-        let fields = self.unpacked_fields();
-        let mut r = Reader(&fields);
-        for _ in 0..r.opt_len().unwrap_or(0) {
-            r.owner();
-        }
-        let _uid = r.opt_str_ref();
-        r.opt_str()
+    /// Its resourceVersion, read from the clear header.
+    fn resource_version(&self) -> Option<&str> {
+        let mut r = Reader(&self.0);
+        let _controller = r.opt_str_ref();
+        r.opt_str_ref()
     }
 
     /// The uid of the binding controlling the Secret (a controller ownerReference of kind
-    /// `AWSRoleBinding`).
-    fn controller_uid(&self) -> Option<String> {
-        let fields = self.unpacked_fields();
-        let mut r = Reader(&fields);
-        let owners = r.opt_len().unwrap_or(0);
-        (0..owners)
-            .map(|_| r.owner())
-            .find(|o| is_binding_controller(o.kind, o.controller))
-            .map(|o| o.uid.to_string())
+    /// `AWSRoleBinding`), read from the clear header.
+    fn controller_uid(&self) -> Option<&str> {
+        Reader(&self.0).opt_str_ref()
     }
 }
 
@@ -535,8 +541,8 @@ mod tests {
         }))
         .unwrap();
         let packed = Packed::pack(&full);
-        assert_eq!(packed.controller_uid().as_deref(), Some("owner-1"));
-        assert_eq!(packed.resource_version().as_deref(), Some("42"));
+        assert_eq!(packed.controller_uid(), Some("owner-1"));
+        assert_eq!(packed.resource_version(), Some("42"));
         let mut expected = full.clone();
         expected.metadata.creation_timestamp = None;
         expected.metadata.managed_fields = None;
