@@ -190,8 +190,8 @@ impl Inner {
 
 /// One Secret in one allocation: the uid of the binding controlling it and its
 /// resourceVersion in the clear (what the owner index and `forget_credentials` read, under
-/// the cache's lock), then its ownerReferences, uid, resourceVersion, type, labels,
-/// annotations and data (renderings as digests), as length-prefixed fields compressed with
+/// the cache's lock), then its ownerReferences, uid, type, labels, annotations and data
+/// (renderings as digests), as length-prefixed fields compressed with
 /// [`DICTIONARY`]. Its name and namespace are the cache's key. Everything else of the
 /// object (managedFields, timestamps) the operator never reads.
 struct Packed(Box<[u8]>);
@@ -256,7 +256,7 @@ impl Packed {
         Packed(out.0.into_boxed_slice())
     }
 
-    /// The fields a Secret is cached by, uncompressed.
+    /// The fields a Secret is cached by, uncompressed (its resourceVersion is the header's).
     fn fields(secret: &Secret, data: Option<&BTreeMap<String, ByteString>>) -> Vec<u8> {
         let mut out = Writer::default();
         let meta = &secret.metadata;
@@ -270,7 +270,6 @@ impl Packed {
             out.opt_bool(owner.block_owner_deletion);
         }
         out.opt_str(meta.uid.as_deref());
-        out.opt_str(meta.resource_version.as_deref());
         out.opt_str(secret.type_.as_deref());
         for map in [&meta.labels, &meta.annotations] {
             // Not the copy of the whole object a client-side `kubectl apply` keeps in an
@@ -319,7 +318,6 @@ impl Packed {
                 .collect()
         });
         let uid = r.opt_str();
-        let resource_version = r.opt_str();
         let type_ = r.opt_str();
         let mut maps = [None, None];
         for map in &mut maps {
@@ -336,7 +334,7 @@ impl Packed {
                 name: Some(name.into()),
                 namespace: Some(namespace.into()),
                 uid,
-                resource_version,
+                resource_version: self.resource_version().map(str::to_string),
                 labels,
                 annotations,
                 owner_references,
