@@ -4,6 +4,17 @@
 
 use super::*;
 
+/// The `namespace/name` key the Secret cache and the wake-ups keep objects by (neither a
+/// namespace nor a name can hold a '/').
+pub(super) fn object_key(namespace: &str, name: &str) -> Box<str> {
+    format!("{namespace}/{name}").into_boxed_str()
+}
+
+/// The namespace and name of an [`object_key`].
+pub(super) fn split_object_key(key: &str) -> (&str, &str) {
+    key.split_once('/').unwrap_or(("", key))
+}
+
 /// Caches the reconciler reads from: only labelled Secrets, metadata of ServiceAccounts
 /// and Namespaces, and the grants.
 #[derive(Clone)]

@@ -21,7 +21,7 @@ use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::me
 use kube::{ResourceExt, api::ObjectMeta, runtime::watcher};
 
 use super::{
-    caches::{LAST_APPLIED, is_binding_controller},
+    caches::{LAST_APPLIED, is_binding_controller, object_key, split_object_key},
     packing::Dictionary,
 };
 use crate::render;
@@ -52,12 +52,8 @@ impl Default for SecretCache {
     }
 }
 
-fn key_of(namespace: &str, name: &str) -> Box<str> {
-    format!("{namespace}/{name}").into_boxed_str()
-}
-
 fn key(secret: &Secret) -> Box<str> {
-    key_of(&secret.namespace().unwrap_or_default(), &secret.name_any())
+    object_key(&secret.namespace().unwrap_or_default(), &secret.name_any())
 }
 
 impl SecretCache {
@@ -103,7 +99,7 @@ impl SecretCache {
         let inner = self.inner.read().expect("secret cache lock");
         inner
             .secrets
-            .get(&key_of(namespace, name))
+            .get(&object_key(namespace, name))
             .map(|p| p.unpack(namespace, name))
     }
 
@@ -115,7 +111,7 @@ impl SecretCache {
         };
         keys.iter()
             .filter_map(|key| {
-                let (namespace, name) = key.split_once('/')?;
+                let (namespace, name) = split_object_key(key);
                 Some(inner.secrets.get(key)?.unpack(namespace, name))
             })
             .collect()
@@ -126,7 +122,7 @@ impl SecretCache {
     /// (the subject's state), and keeps one copy. A newer version, or a listing, brings
     /// them back until the next reconcile takes them.
     pub fn forget_credentials(&self, namespace: &str, name: &str, resource_version: &str) {
-        let key = key_of(namespace, name);
+        let key = object_key(namespace, name);
         let at_version = |p: &Packed| p.resource_version() == Some(resource_version);
         let Some(mut secret) = self
             .inner
@@ -597,7 +593,7 @@ mod tests {
         cache.forget_credentials("ns", "app", "7");
         let digests = cached(&cache);
         assert_eq!(digests.data, secret.data.as_ref().map(render::digested_data));
-        let packed = cache.inner.read().unwrap().secrets[&key_of("ns", "app")].unpacked_fields();
+        let packed = cache.inner.read().unwrap().secrets[&object_key("ns", "app")].unpacked_fields();
         assert!(!packed.windows(5).any(|w| w == b"token"), "not in the clear anywhere");
         // Everything else is as it was, the owner index too.
         let mut expected = secret.clone();

@@ -69,7 +69,7 @@ impl Planned {
 
     fn retain(&mut self, keep: impl Fn(&str, &str) -> bool) {
         self.by_binding.retain(|key, _| {
-            let (ns, name) = split(key);
+            let (ns, name) = split_object_key(key);
             keep(ns, name)
         });
         let by_binding = &self.by_binding;
@@ -77,21 +77,17 @@ impl Planned {
     }
 }
 
-fn key(namespace: &str, name: &str) -> String {
-    // Neither a namespace nor a name can hold a '/'.
-    format!("{namespace}/{name}")
-}
-
-fn split(key: &str) -> (&str, &str) {
-    key.split_once('/').unwrap_or(("", key))
-}
-
 impl Wakeups {
     /// Plans the binding's next reconcile in `after` (none: only on a change), replacing
     /// whatever was planned for it.
     pub(super) fn set(&self, namespace: &str, name: &str, after: Option<Duration>) {
         let at = after.map(|d| Instant::now() + d);
-        if self.inner.lock().expect("wakeups lock").set(&key(namespace, name), at) {
+        if self
+            .inner
+            .lock()
+            .expect("wakeups lock")
+            .set(&object_key(namespace, name), at)
+        {
             self.changed.notify_one();
         }
     }
@@ -111,7 +107,7 @@ impl Wakeups {
         loop {
             let (due, next) = self.inner.lock().expect("wakeups lock").take_due(Instant::now());
             for key in due {
-                let (namespace, name) = split(&key);
+                let (namespace, name) = split_object_key(&key);
                 if requests.unbounded_send(ObjectRef::new(name).within(namespace)).is_err() {
                     return;
                 }
