@@ -30,12 +30,22 @@ pub struct Stores {
 }
 
 /// The statuses this process wrote that the binding cache does not show yet, keyed by
-/// binding, each with the resourceVersion the binding had when it was written. A reconcile
-/// triggered by the operator's own Secret write can see the binding before its status
-/// write arrived; it starts from what was written (same lastTransitionTimes) and so does
-/// not write the same status again. An entry goes as soon as a newer version is cached.
+/// binding. A reconcile triggered by the operator's own Secret write can see the binding
+/// before its status write arrived; it starts from what was written (same
+/// lastTransitionTimes) and so does not write the same status again. An entry goes as soon
+/// as a version other than the one written from is cached; when that version is the one
+/// the write answered with, the event is the write's echo, and reconciles nothing.
 #[derive(Debug, Default)]
-pub struct WrittenStatuses(pub(super) HashMap<(String, String), (String, AWSRoleBindingStatus)>);
+pub struct WrittenStatuses(pub(super) HashMap<(String, String), WrittenStatus>);
+
+/// A status written: the binding's resourceVersion it was written from and the one the
+/// write answered with.
+#[derive(Debug)]
+pub(super) struct WrittenStatus {
+    pub(super) from: String,
+    pub(super) to: Option<String>,
+    pub(super) status: AWSRoleBindingStatus,
+}
 
 pub(super) fn binding_key(binding: &AWSRoleBinding) -> (String, String) {
     (binding.namespace().unwrap_or_default(), binding.name_any())
@@ -46,17 +56,20 @@ impl WrittenStatuses {
     /// binding is still the version it wrote from; else the cached status.
     pub(super) fn current(&self, binding: &AWSRoleBinding) -> Option<AWSRoleBindingStatus> {
         match self.0.get(&binding_key(binding)) {
-            Some((version, status)) if binding.resource_version().as_ref() == Some(version) => Some(status.clone()),
+            Some(written) if binding.resource_version().as_ref() == Some(&written.from) => Some(written.status.clone()),
             _ => binding.status.clone(),
         }
     }
 
     /// Forgets what the cache now shows (a version other than the one written from) of
-    /// the binding `key`.
-    pub(super) fn seen(&mut self, key: (String, String), resource_version: &str) {
-        if self.0.get(&key).is_some_and(|(version, _)| version != resource_version) {
-            self.0.remove(&key);
-        }
+    /// the binding `key`; says whether that version is the one the write answered with.
+    pub(super) fn seen(&mut self, key: (String, String), resource_version: &str) -> bool {
+        let Some(written) = self.0.get(&key).filter(|w| w.from != resource_version) else {
+            return false;
+        };
+        let echo = written.to.as_deref() == Some(resource_version);
+        self.0.remove(&key);
+        echo
     }
 }
 
@@ -192,15 +205,25 @@ mod tests {
             ..Default::default()
         };
         let mut statuses = WrittenStatuses::default();
-        statuses.0.insert(binding_key(&binding), ("1".into(), written.clone()));
+        let entry = |to: &str| WrittenStatus {
+            from: "1".into(),
+            to: Some(to.into()),
+            status: written.clone(),
+        };
+        statuses.0.insert(binding_key(&binding), entry("2"));
         // The cache still has version 1 (no status): what was written counts.
         assert_eq!(statuses.current(&binding), Some(written.clone()));
-        statuses.seen(binding_key(&binding), "1");
+        assert!(!statuses.seen(binding_key(&binding), "1"));
         assert_eq!(statuses.0.len(), 1);
-        // Version 2 arrived: the cached object counts, the entry is gone.
+        // Version 2 arrived: the write's echo; the cached object counts, the entry is gone.
         binding.metadata.resource_version = Some("2".into());
-        statuses.seen(binding_key(&binding), "2");
+        assert!(statuses.seen(binding_key(&binding), "2"));
         assert!(statuses.0.is_empty());
         assert_eq!(statuses.current(&binding), None);
+        assert!(!statuses.seen(binding_key(&binding), "2"), "an echo once");
+        // Someone else's write came first (version 3; the write answered with 4): news.
+        statuses.0.insert(binding_key(&binding), entry("4"));
+        assert!(!statuses.seen(binding_key(&binding), "3"));
+        assert!(statuses.0.is_empty());
     }
 }

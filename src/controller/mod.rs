@@ -209,31 +209,38 @@ pub async fn run(
             .map_ok(packed),
     )
     .default_backoff()
-    .inspect_ok(move |event| match event {
-        watcher::Event::Apply(binding) | watcher::Event::InitApply(binding) => {
-            written
-                .lock()
-                .expect("status lock")
-                .seen(binding.key(), binding.resource_version());
-        }
-        watcher::Event::Delete(binding) => {
-            let key = binding.key();
-            written.lock().expect("status lock").0.remove(&key);
-            forget_binding(&key.0, &key.1, &kept, &meter);
-            planned.set(&key.0, &key.1, None);
-        }
-        watcher::Event::InitDone => {
-            // A relist after a watch gap: bindings deleted meanwhile sent no delete event.
-            let exists = |ns: &str, name: &str| cached.get(&ObjectRef::new(name).within(ns)).is_some();
-            forget_subjects_where(&kept, &meter, |ns, b| !exists(ns, b));
-            planned.retain(exists);
-            written
-                .lock()
-                .expect("status lock")
-                .0
-                .retain(|(ns, b), _| exists(ns, b));
-        }
-        watcher::Event::Init => {}
+    // The echo of the operator's own status write is no news: it reconciles nothing.
+    .try_filter(move |event| {
+        let news = match event {
+            watcher::Event::Apply(binding) | watcher::Event::InitApply(binding) => {
+                let echo = written
+                    .lock()
+                    .expect("status lock")
+                    .seen(binding.key(), binding.resource_version());
+                !(echo && matches!(event, watcher::Event::Apply(_)))
+            }
+            watcher::Event::Delete(binding) => {
+                let key = binding.key();
+                written.lock().expect("status lock").0.remove(&key);
+                forget_binding(&key.0, &key.1, &kept, &meter);
+                planned.set(&key.0, &key.1, None);
+                true
+            }
+            watcher::Event::InitDone => {
+                // A relist after a watch gap: bindings deleted meanwhile sent no delete event.
+                let exists = |ns: &str, name: &str| cached.get(&ObjectRef::new(name).within(ns)).is_some();
+                forget_subjects_where(&kept, &meter, |ns, b| !exists(ns, b));
+                planned.retain(exists);
+                written
+                    .lock()
+                    .expect("status lock")
+                    .0
+                    .retain(|(ns, b), _| exists(ns, b));
+                true
+            }
+            watcher::Event::Init => true,
+        };
+        futures::future::ready(news)
     })
     .applied_objects();
     let controller = Controller::for_stream(binding_events, bindings.clone())
@@ -250,7 +257,7 @@ pub async fn run(
             namespace_of,
         )
         .default_backoff()
-        .inspect_ok(move |event| cache.apply(event));
+        .try_filter(move |event| futures::future::ready(cache.apply(event)));
     drive("secrets", stream, requests.clone(), move |secret: Secret| {
         let namespace = secret.namespace().unwrap_or_default();
         secret

@@ -57,8 +57,15 @@ fn key(secret: &Secret) -> Box<str> {
 }
 
 impl SecretCache {
-    /// Follows one event of the managed-Secret watch.
-    pub fn apply(&self, event: &watcher::Event<Secret>) {
+    /// Follows one event of the managed-Secret watch, and says whether it is news: the echo
+    /// of a version the operator wrote and cached already ([`SecretCache::wrote`]) is not,
+    /// and reconciles nothing.
+    pub fn apply(&self, event: &watcher::Event<Secret>) -> bool {
+        if let watcher::Event::Apply(secret) = event
+            && self.holds(secret)
+        {
+            return false;
+        }
         // Packed (digests computed) before the lock is taken: reconciles read meanwhile.
         let packed = match event {
             watcher::Event::InitApply(secret) | watcher::Event::Apply(secret) => {
@@ -92,6 +99,32 @@ impl SecretCache {
             }
             watcher::Event::Delete(secret) => inner.remove(&key(secret)),
         }
+        true
+    }
+
+    /// Whether the cache holds `secret` at its resourceVersion.
+    fn holds(&self, secret: &Secret) -> bool {
+        let version = secret.resource_version();
+        let inner = self.inner.read().expect("secret cache lock");
+        version.is_some() && inner.secrets.get(&key(secret)).map(Packed::resource_version) == Some(version.as_deref())
+    }
+
+    /// Caches a Secret as the operator's write of it was answered, its data as digests only
+    /// (the subject's state holds the credentials it wrote), so that a reconcile reads it
+    /// at once and the watch's echo of that version is no news. Only while the cache still
+    /// holds the version the write replaced (`replaced`; `None`: no Secret): a version the
+    /// watch delivered since (the written one, or a newer one) stands, and every version
+    /// after it comes from the watch, in order, as before.
+    pub fn wrote(&self, secret: &Secret, replaced: Option<&str>) {
+        let data = secret.data.as_ref().map(render::digested_data);
+        let (key, packed) = (key(secret), Packed::encode(secret, data.as_ref()));
+        let mut inner = self.inner.write().expect("secret cache lock");
+        // During a listing, the listing replaces the cache when it ends.
+        if inner.listing.is_some() || inner.secrets.get(&key).map(Packed::resource_version) != replaced.map(Some) {
+            return;
+        }
+        inner.remove(&key);
+        inner.insert(key, packed);
     }
 
     /// The Secret `namespace/name` as cached.
@@ -605,6 +638,58 @@ mod tests {
         secret.metadata.resource_version = Some("8".into());
         cache.apply(&watcher::Event::Apply(secret));
         assert_eq!(cached(&cache).data.unwrap(), in_clear);
+    }
+
+    #[test]
+    fn a_write_is_cached_at_once_only_over_the_version_it_replaced_and_its_echo_is_no_news() {
+        let at = |name: &str, version: &str| {
+            let mut secret = owned_secret(name, "uid-1");
+            secret.metadata.resource_version = Some(version.into());
+            secret.data = Some([("AWS_SESSION_TOKEN".to_string(), ByteString(b"token".to_vec()))].into());
+            secret
+        };
+        let version = |c: &SecretCache, name: &str| c.get("ns", name).and_then(|s| s.resource_version());
+        let cache = SecretCache::default();
+        cache.apply(&watcher::Event::Init);
+        cache.apply(&watcher::Event::InitDone);
+
+        // A create (nothing replaced): cached at once, digests only; the echo is no news.
+        cache.wrote(&at("a", "1"), None);
+        assert_eq!(version(&cache, "a").as_deref(), Some("1"));
+        let data = cache.get("ns", "a").unwrap().data;
+        assert_eq!(data, at("a", "1").data.as_ref().map(render::digested_data));
+        assert_eq!(names(&cache, "uid-1"), ["a"]);
+        assert!(!cache.apply(&watcher::Event::Apply(at("a", "1"))));
+        assert_eq!(
+            cache.get("ns", "a").unwrap().data,
+            data,
+            "the echo does not bring the credentials back"
+        );
+        // Someone's edit after it is news.
+        assert!(cache.apply(&watcher::Event::Apply(at("a", "2"))));
+        assert_eq!(version(&cache, "a").as_deref(), Some("2"));
+
+        // A write over version 2 answered with 4, after the watch delivered 3 (someone
+        // else's write in between): 3 stands, and 4 comes from the watch as news.
+        assert!(cache.apply(&watcher::Event::Apply(at("a", "3"))));
+        cache.wrote(&at("a", "4"), Some("2"));
+        assert_eq!(version(&cache, "a").as_deref(), Some("3"));
+        assert!(cache.apply(&watcher::Event::Apply(at("a", "4"))));
+        // A create whose echo came first: the watch's version stands.
+        assert!(cache.apply(&watcher::Event::Apply(at("b", "5"))));
+        cache.wrote(&at("b", "5"), None);
+        assert_eq!(
+            cache.get("ns", "b").unwrap().data,
+            at("b", "5").data.as_ref().map(render::cached_data)
+        );
+        // During a listing, the listing decides.
+        cache.apply(&watcher::Event::Init);
+        cache.wrote(&at("c", "6"), None);
+        cache.apply(&watcher::Event::InitDone);
+        assert!(cache.get("ns", "c").is_none());
+        // Deletes and listings are always news.
+        assert!(cache.apply(&watcher::Event::Delete(at("b", "5"))));
+        assert!(cache.apply(&watcher::Event::InitDone));
     }
 
     #[test]

@@ -132,7 +132,12 @@ pub(super) async fn write_secret(
             move_create_entry_first(ctx, &api, &desired).await?;
         }
         return match apply_secret(ctx, &api, &desired).await {
-            Ok(()) => Ok(Ok(())),
+            Ok(written) => {
+                ctx.stores
+                    .secrets
+                    .wrote(&written, existing.resource_version().as_deref());
+                Ok(Ok(()))
+            }
             Err(Error::Kube(kube::Error::Api(e))) if replaced_meanwhile(&e) => Ok(Err(format!(
                 "Secret {name} was deleted or replaced meanwhile; it is looked at again"
             ))),
@@ -144,8 +149,11 @@ pub(super) async fn write_secret(
         ..Default::default()
     };
     match api.create(&params, desired).await {
-        Ok(_) => {
+        Ok(written) => {
             ctx.metrics.api_write("secrets", "create");
+            ctx.stores
+                .secrets
+                .wrote(&written, existing.and_then(|e| e.metadata.resource_version.as_deref()));
             Ok(Ok(()))
         }
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(Err(format!(
@@ -175,7 +183,8 @@ fn replaced_meanwhile(e: &kube::core::Status) -> bool {
 /// operator's Apply entry (a write of managedFields alone, guarded by the resourceVersion,
 /// once per Secret), and the apply is repeated if the moved fields hold anything `desired`
 /// lacks. A create stays one write; the first write after it costs one or two more.
-async fn apply_secret(ctx: &Context, api: &Api<Secret>, desired: &Secret) -> Result<()> {
+/// Returns the Secret as the last of these writes left it.
+async fn apply_secret(ctx: &Context, api: &Api<Secret>, desired: &Secret) -> Result<Secret> {
     let name = desired.name_any();
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     let mut attempts = 0;
@@ -186,7 +195,7 @@ async fn apply_secret(ctx: &Context, api: &Api<Secret>, desired: &Secret) -> Res
             .map_err(Error::Kube)?;
         ctx.metrics.api_write("secrets", "apply");
         let Some((managed_fields, leftovers)) = absorb_create_entry(&applied, desired) else {
-            return Ok(());
+            return Ok(applied);
         };
         let patch = json!({"metadata": {
             "resourceVersion": applied.resource_version(),
@@ -196,22 +205,27 @@ async fn apply_secret(ctx: &Context, api: &Api<Secret>, desired: &Secret) -> Res
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
         };
-        match api.patch(&name, &params, &Patch::Merge(&patch)).await {
-            Ok(_) => ctx.metrics.api_write("secrets", "patch"),
+        let patched = match api.patch(&name, &params, &Patch::Merge(&patch)).await {
+            Ok(patched) => {
+                ctx.metrics.api_write("secrets", "patch");
+                patched
+            }
             // Written meanwhile: apply again and look at the managedFields it answers with.
             Err(kube::Error::Api(e)) if e.code == 409 && attempts < 3 => {
                 attempts += 1;
                 continue;
             }
             Err(e) => return Err(Error::Kube(e)),
+        };
+        if !leftovers {
+            return Ok(patched);
         }
-        if leftovers {
-            api.patch(&name, &apply, &Patch::Apply(desired))
-                .await
-                .map_err(Error::Kube)?;
-            ctx.metrics.api_write("secrets", "apply");
-        }
-        return Ok(());
+        let applied = api
+            .patch(&name, &apply, &Patch::Apply(desired))
+            .await
+            .map_err(Error::Kube)?;
+        ctx.metrics.api_write("secrets", "apply");
+        return Ok(applied);
     }
 }
 

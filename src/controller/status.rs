@@ -88,15 +88,19 @@ pub(super) async fn write_status(binding: &AWSRoleBinding, status: AWSRoleBindin
         )
         .await
     {
-        Ok(_) => {
+        Ok(answer) => {
             ctx.metrics.api_write("awsrolebindings/status", "apply");
-            let version = binding.resource_version().unwrap_or_default();
+            let written = WrittenStatus {
+                from: binding.resource_version().unwrap_or_default(),
+                to: answer.resource_version(),
+                status,
+            };
             ctx.stores
                 .written_statuses
                 .lock()
                 .expect("status lock")
                 .0
-                .insert(key, (version, status));
+                .insert(key, written);
             Ok(())
         }
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
