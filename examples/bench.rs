@@ -14,8 +14,11 @@
 //!    operator's request, with its identity, through the same kind of forwarder to the same
 //!    STS peer), one Secret create and one server-side apply of `status`, with 32 bindings in
 //!    flight (the tuned concurrency). A third bare run adds the two requests the operator
-//!    makes beyond that minimum (a GET of the Secret, an Event), to show what they cost. Time
-//!    to Ready is seen through a watch.
+//!    makes beyond that minimum (a GET of the Secret, an Event), to show what they cost; a
+//!    fourth works on each binding as soon as the driver's create of it is answered, the
+//!    creates running beside it as they do beside an operator whose bindings are created
+//!    while it runs (those runs are given as a ratio to it as well). Time to Ready is seen
+//!    through a watch.
 //! 2. Peak RSS (`VmHWM`) of the tuned operator at `BENCH_BINDINGS`, and again after more
 //!    bindings were added to the same namespace up to `BENCH_LARGE` (10000, or as many as
 //!    the time budget allows; the table says how many).
@@ -57,7 +60,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{StreamExt, TryStreamExt, stream};
+use futures::{Stream, StreamExt, TryStreamExt, stream};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::{
     ByteString,
@@ -83,7 +86,7 @@ use kube_sts::{
         SubjectStatus,
     },
     events::{EventType, Publisher},
-    plan::{self, IssueSettings, Resolved, SubjectPlan},
+    plan::{self, IssueSettings, Resolved},
     render::{self, Credentials, MANAGED_BY, MANAGED_BY_LABEL},
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -648,6 +651,44 @@ where
         .collect()
 }
 
+/// Creates `objects` as the stream is polled, `concurrency` at a time, and yields each as its
+/// create is answered.
+fn creating<K>(api: &Api<K>, objects: Vec<K>, concurrency: usize) -> impl Stream<Item = K> + use<K>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let api = api.clone();
+    stream::iter(objects)
+        .map(move |obj| {
+            let api = api.clone();
+            async move { create_one(&api, &obj).await }
+        })
+        .buffer_unordered(concurrency)
+}
+
+/// Creates `obj` (or reads it, when it exists), retrying a failed create a few times.
+async fn create_one<K>(api: &Api<K>, obj: &K) -> K
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + Debug,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let mut attempt = 0u32;
+    loop {
+        match api.create(&PostParams::default(), obj).await {
+            Ok(created) => return created,
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                return api.get(&name).await.unwrap_or_else(|e| panic!("get {name}: {e}"));
+            }
+            Err(e) if attempt < 5 => {
+                attempt += 1;
+                eprintln!("  create {name} failed ({e}); retry {attempt}");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+            }
+            Err(e) => panic!("create {name}: {e}"),
+        }
+    }
+}
+
 /// [`create_all`], with the moment each create was answered.
 async fn create_all_timed<K>(api: &Api<K>, objects: Vec<K>, concurrency: usize) -> Vec<(K, Instant)>
 where
@@ -656,25 +697,7 @@ where
     stream::iter(objects)
         .map(|obj| {
             let api = api.clone();
-            async move {
-                let name = obj.meta().name.clone().unwrap_or_default();
-                let mut attempt = 0u32;
-                loop {
-                    match api.create(&PostParams::default(), &obj).await {
-                        Ok(created) => return (created, Instant::now()),
-                        Err(kube::Error::Api(e)) if e.code == 409 => {
-                            let existing = api.get(&name).await.unwrap_or_else(|e| panic!("get {name}: {e}"));
-                            return (existing, Instant::now());
-                        }
-                        Err(e) if attempt < 5 => {
-                            attempt += 1;
-                            eprintln!("  create {name} failed ({e}); retry {attempt}");
-                            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
-                        }
-                        Err(e) => panic!("create {name}: {e}"),
-                    }
-                }
-            }
+            async move { (create_one(&api, &obj).await, Instant::now()) }
         })
         .buffer_unordered(concurrency)
         .collect()
@@ -1320,13 +1343,15 @@ async fn bare_sts_client(bench: &Bench, endpoint: &str) -> aws_sdk_sts::Client {
 /// As the operator identity, against the same apiserver and STS peer. With `extras`, it also
 /// makes the two requests the operator adds for a new binding: a GET of the Secret (the
 /// operator looks for a Secret of that name it does not own, 404 here) and an Event, as the
-/// operator publishes it. Returns the time from the first request to the last answer.
+/// operator publishes it. The bindings come from `bindings` (created already, or created as
+/// the stream is polled: then the bare client works on each as soon as its create is
+/// answered). Returns the time from the first request to the last answer.
 async fn bare_client(
     bench: &Bench,
     identity: &Identity,
     sts: &Forwarder,
     namespace: &str,
-    bindings: &[AWSRoleBinding],
+    bindings: impl Stream<Item = AWSRoleBinding>,
     extras: bool,
 ) -> Duration {
     let settings = IssueSettings {
@@ -1340,15 +1365,12 @@ async fn bare_client(
     let api: Api<AWSRoleBinding> = Api::namespaced(identity.client.clone(), namespace);
     // The operator's own Event publisher (one create per Event).
     let publisher = Arc::new(Publisher::new(identity.client.clone(), BASELINE_MANAGER, None));
-    let work: Vec<(AWSRoleBinding, SubjectPlan)> = bindings
-        .iter()
-        .map(|b| {
-            let mut plan = plan::plan_binding(b, &Resolved::default(), &settings, None).expect("binding plans");
-            (b.clone(), plan.subjects.swap_remove(0))
-        })
-        .collect();
     let t0 = Instant::now();
-    stream::iter(work)
+    bindings
+        .map(|b| {
+            let mut plan = plan::plan_binding(&b, &Resolved::default(), &settings, None).expect("binding plans");
+            (b, plan.subjects.swap_remove(0))
+        })
         .map(|(b, sp)| {
             let (client, secrets, api, publisher) = (client.clone(), secrets.clone(), api.clone(), publisher.clone());
             async move {
@@ -1533,12 +1555,18 @@ fn ratio(time: Duration, bare: Duration) -> String {
     format!("{:.2}x", time.as_secs_f64() / bare.as_secs_f64().max(0.001))
 }
 
-fn report_run(results: &mut Results, section: &str, what: &str, m: &Measured, bare: Duration, n: usize) {
-    results.add(
-        section,
-        what.to_string(),
-        format!("{} ({} bare client)", secs(m.time), ratio(m.time, bare)),
-    );
+/// `bare`: the bare client's time with the bindings created before it starts, and with them
+/// created while it runs (the baseline for a run whose bindings are created while it runs).
+fn report_run(results: &mut Results, section: &str, what: &str, m: &Measured, bare: (Duration, Duration), n: usize) {
+    let against = match m.creates {
+        None => format!("{} bare client", ratio(m.time, bare.0)),
+        Some(_) => format!(
+            "{} bare client with the same creates, {} bare client",
+            ratio(m.time, bare.1),
+            ratio(m.time, bare.0)
+        ),
+    };
+    results.add(section, what.to_string(), format!("{} ({against})", secs(m.time)));
     if let Some(creates) = m.creates {
         results.add(section, "  of which the driver's binding creates", secs(creates));
     }
@@ -1593,6 +1621,7 @@ async fn main() {
         format!("{ns}-bare-1"),
         format!("{ns}-bare-2"),
         format!("{ns}-bare-extras"),
+        format!("{ns}-bare-while"),
     ];
     let ns_default_before = format!("{ns}-default-before");
     let ns_default_while = format!("{ns}-default-while");
@@ -1646,18 +1675,43 @@ async fn main() {
 
     // ---- phase 1: N bindings to Ready: bare client, operator at default and tuned flags
     let section = &format!("1. {n} bindings to Ready");
-    let bare_run = async |namespace: &str, extras: bool| {
+    let bare_run = async |namespace: &str, extras: bool, created: Created| {
         bench.run_namespace(&ns, namespace).await;
-        let bindings = bench.create_bindings(namespace, &role, &first).await;
         let sts = Forwarder::start(&bench.aws["AWS_ENDPOINT_URL_STS"], namespace).await;
-        let before = bench.apiserver_counts(&identity.flow_schema).await;
-        let time = bare_client(&bench, &identity, &sts, namespace, &bindings, extras).await;
-        let requests = (bench.apiserver_counts(&identity.flow_schema).await - before).operator;
+        let api = Api::<AWSRoleBinding>::namespaced(bench.client.clone(), namespace);
+        let (time, requests) = match created {
+            Created::Before => {
+                let bindings = bench.create_bindings(namespace, &role, &first).await;
+                let before = bench.apiserver_counts(&identity.flow_schema).await;
+                let time = bare_client(&bench, &identity, &sts, namespace, stream::iter(bindings), extras).await;
+                (
+                    time,
+                    (bench.apiserver_counts(&identity.flow_schema).await - before).operator,
+                )
+            }
+            Created::While => {
+                let before = bench.apiserver_counts(&identity.flow_schema).await;
+                let creates = first.iter().map(|n| binding(n, &role)).collect();
+                let time = bare_client(
+                    &bench,
+                    &identity,
+                    &sts,
+                    namespace,
+                    creating(&api, creates, bench.concurrency),
+                    extras,
+                )
+                .await;
+                (
+                    time,
+                    (bench.apiserver_counts(&identity.flow_schema).await - before).operator,
+                )
+            }
+        };
         say!(bench, "bare client: {n} bindings in {}", secs(time));
         bench.clear_namespace(namespace).await;
         (time, sts.calls(), requests)
     };
-    let bare_first = bare_run(&ns_bare[0], false).await;
+    let bare_first = bare_run(&ns_bare[0], false, Created::Before).await;
     let mut runs = Vec::new();
     for (namespace, flags, created) in [
         (&ns_default_before, Flags::Default, Created::Before),
@@ -1673,8 +1727,9 @@ async fn main() {
         bench.clear_namespace(namespace).await;
         runs.push((flags, created, measured));
     }
-    let bare_second = bare_run(&ns_bare[1], false).await;
-    let bare_extras = bare_run(&ns_bare[2], true).await;
+    let bare_second = bare_run(&ns_bare[1], false, Created::Before).await;
+    let bare_extras = bare_run(&ns_bare[2], true, Created::Before).await;
+    let bare_while = bare_run(&ns_bare[3], false, Created::While).await;
     let (measured, mut operator, sts, mut watch) =
         to_ready(&bench, &identity, &role, &ns, &first, Flags::Tuned, Created::While, "a").await;
     let operator_time = measured.time;
@@ -1710,6 +1765,17 @@ async fn main() {
             bare_extras.2
         ),
     );
+    results.add(
+        section,
+        "bare client, bindings created while it runs (first create -> last answer)",
+        format!(
+            "{} (STS calls {}, apiserver requests {:.0}; the driver's creates, {} in flight, not counted)",
+            secs(bare_while.0),
+            bare_while.1,
+            bare_while.2,
+            bench.concurrency
+        ),
+    );
     for (flags, created, measured) in &runs {
         let when = match created {
             Created::Before => "created before it starts (start -> last Ready)",
@@ -1720,7 +1786,7 @@ async fn main() {
             section,
             &format!("operator, {}, bindings {when}", flags.describe()),
             measured,
-            bare,
+            (bare, bare_while.0),
             n,
         );
     }
