@@ -1427,7 +1427,7 @@ async fn bare_client(
                         render::rfc3339(creds.expiration)
                     );
                     publisher
-                        .publish(
+                        .publish_now(
                             &b.object_ref(&()),
                             EventType::Normal,
                             "CredentialsIssued",

@@ -8,11 +8,15 @@
 //! (object, reason): the digest of the last note and when it went out, so that the same
 //! note for the same object is not created again within [`REPEAT_AFTER`] (a subject
 //! failing with backoff does not write an Event per retry).
+//!
+//! An Event is created in the background ([`Publisher::publish`]): a reconcile does not wait
+//! for it (Events are best effort: one that fails is logged), and at most [`IN_FLIGHT`] are
+//! in flight, so a slow apiserver holds reconciles back rather than piling up Events.
 
 use std::{
     collections::HashMap,
     hash::{DefaultHasher, Hash, Hasher},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use jiff::{SignedDuration, Timestamp};
@@ -27,6 +31,9 @@ use kube::{
 
 /// The same note about the same object goes out again only after this long.
 pub const REPEAT_AFTER: SignedDuration = SignedDuration::from_mins(10);
+
+/// How many Event creates may be in flight at once.
+pub const IN_FLIGHT: usize = 32;
 
 /// `events.k8s.io/v1` limits a note to 1 KiB.
 const NOTE_LIMIT: usize = 1024;
@@ -43,15 +50,24 @@ pub struct Publisher {
     controller: String,
     instance: String,
     recent: Mutex<Recent>,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
-/// The last note per (object uid, reason) and when it went out; swept of entries older
-/// than [`REPEAT_AFTER`] at most once per [`REPEAT_AFTER`], so its size follows the
-/// objects that had Events lately and a publish costs no scan.
+/// The last note per (object uid, reason) and when it went out, all three by digest;
+/// swept of entries older than [`REPEAT_AFTER`] at most once per [`REPEAT_AFTER`], so its
+/// size follows the objects that had Events lately and a publish costs no scan. Two
+/// (uid, reason) pairs of one digest would only replace each other's entry: a note is
+/// held back only when its own digest matches as well.
 #[derive(Default)]
 struct Recent {
-    last: HashMap<(String, String), (u64, Timestamp)>,
+    last: HashMap<u64, (u64, Timestamp)>,
     swept: Option<Timestamp>,
+}
+
+fn digest(of: impl Hash) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    of.hash(&mut hasher);
+    hasher.finish()
 }
 
 impl Recent {
@@ -62,16 +78,11 @@ impl Recent {
             self.last.retain(|_, (_, at)| now - REPEAT_AFTER < *at);
             self.swept = Some(now);
         }
-        let digest = {
-            let mut hasher = DefaultHasher::new();
-            note.hash(&mut hasher);
-            hasher.finish()
-        };
-        let key = (uid.to_string(), reason.to_string());
+        let (key, note) = (digest((uid, reason)), digest(note));
         match self.last.get(&key) {
-            Some((seen, at)) if *seen == digest && now - REPEAT_AFTER < *at => false,
+            Some((seen, at)) if *seen == note && now - REPEAT_AFTER < *at => false,
             _ => {
-                self.last.insert(key, (digest, now));
+                self.last.insert(key, (note, now));
                 true
             }
         }
@@ -129,11 +140,28 @@ impl Publisher {
             controller: controller.into(),
             instance: instance.unwrap_or_else(|| controller.into()),
             recent: Mutex::default(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
         }
     }
 
-    /// Creates the Event, unless the same note about the same object went out lately.
-    pub async fn publish(
+    /// Creates the Event in the background, unless the same note about the same object
+    /// went out lately; waits only while [`IN_FLIGHT`] creates are in flight already.
+    pub async fn publish(&self, regarding: &ObjectReference, type_: EventType, reason: &str, action: &str, note: &str) {
+        let Some(create) = self.admitted(regarding, type_, reason, action, note) else {
+            return;
+        };
+        let permit = self.in_flight.clone().acquire_owned().await.expect("never closed");
+        tokio::spawn(async move {
+            if let Err(e) = create.await {
+                tracing::warn!(error = %e, "publishing event failed");
+            }
+            drop(permit);
+        });
+    }
+
+    /// Creates the Event and waits for the answer, unless the same note about the same
+    /// object went out lately.
+    pub async fn publish_now(
         &self,
         regarding: &ObjectReference,
         type_: EventType,
@@ -141,10 +169,25 @@ impl Publisher {
         action: &str,
         note: &str,
     ) -> Result<(), kube::Error> {
+        match self.admitted(regarding, type_, reason, action, note) {
+            Some(create) => create.await,
+            None => Ok(()),
+        }
+    }
+
+    /// The create of the Event, if it goes out.
+    fn admitted(
+        &self,
+        regarding: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) -> Option<impl Future<Output = Result<(), kube::Error>> + Send + 'static> {
         let now = Timestamp::now();
         let uid = regarding.uid.as_deref().unwrap_or_default();
         if !self.recent.lock().expect("events lock").admit(uid, reason, note, now) {
-            return Ok(());
+            return None;
         }
         let event = event(
             regarding,
@@ -157,10 +200,8 @@ impl Publisher {
             now,
         );
         let namespace = regarding.namespace.as_deref().unwrap_or("default");
-        Api::<Event>::namespaced(self.client.clone(), namespace)
-            .create(&PostParams::default(), &event)
-            .await
-            .map(|_| ())
+        let api = Api::<Event>::namespaced(self.client.clone(), namespace);
+        Some(async move { api.create(&PostParams::default(), &event).await.map(|_| ()) })
     }
 }
 

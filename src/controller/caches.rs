@@ -1,6 +1,6 @@
 //! The caches the reconciler reads from (labelled Secrets, kept compact in `secret_cache`;
-//! ServiceAccount and Namespace metadata, grants), the indexes kept beside them, and the
-//! watch plumbing that turns a touched object into reconcile requests.
+//! ServiceAccount names, in `name_cache`; Namespace metadata, grants), the indexes kept
+//! beside them, and the watch plumbing that turns a touched object into reconcile requests.
 
 use super::*;
 
@@ -15,14 +15,15 @@ pub(super) fn split_object_key(key: &str) -> (&str, &str) {
     key.split_once('/').unwrap_or(("", key))
 }
 
-/// Caches the reconciler reads from: only labelled Secrets, metadata of ServiceAccounts
-/// and Namespaces, and the grants.
+/// Caches the reconciler reads from: only labelled Secrets, the names of ServiceAccounts,
+/// metadata of Namespaces, and the grants.
 #[derive(Clone)]
 pub struct Stores {
     pub bindings: Store<CachedBinding>,
     /// Managed Secrets, compact, with the Secrets each binding controls.
     pub secrets: SecretCache,
-    pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
+    /// Which ServiceAccounts exist.
+    pub service_accounts: NameCache,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     pub grants: Store<AWSRoleGrant>,
     /// Status this process wrote, by binding, until the binding cache shows the write.
@@ -112,18 +113,6 @@ pub(super) const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-config
 /// Secret's controller: the one owner the operator acts for.
 pub(super) fn is_binding_controller(kind: &str, controller: Option<bool>) -> bool {
     controller == Some(true) && kind == "AWSRoleBinding"
-}
-
-/// What is cached of a ServiceAccount: that it exists.
-pub(super) fn trim_service_account(sa: &mut PartialObjectMeta<ServiceAccount>) {
-    let kept = kube::api::ObjectMeta {
-        name: sa.metadata.name.take(),
-        namespace: sa.metadata.namespace.take(),
-        uid: sa.metadata.uid.take(),
-        resource_version: sa.metadata.resource_version.take(),
-        ..Default::default()
-    };
-    sa.metadata = kept;
 }
 
 /// What is cached of a Namespace: its name and labels (grants select on them).

@@ -7,6 +7,7 @@
 //! - `subject`: one subject: the pure decision (`crate::decision`) and acting on it;
 //! - `secrets`: Secret I/O; `status`: conditions and the status write;
 //! - `binding_cache`, `secret_cache`, `packing`: the compact caches of bindings and Secrets;
+//!   `name_cache`: which ServiceAccounts exist;
 //!   `wakeups`: when each binding is reconciled next.
 
 use std::{
@@ -55,6 +56,7 @@ use crate::{
 
 mod binding_cache;
 mod caches;
+mod name_cache;
 mod packing;
 mod reconcile;
 mod secret_cache;
@@ -66,6 +68,7 @@ mod wakeups;
 use self::{binding_cache::*, caches::*, reconcile::*, secrets::*, status::*, subject::*, wakeups::Wakeups};
 pub use binding_cache::CachedBinding;
 pub use caches::{Stores, WrittenStatuses};
+pub use name_cache::NameCache;
 pub use secret_cache::SecretCache;
 
 pub const FIELD_MANAGER: &str = "kube-sts";
@@ -173,9 +176,7 @@ impl Context {
 
     async fn publish(&self, binding: &AWSRoleBinding, type_: EventType, reason: &str, note: String) {
         let regarding = binding.object_ref(&());
-        if let Err(e) = self.events.publish(&regarding, type_, reason, "Reconcile", &note).await {
-            tracing::warn!(error = %e, "publishing event failed");
-        }
+        self.events.publish(&regarding, type_, reason, "Reconcile", &note).await;
     }
 }
 
@@ -268,19 +269,16 @@ pub async fn run(
             .collect()
     });
 
-    let (service_accounts, writer) = reflector::store();
+    let service_accounts = NameCache::default();
     let api: Api<PartialObjectMeta<ServiceAccount>> = match ns.as_deref() {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let stream = reflector(
-        writer,
-        scope.watch(
-            move || watcher(api.clone(), timing::watch_config()).modify(trim_service_account),
-            namespace_of,
-        ),
-    )
-    .default_backoff();
+    let cache = service_accounts.clone();
+    let stream = scope
+        .watch(move || watcher(api.clone(), timing::watch_config()), namespace_of)
+        .default_backoff()
+        .inspect_ok(move |event| cache.apply(event));
     let store = bindings.clone();
     drive(
         "serviceaccounts",
@@ -453,7 +451,7 @@ async fn follow_shards(
                 tracing::info!(
                     bindings = s.bindings.len(),
                     secrets = s.secrets.count(),
-                    service_accounts = s.service_accounts.len(),
+                    service_accounts = s.service_accounts.count(),
                     namespaces = s.namespaces.len(),
                     wakeups = ctx.wakeups.len(),
                     "the caches hold the objects of the shards held, and no others"

@@ -65,8 +65,7 @@ pub(super) async fn reconcile_subject(
             service_account_exists: ctx
                 .stores
                 .service_accounts
-                .get(&ObjectRef::new(&sp.service_account).within(&target.namespace))
-                .is_some(),
+                .contains(&target.namespace, &sp.service_account),
             remembered: &state,
             spec_hash: &plan.spec_hash,
             now,
