@@ -25,8 +25,8 @@ pub struct StoredSecret {
 pub struct SubjectState {
     /// The last credentials this process issued or adopted, with the spec hash they are for
     /// (to restore an edited Secret, and to retry a failed write without a new STS call).
-    /// Boxed: a subject holds credentials nearly always, and the map of every subject's
-    /// state then stays small.
+    /// Boxed, so that a state is small to move (between reconciles it is kept packed,
+    /// `controller::subject_states`).
     pub creds: Option<Box<(String, Credentials)>>,
     pub failures: u32,
     pub retry_at: Option<Timestamp>,

@@ -5,6 +5,7 @@
 //! - `caches`: the caches and indexes the reconciler reads from, and the watch plumbing;
 //! - `reconcile`: one binding end to end (grants, references, plan, subjects, status);
 //! - `subject`: one subject: the pure decision (`crate::decision`) and acting on it;
+//!   `subject_states`: what is remembered of each subject between reconciles;
 //! - `secrets`: Secret I/O; `status`: conditions and the status write;
 //! - `binding_cache`, `secret_cache`, `packing`: the compact caches of bindings and Secrets;
 //!   `name_cache`: which ServiceAccounts exist;
@@ -63,9 +64,13 @@ mod secret_cache;
 mod secrets;
 mod status;
 mod subject;
+mod subject_states;
 mod wakeups;
 
-use self::{binding_cache::*, caches::*, reconcile::*, secrets::*, status::*, subject::*, wakeups::Wakeups};
+use self::{
+    binding_cache::*, caches::*, reconcile::*, secrets::*, status::*, subject::*, subject_states::SubjectStates,
+    wakeups::Wakeups,
+};
 pub use binding_cache::CachedBinding;
 pub use caches::{Stores, WrittenStatuses};
 pub use name_cache::NameCache;
@@ -90,27 +95,19 @@ type SubjectKey = (String, String, String);
 
 /// Forgets what the operator kept about a deleted binding: per-subject state and metric
 /// series (its Secrets go with the garbage collector).
-fn forget_binding(namespace: &str, name: &str, subjects: &Mutex<HashMap<SubjectKey, SubjectState>>, metrics: &Metrics) {
+fn forget_binding(namespace: &str, name: &str, subjects: &SubjectStates, metrics: &Metrics) {
     forget_subjects_where(subjects, metrics, |ns, b| ns == namespace && b == name);
 }
 
 /// Forgets the per-subject state (it holds credentials) and metric series of every subject
 /// whose binding `(namespace, name)` matches `gone`.
-fn forget_subjects_where(
-    subjects: &Mutex<HashMap<SubjectKey, SubjectState>>,
-    metrics: &Metrics,
-    gone: impl Fn(&str, &str) -> bool,
-) {
-    subjects.lock().expect("state lock").retain(|(ns, b, sa), _| {
-        let forget = gone(ns, b);
-        if forget {
-            metrics.forget_subject(&SubjectLabels {
-                namespace: ns.clone(),
-                binding: b.clone(),
-                service_account: sa.clone(),
-            });
-        }
-        !forget
+fn forget_subjects_where(subjects: &SubjectStates, metrics: &Metrics, gone: impl Fn(&str, &str) -> bool) {
+    subjects.forget_where(gone, |ns, b, sa| {
+        metrics.forget_subject(&SubjectLabels {
+            namespace: ns.into(),
+            binding: b.into(),
+            service_account: sa.into(),
+        });
     });
 }
 
@@ -121,7 +118,7 @@ pub struct Context {
     pub issuer: Arc<dyn Issuer>,
     pub settings: Settings,
     pub stores: Stores,
-    subjects: Arc<Mutex<HashMap<SubjectKey, SubjectState>>>,
+    subjects: Arc<SubjectStates>,
     mfa_codes: crate::mfa::CodeLedger,
     /// When each binding is next reconciled on its own.
     wakeups: Arc<Wakeups>,
@@ -142,7 +139,7 @@ impl Context {
     /// started, or just became leader) takes over the failure count and retry time that the
     /// binding's status records.
     fn state(&self, key: &SubjectKey, binding: &AWSRoleBinding) -> SubjectState {
-        if let Some(state) = self.subjects.lock().expect("state lock").get(key).cloned() {
+        if let Some(state) = self.subjects.get(key) {
             return state;
         }
         let Some(status) = self.current_status(binding) else {
@@ -167,11 +164,11 @@ impl Context {
     }
 
     fn set_state(&self, key: SubjectKey, state: SubjectState) {
-        self.subjects.lock().expect("state lock").insert(key, state);
+        self.subjects.set(&key, &state);
     }
 
     fn forget(&self, key: &SubjectKey) {
-        self.subjects.lock().expect("state lock").remove(key);
+        self.subjects.remove(key);
     }
 
     async fn publish(&self, binding: &AWSRoleBinding, type_: EventType, reason: &str, note: String) {
@@ -192,7 +189,7 @@ pub async fn run(
     let ns = settings.namespace.clone();
     let (bindings, writer) = reflector::store();
     let written_statuses = Arc::new(Mutex::new(WrittenStatuses::default()));
-    let subjects = Arc::new(Mutex::new(HashMap::new()));
+    let subjects = Arc::new(SubjectStates::default());
     let wakeups = Arc::new(Wakeups::default());
     let (written, kept, meter, cached, planned) = (
         written_statuses.clone(),
@@ -454,6 +451,7 @@ async fn follow_shards(
                     service_accounts = s.service_accounts.count(),
                     namespaces = s.namespaces.len(),
                     wakeups = ctx.wakeups.len(),
+                    subjects = ctx.subjects.count(),
                     "the caches hold the objects of the shards held, and no others"
                 );
             }

@@ -5,7 +5,9 @@
 //! index of the Secrets each binding controls. A reconcile gets a `Secret` unpacked from it.
 //! Once a reconcile holds a Secret's credentials in the subject's state, it has the cache
 //! drop them too ([`SecretCache::forget_credentials`]): the credentials are then kept once,
-//! and the cached Secret is digests only.
+//! and the cached Secret is digests only. A Secret the operator writes is cached that way at
+//! once, from the write's answer ([`SecretCache::wrote`]), and the watch's echo of it is no
+//! news.
 //!
 //! Kept from the Secret watch's own events ([`SecretCache::apply`]): a listing (at the start,
 //! after a watch gap, when the shards held change) fills a buffer that replaces the cache
@@ -22,7 +24,7 @@ use kube::{ResourceExt, api::ObjectMeta, runtime::watcher};
 
 use super::{
     caches::{LAST_APPLIED, is_binding_controller, object_key, split_object_key},
-    packing::Dictionary,
+    packing::{Dictionary, Reader, Writer},
 };
 use crate::render;
 
@@ -260,9 +262,6 @@ static DICTIONARY: LazyLock<Dictionary> = LazyLock::new(|| {
     Dictionary::new(Packed::fields(&secret, data.as_ref()))
 });
 
-/// Tags of an optional map or list: absent, or present with `count` entries (`count + 1`).
-const ABSENT: u32 = 0;
-
 impl Packed {
     /// Packs a Secret read from the apiserver (its data as `render::cached_data` keeps it).
     fn pack(secret: &Secret) -> Packed {
@@ -334,7 +333,7 @@ impl Packed {
         let owner_references = r.opt_len().map(|n| {
             (0..n)
                 .map(|_| {
-                    let owner = r.owner();
+                    let owner = read_owner(&mut r);
                     OwnerReference {
                         api_version: owner.api_version.into(),
                         block_owner_deletion: owner.block_owner_deletion,
@@ -399,132 +398,21 @@ struct PackedOwner<'a> {
     block_owner_deletion: Option<bool>,
 }
 
-/// Lengths and counts as LEB128; strings and bytes length-prefixed.
-#[derive(Default)]
-struct Writer(Vec<u8>);
-
-impl Writer {
-    fn len(&mut self, mut n: u32) {
-        loop {
-            let byte = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                self.0.push(byte);
-                return;
-            }
-            self.0.push(byte | 0x80);
-        }
-    }
-
-    fn opt_len(&mut self, n: Option<usize>) {
-        self.len(n.map_or(ABSENT, |n| u32::try_from(n).expect("count fits u32") + 1));
-    }
-
-    fn bytes(&mut self, b: &[u8]) {
-        self.len(u32::try_from(b.len()).expect("a Secret is far below 4 GiB"));
-        self.0.extend_from_slice(b);
-    }
-
-    fn str(&mut self, s: &str) {
-        self.bytes(s.as_bytes());
-    }
-
-    fn opt_str(&mut self, s: Option<&str>) {
-        match s {
-            Some(s) => {
-                self.0.push(1);
-                self.str(s);
-            }
-            None => self.0.push(0),
-        }
-    }
-
-    fn opt_bool(&mut self, b: Option<bool>) {
-        self.0.push(match b {
-            None => 0,
-            Some(false) => 1,
-            Some(true) => 2,
-        });
-    }
-}
-
-/// Reads what [`Writer`] wrote (only ever its own output, so it trusts it).
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn byte(&mut self) -> u8 {
-        let (first, rest) = self.0.split_first().expect("packed Secret intact");
-        self.0 = rest;
-        *first
-    }
-
-    fn len(&mut self) -> u32 {
-        let mut n = 0u32;
-        let mut shift = 0;
-        loop {
-            let byte = self.byte();
-            n |= u32::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return n;
-            }
-            shift += 7;
-        }
-    }
-
-    fn opt_len(&mut self) -> Option<usize> {
-        match self.len() {
-            ABSENT => None,
-            n => Some(n as usize - 1),
-        }
-    }
-
-    fn bytes(&mut self) -> &'a [u8] {
-        let n = self.len() as usize;
-        let (taken, rest) = self.0.split_at(n);
-        self.0 = rest;
-        taken
-    }
-
-    fn str_ref(&mut self) -> &'a str {
-        std::str::from_utf8(self.bytes()).expect("packed from a str")
-    }
-
-    fn string(&mut self) -> String {
-        self.str_ref().to_string()
-    }
-
-    fn opt_str_ref(&mut self) -> Option<&'a str> {
-        (self.byte() == 1).then(|| self.str_ref())
-    }
-
-    fn opt_str(&mut self) -> Option<String> {
-        self.opt_str_ref().map(str::to_string)
-    }
-
-    /// The fields in the order [`Packed::pack`] writes them, one statement each.
-    fn owner(&mut self) -> PackedOwner<'a> {
-        let uid = self.str_ref();
-        let api_version = self.str_ref();
-        let kind = self.str_ref();
-        let name = self.str_ref();
-        let controller = self.opt_bool();
-        let block_owner_deletion = self.opt_bool();
-        PackedOwner {
-            uid,
-            api_version,
-            kind,
-            name,
-            controller,
-            block_owner_deletion,
-        }
-    }
-
-    fn opt_bool(&mut self) -> Option<bool> {
-        match self.byte() {
-            0 => None,
-            1 => Some(false),
-            _ => Some(true),
-        }
+/// Reads one ownerReference, in the order [`Packed::fields`] writes them.
+fn read_owner<'a>(r: &mut Reader<'a>) -> PackedOwner<'a> {
+    let uid = r.str_ref();
+    let api_version = r.str_ref();
+    let kind = r.str_ref();
+    let name = r.str_ref();
+    let controller = r.opt_bool();
+    let block_owner_deletion = r.opt_bool();
+    PackedOwner {
+        uid,
+        api_version,
+        kind,
+        name,
+        controller,
+        block_owner_deletion,
     }
 }
 
