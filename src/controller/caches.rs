@@ -1,5 +1,6 @@
 //! The caches the reconciler reads from (labelled Secrets, kept compact in `secret_cache`;
-//! ServiceAccount names, in `name_cache`; Namespace metadata, grants), the indexes kept
+//! the names of other Secrets and of ServiceAccounts, in `name_cache`; Namespace metadata,
+//! grants), the indexes kept
 //! beside them, and the watch plumbing that turns a touched object into reconcile requests.
 
 use super::*;
@@ -15,13 +16,15 @@ pub(super) fn split_object_key(key: &str) -> (&str, &str) {
     key.split_once('/').unwrap_or(("", key))
 }
 
-/// Caches the reconciler reads from: only labelled Secrets, the names of ServiceAccounts,
-/// metadata of Namespaces, and the grants.
+/// Caches the reconciler reads from: labelled Secrets, the names of the other Secrets and
+/// of ServiceAccounts, metadata of Namespaces, and the grants.
 #[derive(Clone)]
 pub struct Stores {
     pub bindings: Store<CachedBinding>,
     /// Managed Secrets, compact, with the Secrets each binding controls.
     pub secrets: SecretCache,
+    /// The names of the Secrets without the operator's label.
+    pub unmanaged_secrets: NameCache,
     /// Which ServiceAccounts exist.
     pub service_accounts: NameCache,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
@@ -78,6 +81,7 @@ impl Stores {
     pub(super) async fn wait_ready(&self) {
         let _ = futures::join!(
             self.secrets.wait_until_ready(),
+            self.unmanaged_secrets.wait_until_ready(),
             self.service_accounts.wait_until_ready(),
             self.namespaces.wait_until_ready(),
             self.grants.wait_until_ready(),
@@ -87,6 +91,11 @@ impl Stores {
 
 pub(super) fn managed_selector() -> String {
     format!("{MANAGED_BY_LABEL}={MANAGED_BY}")
+}
+
+/// Every Secret [`managed_selector`] does not select (those without the label too).
+pub(super) fn unmanaged_selector() -> String {
+    format!("{MANAGED_BY_LABEL}!={MANAGED_BY}")
 }
 
 pub(super) fn api_for<K>(client: &Client, namespace: Option<&str>) -> Api<K>

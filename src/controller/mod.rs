@@ -266,6 +266,23 @@ pub async fn run(
             .collect()
     });
 
+    // The names of the Secrets the operator does not manage (metadata only): a subject's
+    // Secret that is not in the managed cache is read from the API only when one of its
+    // name exists; else it is created without a read.
+    let unmanaged_secrets = NameCache::default();
+    let api = api_for::<PartialObjectMeta<Secret>>(&client, ns.as_deref());
+    let selector = unmanaged_selector();
+    let cache = unmanaged_secrets.clone();
+    let stream = scope
+        .watch(
+            move || watcher(api.clone(), timing::watch_config().labels(&selector)),
+            namespace_of,
+        )
+        .default_backoff()
+        .inspect_ok(move |event| cache.apply(event));
+    // A foreign Secret going away is noticed by the conflicting subject's recheck.
+    drive("unmanaged secrets", stream, requests.clone(), |_| Vec::new());
+
     let service_accounts = NameCache::default();
     let api: Api<PartialObjectMeta<ServiceAccount>> = match ns.as_deref() {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -326,6 +343,7 @@ pub async fn run(
     let stores = Stores {
         bindings: bindings.clone(),
         secrets,
+        unmanaged_secrets,
         service_accounts,
         namespaces,
         grants,

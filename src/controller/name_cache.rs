@@ -1,7 +1,9 @@
 //! Which objects of a kind exist, by `namespace/name`, and nothing else about them: what the
 //! operator needs of ServiceAccounts (a subject whose ServiceAccount is gone loses its
-//! Secret). A reflector's store would keep each one's metadata, an `ObjectRef` key and an
-//! `Arc`, several hundred bytes per ServiceAccount; a name is a few dozen.
+//! Secret) and of the Secrets it does not manage (one of a subject's Secret name is a
+//! conflict, read from the API to tell). A reflector's store would keep each one's
+//! metadata, an `ObjectRef` key and an `Arc`, several hundred bytes per object; a name is
+//! a few dozen.
 //!
 //! Kept from the watch's own events ([`NameCache::apply`]) as the Secret cache is: a listing
 //! fills a buffer that replaces the set when it ends (objects deleted during a watch gap, or

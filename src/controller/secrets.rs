@@ -97,11 +97,16 @@ pub(super) async fn delete_stale_secrets(
     Ok(())
 }
 
-/// The Secret of a subject as it is now: from the cache, or (when the cache has none) from
-/// the API, since a Secret someone else created carries none of our labels.
+/// The Secret of a subject as it is now: from the managed cache; else, when a Secret of
+/// its name exists without the operator's label (someone else's, or one whose label was
+/// removed), from the API; else none. A name cache lagging behind someone's create only
+/// makes the operator's create refused (409): no Secret is ever written over.
 pub(super) async fn current_secret(ctx: &Context, target: &render::SecretTarget) -> Result<Option<Secret>> {
     if let Some(secret) = ctx.stores.secrets.get(&target.namespace, &target.name) {
         return Ok(Some(secret));
+    }
+    if !ctx.stores.unmanaged_secrets.contains(&target.namespace, &target.name) {
+        return Ok(None);
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &target.namespace);
     api.get_opt(&target.name).await.map_err(Error::Kube)
