@@ -10,8 +10,10 @@
 //! failing with backoff does not write an Event per retry).
 //!
 //! An Event is created in the background ([`Publisher::publish`]): a reconcile does not wait
-//! for it (Events are best effort: one that fails is logged), and at most [`IN_FLIGHT`] are
-//! in flight, so a slow apiserver holds reconciles back rather than piling up Events.
+//! for it. Events are best effort: one that fails or takes longer than [`CREATE_TIMEOUT`] is
+//! logged, one published while [`IN_FLIGHT`] creates are in flight already is dropped (a
+//! slow apiserver then loses Events, and holds no reconcile back), and those in flight when
+//! the process stops are lost.
 
 use std::{
     collections::HashMap,
@@ -35,6 +37,9 @@ pub const REPEAT_AFTER: SignedDuration = SignedDuration::from_mins(10);
 /// How many Event creates may be in flight at once.
 pub const IN_FLIGHT: usize = 32;
 
+/// How long an Event create may take.
+pub const CREATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `events.k8s.io/v1` limits a note to 1 KiB.
 const NOTE_LIMIT: usize = 1024;
 
@@ -53,7 +58,8 @@ pub struct Publisher {
     in_flight: Arc<tokio::sync::Semaphore>,
 }
 
-/// The last note per (object uid, reason) and when it went out, all three by digest;
+/// The digest of the last note per (object uid, reason), keyed by a digest of the pair,
+/// and when it went out;
 /// swept of entries older than [`REPEAT_AFTER`] at most once per [`REPEAT_AFTER`], so its
 /// size follows the objects that had Events lately and a publish costs no scan. Two
 /// (uid, reason) pairs of one digest would only replace each other's entry: a note is
@@ -145,15 +151,20 @@ impl Publisher {
     }
 
     /// Creates the Event in the background, unless the same note about the same object
-    /// went out lately; waits only while [`IN_FLIGHT`] creates are in flight already.
-    pub async fn publish(&self, regarding: &ObjectReference, type_: EventType, reason: &str, action: &str, note: &str) {
+    /// went out lately, or [`IN_FLIGHT`] creates are in flight already.
+    pub fn publish(&self, regarding: &ObjectReference, type_: EventType, reason: &str, action: &str, note: &str) {
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            tracing::debug!(reason, "event dropped: {IN_FLIGHT} creates in flight already");
+            return;
+        };
         let Some(create) = self.admitted(regarding, type_, reason, action, note) else {
             return;
         };
-        let permit = self.in_flight.clone().acquire_owned().await.expect("never closed");
         tokio::spawn(async move {
-            if let Err(e) = create.await {
-                tracing::warn!(error = %e, "publishing event failed");
+            match tokio::time::timeout(CREATE_TIMEOUT, create).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "publishing event failed"),
+                Err(_) => tracing::warn!("publishing event timed out"),
             }
             drop(permit);
         });

@@ -46,8 +46,8 @@ pub struct WrittenStatuses(pub(super) HashMap<(String, String), WrittenStatus>);
 /// write answered with.
 #[derive(Debug)]
 pub(super) struct WrittenStatus {
-    pub(super) from: String,
-    pub(super) to: Option<String>,
+    pub(super) written_from: String,
+    pub(super) answered: Option<String>,
     pub(super) status: AWSRoleBindingStatus,
 }
 
@@ -60,18 +60,21 @@ impl WrittenStatuses {
     /// binding is still the version it wrote from; else the cached status.
     pub(super) fn current(&self, binding: &AWSRoleBinding) -> Option<AWSRoleBindingStatus> {
         match self.0.get(&binding_key(binding)) {
-            Some(written) if binding.resource_version().as_ref() == Some(&written.from) => Some(written.status.clone()),
+            Some(written) if binding.resource_version().as_ref() == Some(&written.written_from) => {
+                Some(written.status.clone())
+            }
             _ => binding.status.clone(),
         }
     }
 
-    /// Forgets what the cache now shows (a version other than the one written from) of
-    /// the binding `key`; says whether that version is the one the write answered with.
-    pub(super) fn seen(&mut self, key: (String, String), resource_version: &str) -> bool {
-        let Some(written) = self.0.get(&key).filter(|w| w.from != resource_version) else {
+    /// Whether the version of the binding `key` the cache now shows is the one a status
+    /// write answered with (its echo); forgets the write once the cache shows any version
+    /// other than the one it was written from.
+    pub(super) fn echo_of_write(&mut self, key: (String, String), resource_version: &str) -> bool {
+        let Some(written) = self.0.get(&key).filter(|w| w.written_from != resource_version) else {
             return false;
         };
-        let echo = written.to.as_deref() == Some(resource_version);
+        let echo = written.answered.as_deref() == Some(resource_version);
         self.0.remove(&key);
         echo
     }
@@ -204,24 +207,24 @@ mod tests {
         };
         let mut statuses = WrittenStatuses::default();
         let entry = |to: &str| WrittenStatus {
-            from: "1".into(),
-            to: Some(to.into()),
+            written_from: "1".into(),
+            answered: Some(to.into()),
             status: written.clone(),
         };
         statuses.0.insert(binding_key(&binding), entry("2"));
         // The cache still has version 1 (no status): what was written counts.
         assert_eq!(statuses.current(&binding), Some(written.clone()));
-        assert!(!statuses.seen(binding_key(&binding), "1"));
+        assert!(!statuses.echo_of_write(binding_key(&binding), "1"));
         assert_eq!(statuses.0.len(), 1);
         // Version 2 arrived: the write's echo; the cached object counts, the entry is gone.
         binding.metadata.resource_version = Some("2".into());
-        assert!(statuses.seen(binding_key(&binding), "2"));
+        assert!(statuses.echo_of_write(binding_key(&binding), "2"));
         assert!(statuses.0.is_empty());
         assert_eq!(statuses.current(&binding), None);
-        assert!(!statuses.seen(binding_key(&binding), "2"), "an echo once");
+        assert!(!statuses.echo_of_write(binding_key(&binding), "2"), "an echo once");
         // Someone else's write came first (version 3; the write answered with 4): news.
         statuses.0.insert(binding_key(&binding), entry("4"));
-        assert!(!statuses.seen(binding_key(&binding), "3"));
+        assert!(!statuses.echo_of_write(binding_key(&binding), "3"));
         assert!(statuses.0.is_empty());
     }
 }

@@ -8,7 +8,8 @@
 //!   `subject_states`: what is remembered of each subject between reconciles;
 //! - `secrets`: Secret I/O; `status`: conditions and the status write;
 //! - `binding_cache`, `secret_cache`, `packing`: the compact caches of bindings and Secrets;
-//!   `name_cache`: which ServiceAccounts exist;
+//!   `name_cache`: which ServiceAccounts, and which Secrets the operator does not manage,
+//!   exist;
 //!   `wakeups`: when each binding is reconciled next.
 
 use std::{
@@ -171,9 +172,9 @@ impl Context {
         self.subjects.remove(key);
     }
 
-    async fn publish(&self, binding: &AWSRoleBinding, type_: EventType, reason: &str, note: String) {
+    fn publish(&self, binding: &AWSRoleBinding, type_: EventType, reason: &str, note: String) {
         let regarding = binding.object_ref(&());
-        self.events.publish(&regarding, type_, reason, "Reconcile", &note).await;
+        self.events.publish(&regarding, type_, reason, "Reconcile", &note);
     }
 }
 
@@ -214,7 +215,7 @@ pub async fn run(
                 let echo = written
                     .lock()
                     .expect("status lock")
-                    .seen(binding.key(), binding.resource_version());
+                    .echo_of_write(binding.key(), binding.resource_version());
                 !(echo && matches!(event, watcher::Event::Apply(_)))
             }
             watcher::Event::Delete(binding) => {

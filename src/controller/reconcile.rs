@@ -351,7 +351,7 @@ pub(super) async fn binding_problem(
     write_status(binding, status, ctx).await?;
     if changed_reason {
         tracing::info!(binding = %binding.name_any(), namespace, reason = reason.as_str(), %message, "binding cannot proceed");
-        ctx.publish(binding, EventType::Warning, reason.as_str(), message).await;
+        ctx.publish(binding, EventType::Warning, reason.as_str(), message);
     }
     kubernetes_ok(binding, ctx);
     if revoke {

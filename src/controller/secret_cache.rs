@@ -5,9 +5,8 @@
 //! index of the Secrets each binding controls. A reconcile gets a `Secret` unpacked from it.
 //! Once a reconcile holds a Secret's credentials in the subject's state, it has the cache
 //! drop them too ([`SecretCache::forget_credentials`]): the credentials are then kept once,
-//! and the cached Secret is digests only. A Secret the operator writes is cached that way at
-//! once, from the write's answer ([`SecretCache::wrote`]), and the watch's echo of it is no
-//! news.
+//! and the cached Secret is digests only. The watch's event of a version the operator wrote
+//! itself ([`SecretCache::wrote`]) is cached that way at once, and is no news.
 //!
 //! Kept from the Secret watch's own events ([`SecretCache::apply`]): a listing (at the start,
 //! after a watch gap, when the shards held change) fills a buffer that replaces the cache
@@ -43,7 +42,15 @@ struct Inner {
     by_owner: HashMap<Box<str>, HashSet<Box<str>>>,
     /// The Secrets a listing in progress has seen so far.
     listing: Option<HashMap<Box<str>, Packed>>,
+    /// By key, the resourceVersion of the operator's own write whose watch event is still
+    /// to come ([`SecretCache::wrote`]).
+    echoes: HashMap<Box<str>, Box<str>>,
 }
+
+/// At most this many writes await their echo; beyond (echoes that never came, say the
+/// Secret was written again first), they are all forgotten: their events then count as
+/// news, which costs a reconcile each, nothing more.
+const ECHOES: usize = 4096;
 
 impl Default for SecretCache {
     fn default() -> Self {
@@ -60,16 +67,20 @@ fn key(secret: &Secret) -> Box<str> {
 
 impl SecretCache {
     /// Follows one event of the managed-Secret watch, and says whether it is news: the echo
-    /// of a version the operator wrote and cached already ([`SecretCache::wrote`]) is not,
-    /// and reconciles nothing.
+    /// of the operator's own write ([`SecretCache::wrote`]) is cached like any version, its
+    /// credentials as digests (the subject's state holds them), and is no news: it
+    /// reconciles nothing.
     pub fn apply(&self, event: &watcher::Event<Secret>) -> bool {
-        if let watcher::Event::Apply(secret) = event
-            && self.holds(secret)
-        {
-            return false;
-        }
+        let echo = match event {
+            watcher::Event::Apply(secret) => self.is_echo(secret),
+            _ => false,
+        };
         // Packed (digests computed) before the lock is taken: reconciles read meanwhile.
         let packed = match event {
+            watcher::Event::InitApply(secret) | watcher::Event::Apply(secret) if echo => {
+                let data = secret.data.as_ref().map(render::digested_data);
+                Some((key(secret), Packed::encode(secret, data.as_ref())))
+            }
             watcher::Event::InitApply(secret) | watcher::Event::Apply(secret) => {
                 Some((key(secret), Packed::pack(secret)))
             }
@@ -91,42 +102,52 @@ impl SecretCache {
                         inner.insert(key, packed);
                     }
                 }
+                // A listing shows the writes' versions (or later ones): no echo comes.
+                inner.echoes.clear();
                 self.ready.send_replace(true);
             }
             watcher::Event::Apply(_) => {
                 if let Some((key, packed)) = packed {
+                    if echo {
+                        inner.echoes.remove(&key);
+                    }
                     inner.remove(&key);
                     inner.insert(key, packed);
                 }
             }
-            watcher::Event::Delete(secret) => inner.remove(&key(secret)),
+            watcher::Event::Delete(secret) => {
+                let key = key(secret);
+                inner.echoes.remove(&key);
+                inner.remove(&key);
+            }
         }
-        true
+        !echo
     }
 
-    /// Whether the cache holds `secret` at its resourceVersion.
-    fn holds(&self, secret: &Secret) -> bool {
-        let version = secret.resource_version();
+    /// Whether `secret` is the version an operator's write of it answered with.
+    fn is_echo(&self, secret: &Secret) -> bool {
+        let Some(version) = secret.resource_version() else {
+            return false;
+        };
         let inner = self.inner.read().expect("secret cache lock");
-        version.is_some() && inner.secrets.get(&key(secret)).map(Packed::resource_version) == Some(version.as_deref())
+        inner.echoes.get(&key(secret)).is_some_and(|v| **v == *version)
     }
 
-    /// Caches a Secret as the operator's write of it was answered, its data as digests only
-    /// (the subject's state holds the credentials it wrote), so that a reconcile reads it
-    /// at once and the watch's echo of that version is no news. Only while the cache still
-    /// holds the version the write replaced (`replaced`; `None`: no Secret): a version the
-    /// watch delivered since (the written one, or a newer one) stands, and every version
-    /// after it comes from the watch, in order, as before.
-    pub fn wrote(&self, secret: &Secret, replaced: Option<&str>) {
-        let data = secret.data.as_ref().map(render::digested_data);
-        let (key, packed) = (key(secret), Packed::encode(secret, data.as_ref()));
+    /// Notes the operator's write of a Secret (its answer, holding the credentials the
+    /// subject's state holds): the watch's event of that version is its echo. Not when the
+    /// cache holds that version already (the watch was first).
+    pub fn wrote(&self, secret: &Secret) {
+        let (Some(version), key) = (secret.resource_version(), key(secret)) else {
+            return;
+        };
         let mut inner = self.inner.write().expect("secret cache lock");
-        // During a listing, the listing replaces the cache when it ends.
-        if inner.listing.is_some() || inner.secrets.get(&key).map(Packed::resource_version) != replaced.map(Some) {
+        if inner.secrets.get(&key).and_then(Packed::resource_version) == Some(version.as_str()) {
             return;
         }
-        inner.remove(&key);
-        inner.insert(key, packed);
+        if inner.echoes.len() >= ECHOES {
+            inner.echoes.clear();
+        }
+        inner.echoes.insert(key, version.into_boxed_str());
     }
 
     /// The Secret `namespace/name` as cached.
@@ -529,55 +550,54 @@ mod tests {
     }
 
     #[test]
-    fn a_write_is_cached_at_once_only_over_the_version_it_replaced_and_its_echo_is_no_news() {
+    fn the_echo_of_a_write_is_cached_without_credentials_and_is_no_news() {
         let at = |name: &str, version: &str| {
             let mut secret = owned_secret(name, "uid-1");
             secret.metadata.resource_version = Some(version.into());
             secret.data = Some([("AWS_SESSION_TOKEN".to_string(), ByteString(b"token".to_vec()))].into());
             secret
         };
-        let version = |c: &SecretCache, name: &str| c.get("ns", name).and_then(|s| s.resource_version());
+        let data = |c: &SecretCache, name: &str| c.get("ns", name).and_then(|s| s.data);
+        let digests = at("a", "1").data.as_ref().map(render::digested_data);
+        let in_clear = at("a", "1").data.as_ref().map(render::cached_data);
         let cache = SecretCache::default();
         cache.apply(&watcher::Event::Init);
         cache.apply(&watcher::Event::InitDone);
 
-        // A create (nothing replaced): cached at once, digests only; the echo is no news.
-        cache.wrote(&at("a", "1"), None);
-        assert_eq!(version(&cache, "a").as_deref(), Some("1"));
-        let data = cache.get("ns", "a").unwrap().data;
-        assert_eq!(data, at("a", "1").data.as_ref().map(render::digested_data));
-        assert_eq!(names(&cache, "uid-1"), ["a"]);
+        // A create's answer noted: nothing cached until the watch shows it, then as digests.
+        cache.wrote(&at("a", "1"));
+        assert!(cache.get("ns", "a").is_none(), "the cache follows the watch only");
         assert!(!cache.apply(&watcher::Event::Apply(at("a", "1"))));
-        assert_eq!(
-            cache.get("ns", "a").unwrap().data,
-            data,
-            "the echo does not bring the credentials back"
-        );
-        // Someone's edit after it is news.
+        assert_eq!(data(&cache, "a"), digests);
+        assert_eq!(names(&cache, "uid-1"), ["a"]);
+        // Someone's edit after it is news, in the clear; so is the same version again.
         assert!(cache.apply(&watcher::Event::Apply(at("a", "2"))));
-        assert_eq!(version(&cache, "a").as_deref(), Some("2"));
+        assert_eq!(data(&cache, "a"), in_clear);
+        assert!(cache.apply(&watcher::Event::Apply(at("a", "2"))));
 
-        // A write over version 2 answered with 4, after the watch delivered 3 (someone
-        // else's write in between): 3 stands, and 4 comes from the watch as news.
+        // A write answered with 4 while the watch still shows 2, then someone's 3 comes
+        // first: 3 is news and cached; 4 is the echo.
+        cache.wrote(&at("a", "4"));
         assert!(cache.apply(&watcher::Event::Apply(at("a", "3"))));
-        cache.wrote(&at("a", "4"), Some("2"));
-        assert_eq!(version(&cache, "a").as_deref(), Some("3"));
-        assert!(cache.apply(&watcher::Event::Apply(at("a", "4"))));
-        // A create whose echo came first: the watch's version stands.
-        assert!(cache.apply(&watcher::Event::Apply(at("b", "5"))));
-        cache.wrote(&at("b", "5"), None);
+        assert!(!cache.apply(&watcher::Event::Apply(at("a", "4"))));
         assert_eq!(
-            cache.get("ns", "b").unwrap().data,
-            at("b", "5").data.as_ref().map(render::cached_data)
+            cache.get("ns", "a").and_then(|s| s.resource_version()).as_deref(),
+            Some("4")
         );
-        // During a listing, the listing decides.
-        cache.apply(&watcher::Event::Init);
-        cache.wrote(&at("c", "6"), None);
-        cache.apply(&watcher::Event::InitDone);
-        assert!(cache.get("ns", "c").is_none());
-        // Deletes and listings are always news.
+        // The watch was first: nothing awaited, the next event of the version is news.
+        assert!(cache.apply(&watcher::Event::Apply(at("b", "5"))));
+        cache.wrote(&at("b", "5"));
+        assert!(cache.apply(&watcher::Event::Apply(at("b", "5"))));
+        // A delete, or a listing, ends what was awaited.
+        cache.wrote(&at("b", "6"));
         assert!(cache.apply(&watcher::Event::Delete(at("b", "5"))));
+        assert!(cache.apply(&watcher::Event::Apply(at("b", "6"))));
+        cache.wrote(&at("a", "7"));
+        cache.apply(&watcher::Event::Init);
+        cache.apply(&watcher::Event::InitApply(at("a", "3")));
         assert!(cache.apply(&watcher::Event::InitDone));
+        assert!(cache.apply(&watcher::Event::Apply(at("a", "7"))));
+        assert!(cache.inner.read().unwrap().echoes.is_empty());
     }
 
     #[test]

@@ -129,25 +129,7 @@ pub(super) async fn write_secret(
         exists = false;
     }
     if let Some(existing) = existing.filter(|_| exists) {
-        // The apply names the uid it was decided on: a Secret deleted or replaced since
-        // (the decision may predate an STS call) is refused, never written over.
-        let mut desired = desired.clone();
-        desired.metadata.uid = existing.uid();
-        if removes_data_keys(existing, &desired) {
-            move_create_entry_first(ctx, &api, &desired).await?;
-        }
-        return match apply_secret(ctx, &api, &desired).await {
-            Ok(written) => {
-                ctx.stores
-                    .secrets
-                    .wrote(&written, existing.resource_version().as_deref());
-                Ok(Ok(()))
-            }
-            Err(Error::Kube(kube::Error::Api(e))) if replaced_meanwhile(&e) => Ok(Err(format!(
-                "Secret {name} was deleted or replaced meanwhile; it is looked at again"
-            ))),
-            Err(e) => Err(e),
-        };
+        return write_over(ctx, &api, desired, existing).await;
     }
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
@@ -156,15 +138,61 @@ pub(super) async fn write_secret(
     match api.create(&params, desired).await {
         Ok(written) => {
             ctx.metrics.api_write("secrets", "create");
-            ctx.stores
-                .secrets
-                .wrote(&written, existing.and_then(|e| e.metadata.resource_version.as_deref()));
+            ctx.stores.secrets.wrote(&written);
             Ok(Ok(()))
         }
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Err(format!(
-            "Secret {name} was created by someone else meanwhile; it is left untouched"
-        ))),
+        // One of the name exists that the caches do not show yet (they lag behind the
+        // watches): read it to tell the operator's own, written over, from someone else's.
+        Err(kube::Error::Api(e)) if e.code == 409 => match api.get_opt(&name).await.map_err(Error::Kube)? {
+            Some(live) if controller_uid(&live).is_some() && controller_uid(&live) == controller_uid(desired) => {
+                if live.type_ != desired.type_ {
+                    return Ok(Err(format!(
+                        "Secret {name} is of another type than the cache showed; it is looked at again"
+                    )));
+                }
+                write_over(ctx, &api, desired, &live).await
+            }
+            _ => Ok(Err(format!(
+                "Secret {name} was created by someone else meanwhile; it is left untouched"
+            ))),
+        },
         Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+/// The uid of the binding controlling `secret`, if one does.
+fn controller_uid(secret: &Secret) -> Option<&str> {
+    secret
+        .owner_references()
+        .iter()
+        .find(|o| is_binding_controller(&o.kind, o.controller))
+        .map(|o| o.uid.as_str())
+}
+
+/// Writes `desired` over `existing`, a Secret of the binding, by apply. The apply names the
+/// uid it was decided on: a Secret deleted or replaced since (the decision may predate an
+/// STS call) is refused, never written over.
+async fn write_over(
+    ctx: &Context,
+    api: &Api<Secret>,
+    desired: &Secret,
+    existing: &Secret,
+) -> Result<std::result::Result<(), String>> {
+    let mut desired = desired.clone();
+    desired.metadata.uid = existing.uid();
+    if removes_data_keys(existing, &desired) {
+        move_create_entry_first(ctx, api, &desired).await?;
+    }
+    match apply_secret(ctx, api, &desired).await {
+        Ok(written) => {
+            ctx.stores.secrets.wrote(&written);
+            Ok(Ok(()))
+        }
+        Err(Error::Kube(kube::Error::Api(e))) if replaced_meanwhile(&e) => Ok(Err(format!(
+            "Secret {} was deleted or replaced meanwhile; it is looked at again",
+            desired.name_any()
+        ))),
+        Err(e) => Err(e),
     }
 }
 

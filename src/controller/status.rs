@@ -91,8 +91,8 @@ pub(super) async fn write_status(binding: &AWSRoleBinding, status: AWSRoleBindin
         Ok(answer) => {
             ctx.metrics.api_write("awsrolebindings/status", "apply");
             let written = WrittenStatus {
-                from: binding.resource_version().unwrap_or_default(),
-                to: answer.resource_version(),
+                written_from: binding.resource_version().unwrap_or_default(),
+                answered: answer.resource_version(),
                 status,
             };
             ctx.stores

@@ -92,8 +92,7 @@ pub(super) async fn reconcile_subject(
                     EventType::Warning,
                     Reason::SecretConflict.as_str(),
                     message.clone(),
-                )
-                .await;
+                );
             }
             status.message = message.clone();
             Ok(SubjectResult {
@@ -253,8 +252,7 @@ pub(super) async fn issue(
                     "CredentialsIssued"
                 },
                 note,
-            )
-            .await;
+            );
             Ok(ready_result(sp, binding, &creds, status, &state, ctx, &labels, now))
         }
         Err(err) => {
@@ -283,8 +281,7 @@ pub(super) async fn issue(
                     sp.service_account,
                     err.message
                 ),
-            )
-            .await;
+            );
             // Recorded before the Secret write below: should it fail, the backoff stands.
             ctx.set_state(key.clone(), state.clone());
             let run_out = secret_expiration.is_none_or(|e| e <= now);

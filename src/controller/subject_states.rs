@@ -33,8 +33,9 @@ fn key((namespace, binding, service_account): &SubjectKey) -> Box<str> {
 
 impl SubjectStates {
     pub(super) fn get(&self, subject: &SubjectKey) -> Option<SubjectState> {
-        let states = self.0.lock().expect("state lock");
-        states.get(&key(subject)).map(|packed| unpack(packed))
+        // Unpacked outside the lock.
+        let packed = self.0.lock().expect("state lock").get(&key(subject)).cloned();
+        packed.map(|packed| unpack(&packed))
     }
 
     pub(super) fn set(&self, subject: &SubjectKey, state: &SubjectState) {
@@ -103,7 +104,8 @@ fn unpack(packed: &[u8]) -> SubjectState {
     let failures = r.len();
     let retry_at = read_time(&mut r);
     let last_error = r.opt_str_ref().map(|reason| {
-        let reason = Reason::parse(reason).expect("a reason this process wrote");
+        // As `SubjectState::resumed` reads a reason it does not know.
+        let reason = Reason::parse(reason).unwrap_or(Reason::StsUnavailable);
         (reason, r.string())
     });
     let refused_spec = r.opt_str();
@@ -203,26 +205,8 @@ mod tests {
         }
     }
 
-    /// Every field compared (`Credentials` has no `PartialEq`: it holds secrets).
     fn same(a: &SubjectState, b: &SubjectState) -> bool {
-        let creds = |s: &SubjectState| {
-            s.creds.as_ref().map(|c| {
-                let (h, c) = c.as_ref();
-                let registries: Vec<_> = c.registries.iter().map(|r| (r.host.clone(), r.auth.clone())).collect();
-                (
-                    h.clone(),
-                    c.access_key_id.clone(),
-                    c.secret_access_key.clone(),
-                    c.session_token.clone(),
-                    c.issued_at,
-                    c.expiration,
-                    c.arn.clone(),
-                    c.note.clone(),
-                    registries,
-                )
-            })
-        };
-        creds(a) == creds(b)
+        a.creds == b.creds
             && a.failures == b.failures
             && a.retry_at == b.retry_at
             && a.last_error == b.last_error
