@@ -3,6 +3,11 @@
 
 use std::time::Duration;
 
+use kube::{
+    ResourceExt,
+    api::{Patch, PatchParams},
+};
+
 use crate::harness::*;
 
 #[tokio::test]
@@ -29,6 +34,35 @@ async fn a_conflicting_secret_deleted_heals_the_binding() {
     );
     let metrics = operator.metrics().await;
     assert!(metrics.contains(&series), "{series} not in\n{metrics}");
+}
+
+#[tokio::test]
+async fn a_managed_secret_stripped_of_its_labels_gets_them_back_with_the_same_credentials() {
+    let ns = TestNamespace::new("relabel").await;
+    ns.service_account("app").await;
+    let role = granted_role(&ns, None, "");
+    let sts = Forwarder::start().await;
+    let _operator = Operator::start(&ns.name, &sts, &[]);
+    ns.apply_ok(&binding_yaml("b", &role, &["app"], ""));
+    wait_ready(&ns.bindings(), "b", "True", "CredentialsIssued").await;
+    let issued = ns.secrets().get("b-app").await.unwrap();
+    // Out of the operator's labelled watch, into the watch of other Secrets' names: it is
+    // still the binding's own Secret (its controller), so it is written back, not a conflict.
+    let strip = serde_json::json!({"metadata": {"labels": null}});
+    ns.secrets()
+        .patch("b-app", &PatchParams::default(), &Patch::Merge(&strip))
+        .await
+        .unwrap();
+    let restored = eventually("labels restored", Duration::from_secs(30), || async {
+        let s = ns.secrets().get("b-app").await.ok()?;
+        let labels = s.metadata.labels.clone().unwrap_or_default();
+        (labels.get("app.kubernetes.io/managed-by").map(String::as_str) == Some("kube-sts")).then_some(s)
+    })
+    .await;
+    assert_eq!(restored.uid(), issued.uid());
+    assert_eq!(restored.data, issued.data);
+    assert_eq!(sts.count("AssumeRole"), 1);
+    wait_ready(&ns.bindings(), "b", "True", "CredentialsIssued").await;
 }
 
 #[tokio::test]
