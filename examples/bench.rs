@@ -1364,7 +1364,12 @@ async fn bare_client(
     let secrets: Api<Secret> = Api::namespaced(identity.client.clone(), namespace);
     let api: Api<AWSRoleBinding> = Api::namespaced(identity.client.clone(), namespace);
     // The operator's own Event publisher (one create per Event).
-    let publisher = Arc::new(Publisher::new(identity.client.clone(), BASELINE_MANAGER, None));
+    let publisher = Arc::new(Publisher::new(
+        identity.client.clone(),
+        BASELINE_MANAGER,
+        None,
+        bench.concurrency,
+    ));
     let t0 = Instant::now();
     bindings
         .map(|b| {

@@ -11,9 +11,10 @@
 //!
 //! An Event is created in the background ([`Publisher::publish`]): a reconcile does not wait
 //! for it. Events are best effort: one that fails or takes longer than [`CREATE_TIMEOUT`] is
-//! logged, one published while [`IN_FLIGHT`] creates are in flight already is dropped (a
-//! slow apiserver then loses Events, and holds no reconcile back), and those in flight when
-//! the process stops are lost.
+//! logged, one published while the publisher's limit of creates are in flight already is
+//! dropped (a slow apiserver then loses Events, and holds no reconcile back), and those in
+//! flight when the process stops are lost. The controller's limit is twice its reconcile
+//! concurrency: a reconcile publishes about one Event, so only a slow apiserver reaches it.
 
 use std::{
     collections::HashMap,
@@ -33,9 +34,6 @@ use kube::{
 
 /// The same note about the same object goes out again only after this long.
 pub const REPEAT_AFTER: SignedDuration = SignedDuration::from_mins(10);
-
-/// How many Event creates may be in flight at once.
-pub const IN_FLIGHT: usize = 32;
 
 /// How long an Event create may take.
 pub const CREATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -140,21 +138,22 @@ pub fn event(
 }
 
 impl Publisher {
-    pub fn new(client: Client, controller: &str, instance: Option<String>) -> Self {
+    /// Publishes as `controller`, at most `in_flight` creates at once.
+    pub fn new(client: Client, controller: &str, instance: Option<String>, in_flight: usize) -> Self {
         Publisher {
             client,
             controller: controller.into(),
             instance: instance.unwrap_or_else(|| controller.into()),
             recent: Mutex::default(),
-            in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(in_flight)),
         }
     }
 
     /// Creates the Event in the background, unless the same note about the same object
-    /// went out lately, or [`IN_FLIGHT`] creates are in flight already.
+    /// went out lately, or the limit of creates are in flight already.
     pub fn publish(&self, regarding: &ObjectReference, type_: EventType, reason: &str, action: &str, note: &str) {
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
-            tracing::debug!(reason, "event dropped: {IN_FLIGHT} creates in flight already");
+            tracing::debug!(reason, "event dropped: the limit of creates are in flight already");
             return;
         };
         let Some(create) = self.admitted(regarding, type_, reason, action, note) else {

@@ -364,7 +364,12 @@ pub async fn run(
     tracing::info!("caches synced");
 
     let ctx = Arc::new(Context {
-        events: Publisher::new(client.clone(), FIELD_MANAGER, instance),
+        events: Publisher::new(
+            client.clone(),
+            FIELD_MANAGER,
+            instance,
+            2 * usize::from(settings.concurrency.max(1)),
+        ),
         client,
         metrics,
         issuer,
