@@ -12,7 +12,8 @@
 //! An Event is created in the background ([`Publisher::publish`]): a reconcile does not wait
 //! for it. Events are best effort: one that fails or takes longer than [`CREATE_TIMEOUT`] is
 //! logged, one published while the publisher's limit of creates are in flight already is
-//! dropped (a slow apiserver then loses Events, and holds no reconcile back), and those in
+//! dropped (a slow apiserver then loses Events, and holds no reconcile back; the drops are
+//! counted, and logged at the 1st, 2nd, 4th, 8th, ...), and those in
 //! flight when the process stops are lost. The controller's limit is twice its reconcile
 //! concurrency: a reconcile publishes about one Event, so only a slow apiserver reaches it.
 
@@ -54,6 +55,8 @@ pub struct Publisher {
     instance: String,
     recent: Mutex<Recent>,
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Events dropped so far (logged at 1, 2, 4, 8, ... drops).
+    dropped: std::sync::atomic::AtomicU64,
 }
 
 /// The digest of the last note per (object uid, reason), keyed by a digest of the pair,
@@ -146,6 +149,7 @@ impl Publisher {
             instance: instance.unwrap_or_else(|| controller.into()),
             recent: Mutex::default(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(in_flight)),
+            dropped: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -153,7 +157,14 @@ impl Publisher {
     /// went out lately, or the limit of creates are in flight already.
     pub fn publish(&self, regarding: &ObjectReference, type_: EventType, reason: &str, action: &str, note: &str) {
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
-            tracing::debug!(reason, "event dropped: the limit of creates are in flight already");
+            let dropped = self.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if dropped.is_power_of_two() {
+                tracing::warn!(
+                    reason,
+                    dropped,
+                    "event dropped: the limit of creates are in flight already"
+                );
+            }
             return;
         };
         let Some(create) = self.admitted(regarding, type_, reason, action, note) else {
@@ -170,7 +181,7 @@ impl Publisher {
     }
 
     /// Creates the Event and waits for the answer, unless the same note about the same
-    /// object went out lately.
+    /// object went out lately (not counted against the limit of creates in flight).
     pub async fn publish_now(
         &self,
         regarding: &ObjectReference,

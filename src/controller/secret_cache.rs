@@ -77,7 +77,7 @@ impl SecretCache {
         };
         // Packed (digests computed) before the lock is taken: reconciles read meanwhile.
         let packed = match event {
-            watcher::Event::InitApply(secret) | watcher::Event::Apply(secret) if echo => {
+            watcher::Event::Apply(secret) if echo => {
                 let data = secret.data.as_ref().map(render::digested_data);
                 Some((key(secret), Packed::encode(secret, data.as_ref())))
             }
@@ -117,7 +117,11 @@ impl SecretCache {
             }
             watcher::Event::Delete(secret) => {
                 let key = key(secret);
-                inner.echoes.remove(&key);
+                // Only the awaited echo of this very version: a Secret of the name written
+                // since (deleted and created anew, its type changed) keeps its own.
+                if inner.echoes.get(&key).map(|v| &**v) == secret.metadata.resource_version.as_deref() {
+                    inner.echoes.remove(&key);
+                }
                 inner.remove(&key);
             }
         }
@@ -588,10 +592,15 @@ mod tests {
         assert!(cache.apply(&watcher::Event::Apply(at("b", "5"))));
         cache.wrote(&at("b", "5"));
         assert!(cache.apply(&watcher::Event::Apply(at("b", "5"))));
-        // A delete, or a listing, ends what was awaited.
+        // The delete of an older Secret of the name (its type changed: deleted, then
+        // created anew) keeps the new one's echo awaited; the delete of the awaited version
+        // itself, or a listing, ends it.
         cache.wrote(&at("b", "6"));
         assert!(cache.apply(&watcher::Event::Delete(at("b", "5"))));
-        assert!(cache.apply(&watcher::Event::Apply(at("b", "6"))));
+        assert!(!cache.apply(&watcher::Event::Apply(at("b", "6"))));
+        cache.wrote(&at("b", "8"));
+        assert!(cache.apply(&watcher::Event::Delete(at("b", "8"))));
+        assert!(cache.apply(&watcher::Event::Apply(at("b", "8"))));
         cache.wrote(&at("a", "7"));
         cache.apply(&watcher::Event::Init);
         cache.apply(&watcher::Event::InitApply(at("a", "3")));

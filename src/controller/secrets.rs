@@ -143,19 +143,24 @@ pub(super) async fn write_secret(
         }
         // One of the name exists that the caches do not show yet (they lag behind the
         // watches): read it to tell the operator's own, written over, from someone else's.
-        Err(kube::Error::Api(e)) if e.code == 409 => match api.get_opt(&name).await.map_err(Error::Kube)? {
-            Some(live) if controller_uid(&live).is_some() && controller_uid(&live) == controller_uid(desired) => {
-                if live.type_ != desired.type_ {
-                    return Ok(Err(format!(
-                        "Secret {name} is of another type than the cache showed; it is looked at again"
-                    )));
+        Err(kube::Error::Api(e)) if e.code == 409 && e.reason == "AlreadyExists" => {
+            match api.get_opt(&name).await.map_err(Error::Kube)? {
+                Some(live) if controller_uid(&live).is_some() && controller_uid(&live) == controller_uid(desired) => {
+                    if live.type_ != desired.type_ {
+                        return Ok(Err(format!(
+                            "Secret {name} of this binding is of another type than wanted; it is looked at again"
+                        )));
+                    }
+                    write_over(ctx, &api, desired, &live).await
                 }
-                write_over(ctx, &api, desired, &live).await
+                Some(_) => Ok(Err(format!(
+                    "Secret {name} was created by someone else meanwhile; it is left untouched"
+                ))),
+                None => Ok(Err(format!(
+                    "Secret {name} was created and deleted by someone else meanwhile; it is looked at again"
+                ))),
             }
-            _ => Ok(Err(format!(
-                "Secret {name} was created by someone else meanwhile; it is left untouched"
-            ))),
-        },
+        }
         Err(e) => Err(Error::Kube(e)),
     }
 }

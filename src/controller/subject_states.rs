@@ -104,7 +104,9 @@ fn unpack(packed: &[u8]) -> SubjectState {
     let failures = r.len();
     let retry_at = read_time(&mut r);
     let last_error = r.opt_str_ref().map(|reason| {
-        // As `SubjectState::resumed` reads a reason it does not know.
+        // As `SubjectState::resumed` reads a reason it does not know (only ever one this
+        // process wrote, which `Reason::parse` knows).
+        debug_assert!(Reason::parse(reason).is_some(), "{reason} is a Reason");
         let reason = Reason::parse(reason).unwrap_or(Reason::StsUnavailable);
         (reason, r.string())
     });
