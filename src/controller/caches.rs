@@ -5,10 +5,15 @@
 
 use super::*;
 
-/// The `namespace/name` key the Secret cache and the wake-ups keep objects by (neither a
+/// The `namespace/name` key the Secret and name caches and the wake-ups keep objects by (neither a
 /// namespace nor a name can hold a '/').
 pub(super) fn object_key(namespace: &str, name: &str) -> Box<str> {
     format!("{namespace}/{name}").into_boxed_str()
+}
+
+/// The [`object_key`] of an object.
+pub(super) fn key_of<K: ResourceExt>(object: &K) -> Box<str> {
+    object_key(&object.namespace().unwrap_or_default(), &object.name_any())
 }
 
 /// The namespace and name of an [`object_key`].
@@ -125,6 +130,15 @@ pub(super) const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-config
 /// Secret's controller: the one owner the operator acts for.
 pub(super) fn is_binding_controller(kind: &str, controller: Option<bool>) -> bool {
     controller == Some(true) && kind == "AWSRoleBinding"
+}
+
+/// The uid of the binding controlling `secret`, if one does.
+pub(super) fn controller_uid(secret: &Secret) -> Option<&str> {
+    secret
+        .owner_references()
+        .iter()
+        .find(|o| is_binding_controller(&o.kind, o.controller))
+        .map(|o| o.uid.as_str())
 }
 
 /// What is cached of a Namespace: its name and labels (grants select on them).

@@ -17,7 +17,7 @@ use std::{
 
 use kube::{ResourceExt, runtime::watcher};
 
-use super::caches::object_key;
+use super::caches::{key_of, object_key};
 
 /// The names of the objects a watch shows; clones share them.
 #[derive(Clone)]
@@ -42,10 +42,6 @@ impl Default for NameCache {
     }
 }
 
-fn key<K: ResourceExt>(object: &K) -> Box<str> {
-    object_key(&object.namespace().unwrap_or_default(), &object.name_any())
-}
-
 impl NameCache {
     /// Follows one event of the watch.
     pub fn apply<K: ResourceExt>(&self, event: &watcher::Event<K>) {
@@ -54,7 +50,7 @@ impl NameCache {
             watcher::Event::Init => inner.listing = Some(HashSet::new()),
             watcher::Event::InitApply(object) => {
                 if let Some(listing) = inner.listing.as_mut() {
-                    listing.insert(key(object));
+                    listing.insert(key_of(object));
                 }
             }
             watcher::Event::InitDone => {
@@ -64,10 +60,10 @@ impl NameCache {
                 self.ready.send_replace(true);
             }
             watcher::Event::Apply(object) => {
-                inner.names.insert(key(object));
+                inner.names.insert(key_of(object));
             }
             watcher::Event::Delete(object) => {
-                inner.names.remove(&key(object));
+                inner.names.remove(&key_of(object));
             }
         }
     }

@@ -22,7 +22,7 @@ use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::me
 use kube::{ResourceExt, api::ObjectMeta, runtime::watcher};
 
 use super::{
-    caches::{LAST_APPLIED, is_binding_controller, object_key, split_object_key},
+    caches::{LAST_APPLIED, controller_uid, key_of, object_key, split_object_key},
     packing::{Dictionary, Reader, Writer},
 };
 use crate::render;
@@ -61,10 +61,6 @@ impl Default for SecretCache {
     }
 }
 
-fn key(secret: &Secret) -> Box<str> {
-    object_key(&secret.namespace().unwrap_or_default(), &secret.name_any())
-}
-
 impl SecretCache {
     /// Follows one event of the managed-Secret watch, and says whether it is news: the echo
     /// of the operator's own write ([`SecretCache::wrote`]) is cached like any version, its
@@ -79,10 +75,10 @@ impl SecretCache {
         let packed = match event {
             watcher::Event::Apply(secret) if echo => {
                 let data = secret.data.as_ref().map(render::digested_data);
-                Some((key(secret), Packed::encode(secret, data.as_ref())))
+                Some((key_of(secret), Packed::encode(secret, data.as_ref())))
             }
             watcher::Event::InitApply(secret) | watcher::Event::Apply(secret) => {
-                Some((key(secret), Packed::pack(secret)))
+                Some((key_of(secret), Packed::pack(secret)))
             }
             _ => None,
         };
@@ -116,7 +112,7 @@ impl SecretCache {
                 }
             }
             watcher::Event::Delete(secret) => {
-                let key = key(secret);
+                let key = key_of(secret);
                 // Only the awaited echo of this very version: a Secret of the name written
                 // since (deleted and created anew, its type changed) keeps its own.
                 if inner.echoes.get(&key).map(|v| &**v) == secret.metadata.resource_version.as_deref() {
@@ -134,14 +130,14 @@ impl SecretCache {
             return false;
         };
         let inner = self.inner.read().expect("secret cache lock");
-        inner.echoes.get(&key(secret)).is_some_and(|v| **v == *version)
+        inner.echoes.get(&key_of(secret)).is_some_and(|v| **v == *version)
     }
 
     /// Notes the operator's write of a Secret (its answer, holding the credentials the
     /// subject's state holds): the watch's event of that version is its echo. Not when the
     /// cache holds that version already (the watch was first).
     pub fn wrote(&self, secret: &Secret) {
-        let (Some(version), key) = (secret.resource_version(), key(secret)) else {
+        let (Some(version), key) = (secret.resource_version(), key_of(secret)) else {
             return;
         };
         let mut inner = self.inner.write().expect("secret cache lock");
@@ -296,13 +292,8 @@ impl Packed {
     /// Packs a Secret with `data` as it is given (already in the cache's form).
     fn encode(secret: &Secret, data: Option<&BTreeMap<String, ByteString>>) -> Packed {
         let meta = &secret.metadata;
-        let controller = meta
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|o| is_binding_controller(&o.kind, o.controller));
         let mut out = Writer::default();
-        out.opt_str(controller.map(|o| o.uid.as_str()));
+        out.opt_str(controller_uid(secret));
         out.opt_str(meta.resource_version.as_deref());
         out.0
             .extend_from_slice(&DICTIONARY.compress(&Packed::fields(secret, data)));

@@ -145,7 +145,8 @@ pub(super) async fn write_secret(
         // watches): read it to tell the operator's own, written over, from someone else's.
         Err(kube::Error::Api(e)) if e.code == 409 && e.reason == "AlreadyExists" => {
             match api.get_opt(&name).await.map_err(Error::Kube)? {
-                Some(live) if controller_uid(&live).is_some() && controller_uid(&live) == controller_uid(desired) => {
+                // Owned as the decision tells it (`stored_secret`): controlled by this binding.
+                Some(live) if controller_uid(desired).is_some_and(|binding| is_owned_by(&live, binding)) => {
                     if live.type_ != desired.type_ {
                         return Ok(Err(format!(
                             "Secret {name} of this binding is of another type than wanted; it is looked at again"
@@ -163,15 +164,6 @@ pub(super) async fn write_secret(
         }
         Err(e) => Err(Error::Kube(e)),
     }
-}
-
-/// The uid of the binding controlling `secret`, if one does.
-fn controller_uid(secret: &Secret) -> Option<&str> {
-    secret
-        .owner_references()
-        .iter()
-        .find(|o| is_binding_controller(&o.kind, o.controller))
-        .map(|o| o.uid.as_str())
 }
 
 /// Writes `desired` over `existing`, a Secret of the binding, by apply. The apply names the
